@@ -1,0 +1,470 @@
+//! The convolutions ConvMixer and ViT need, which dfdx 0.13 only has behind its nightly feature.
+//!
+//! Layout: activations inside a model are channels-last. A feature map is `(B, H, W, C)` and, viewed
+//! as a matrix, `(B·H·W, C)`, so a pointwise 1×1 convolution is one plain matmul and BatchNorm is a
+//! per-column affine map. Public inputs stay NCHW as in PyTorch; [`ConvKernels::patchify`] reads them.
+//!
+//! On the CPU both ops are hand-written kernels registered on dfdx's tape with
+//! `Tape::add_backward_op`, split across cores with rayon. Any other dfdx device (CUDA) gets the
+//! fallbacks below, built from dfdx's own ops, so the same model types run there.
+use crate::dtype::SpinDtype;
+use dfdx::prelude::*;
+use dfdx::tensor::{Storage, Tape};
+use rayon::prelude::*;
+
+/// Shape of a channels-last feature map `(B, H, W, C)` with runtime dims.
+pub type Nhwc = (usize, usize, usize, usize);
+
+/// The kernels spin adds to a dfdx device.
+pub trait ConvKernels<E: SpinDtype>: Storage<E> + Sized {
+    /// Depthwise K×K convolution, stride 1, zero 'same' padding (odd K), with bias.
+    /// `x` is `(B, H, W, C)`, `w` is PyTorch's `(C, 1, K, K)` flattened to `(C, K·K)`, `b` is `(C,)`.
+    fn dwconv<T: Tape<E, Self> + Merge<T>>(
+        x: Tensor<Nhwc, E, Self, T>,
+        w: Tensor<(usize, usize), E, Self, T>,
+        b: Tensor<(usize,), E, Self, T>,
+        k: usize,
+    ) -> Result<Tensor<Nhwc, E, Self, T>, Self::Err>;
+
+    /// Cuts an NCHW image batch `(B, Cin, H, W)` into non-overlapping P×P patches, one row per patch
+    /// in (b, row, col) order, laid out `(cin, py, px)` like a PyTorch conv weight `(O, Cin, P, P)`:
+    /// the result is `(B·(H/P)·(W/P), Cin·P·P)`, so the patch embedding is a single matmul.
+    fn patchify<T: Tape<E, Self>>(
+        x: Tensor<Nhwc, E, Self, T>,
+        p: usize,
+    ) -> Result<Tensor<(usize, usize), E, Self, T>, Self::Err>;
+}
+
+impl<E: SpinDtype> ConvKernels<E> for Cpu {
+    fn dwconv<T: Tape<E, Self> + Merge<T>>(
+        x: Tensor<Nhwc, E, Self, T>,
+        w: Tensor<(usize, usize), E, Self, T>,
+        b: Tensor<(usize,), E, Self, T>,
+        k: usize,
+    ) -> Result<Tensor<Nhwc, E, Self, T>, Self::Err> {
+        let (x, tx) = x.split_tape();
+        let (w, tw) = w.split_tape();
+        let (b, tb) = b.split_tape();
+        let mut tape = tx.merge(tw).merge(tb);
+        let geo = DwGeometry::new(*x.shape(), k);
+        assert_eq!(w.shape().0, geo.c, "dwconv: weight has {} channels, input {}", w.shape().0, geo.c);
+        assert_eq!(w.shape().1, k * k, "dwconv: weight is not K·K per channel");
+        let xs = x.as_vec();
+        let wt = transpose(&w.as_vec(), geo.c, k * k);
+        let out = dw_forward(&geo, &xs, &wt, &b.as_vec());
+        let y = x.device().tensor_from_vec(out, *x.shape());
+        if T::OWNS_TAPE {
+            let y_keep = y.clone();
+            tape.add_backward_op(move |grads| {
+                let gy = grads.get(&y_keep).as_vec();
+                let (gx, gw, gb) = dw_backward(&geo, &xs, &wt, &gy);
+                accumulate(grads.get_or_alloc_mut(&x)?, &gx);
+                accumulate(grads.get_or_alloc_mut(&w)?, &transpose(&gw, k * k, geo.c));
+                accumulate(grads.get_or_alloc_mut(&b)?, &gb);
+                Ok(())
+            });
+        }
+        Ok(y.put_tape(tape))
+    }
+
+    fn patchify<T: Tape<E, Self>>(
+        x: Tensor<Nhwc, E, Self, T>,
+        p: usize,
+    ) -> Result<Tensor<(usize, usize), E, Self, T>, Self::Err> {
+        let (x, mut tape) = x.split_tape();
+        let (bn, cin, h, w) = *x.shape();
+        assert!(h % p == 0 && w % p == 0, "patchify: {h}×{w} is not divisible by {p}");
+        let idx = patch_index(bn, cin, h, w, p);
+        let xs = x.as_vec();
+        let out: Vec<E> = idx.par_iter().map(|&i| xs[i]).collect();
+        let shape = (bn * (h / p) * (w / p), cin * p * p);
+        let y = x.device().tensor_from_vec(out, shape);
+        if T::OWNS_TAPE {
+            let y_keep = y.clone();
+            tape.add_backward_op(move |grads| {
+                let gy = grads.get(&y_keep).as_vec();
+                let gx = grads.get_or_alloc_mut(&x)?;
+                // Patches do not overlap: every input element has exactly one output slot.
+                for (o, &i) in idx.iter().enumerate() {
+                    gx[i] = gx[i] + gy[o];
+                }
+                Ok(())
+            });
+        }
+        Ok(y.put_tape(tape))
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl<E: SpinDtype> ConvKernels<E> for dfdx::tensor::Cuda
+where
+    dfdx::tensor::Cuda: Device<E>,
+{
+    fn dwconv<T: Tape<E, Self> + Merge<T>>(
+        x: Tensor<Nhwc, E, Self, T>,
+        w: Tensor<(usize, usize), E, Self, T>,
+        b: Tensor<(usize,), E, Self, T>,
+        k: usize,
+    ) -> Result<Tensor<Nhwc, E, Self, T>, Self::Err> {
+        dwconv_fallback(x, w, b, k)
+    }
+
+    fn patchify<T: Tape<E, Self>>(
+        x: Tensor<Nhwc, E, Self, T>,
+        p: usize,
+    ) -> Result<Tensor<(usize, usize), E, Self, T>, Self::Err> {
+        patchify_fallback(x, p)
+    }
+}
+
+/// Depthwise convolution from dfdx's own ops: pad, then sum K·K shifted slices scaled per channel.
+/// Slower than the CPU kernel but runs on any dfdx device; tests check the two agree.
+pub fn dwconv_fallback<E: SpinDtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
+    x: Tensor<Nhwc, E, D, T>,
+    w: Tensor<(usize, usize), E, D, T>,
+    b: Tensor<(usize,), E, D, T>,
+    k: usize,
+) -> Result<Tensor<Nhwc, E, D, T>, D::Err> {
+    let (bn, h, wd, c) = *x.shape();
+    let p = k / 2;
+    let dev = x.device().clone();
+    let zh = dev.try_zeros_like(&(bn, p, wd, c))?;
+    let x = (zh.retaped::<T>(), x).try_concat_along(Axis::<1>)?;
+    let x = (x, zh.retaped::<T>()).try_concat_along(Axis::<1>)?;
+    let zw = dev.try_zeros_like(&(bn, h + 2 * p, p, c))?;
+    let x = (zw.retaped::<T>(), x).try_concat_along(Axis::<2>)?;
+    let xp = (x, zw.retaped::<T>()).try_concat_along(Axis::<2>)?;
+    let shape = (bn, h, wd, c);
+    let mut acc = b
+        .try_broadcast_like::<_, Axes3<0, 1, 2>>(&shape)?
+        .try_add(dev.try_zeros_like(&shape)?)?;
+    for ky in 0..k {
+        for kx in 0..k {
+            let j = ky * k + kx;
+            // dfdx 0.13's slice backward assigns rather than adds, so overlapping slices of one
+            // tensor would overwrite each other's gradients: slice a fresh copy (new id) each time.
+            let xs = xp.with_empty_tape().try_mul(E::one())?.try_slice((.., ky..ky + h, kx..kx + wd, ..))?;
+            let wj = w
+                .with_empty_tape()
+                .try_mul(E::one())?
+                .try_slice((.., j..j + 1))?
+                .try_reshape_like(&(c,))?
+                .try_broadcast_like::<_, Axes3<0, 1, 2>>(&shape)?;
+            acc = acc.try_add(xs.try_mul(wj)?)?;
+        }
+    }
+    // The padded input and the weight carry their own tapes; fold them in with a zero-cost touch.
+    let touch_x = xp.try_mul(E::one())?.try_slice((.., 0..h, 0..wd, ..))?.try_mul(E::zero())?;
+    let touch_w = w
+        .try_mul(E::one())?
+        .try_slice((.., 0..1))?
+        .try_reshape_like(&(c,))?
+        .try_broadcast_like::<_, Axes3<0, 1, 2>>(&shape)?
+        .try_mul(E::zero())?;
+    acc.try_add(touch_x)?.try_add(touch_w)
+}
+
+/// Patchify from dfdx's reshape and permute (see [`ConvKernels::patchify`]).
+pub fn patchify_fallback<E: SpinDtype, D: Device<E>, T: Tape<E, D>>(
+    x: Tensor<Nhwc, E, D, T>,
+    p: usize,
+) -> Result<Tensor<(usize, usize), E, D, T>, D::Err> {
+    let (bn, cin, h, w) = *x.shape();
+    let (hp, wp) = (h / p, w / p);
+    x.try_reshape_like(&(bn, cin, hp, p, wp, p))?
+        .try_permute::<_, Axes6<0, 2, 4, 1, 3, 5>>()?
+        .try_reshape_like(&(bn * hp * wp, cin * p * p))
+}
+
+/// Sizes of one depthwise convolution.
+#[derive(Clone, Copy, Debug)]
+struct DwGeometry {
+    b: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    k: usize,
+    p: usize,
+}
+
+impl DwGeometry {
+    fn new((b, h, w, c): Nhwc, k: usize) -> Self {
+        assert!(k % 2 == 1, "dwconv: 'same' padding needs an odd kernel, got {k}");
+        Self { b, h, w, c, k, p: k / 2 }
+    }
+    /// Output columns `wi` for which input column `wi + kx - p` exists.
+    fn out_cols(&self, kx: usize) -> std::ops::Range<usize> {
+        self.p.saturating_sub(kx)..(self.w + self.p).saturating_sub(kx).min(self.w)
+    }
+}
+
+fn transpose<E: Copy>(m: &[E], rows: usize, cols: usize) -> Vec<E> {
+    let mut t = Vec::with_capacity(m.len());
+    for j in 0..cols {
+        t.extend((0..rows).map(|i| m[i * cols + j]));
+    }
+    t
+}
+
+fn accumulate<E: SpinDtype>(dst: &mut [E], src: &[E]) {
+    dst.par_iter_mut().zip(src.par_iter()).for_each(|(d, &s)| *d = *d + s);
+}
+
+#[inline(always)]
+fn fma_row<E: SpinDtype>(out: &mut [E], x: &[E], w: &[E]) {
+    for ((o, &xv), &wv) in out.iter_mut().zip(x).zip(w) {
+        *o = *o + xv * wv;
+    }
+}
+
+/// Forward: one rayon task per output row (b, h); the innermost loop runs over contiguous channels,
+/// which the compiler vectorises. `wt` is the weight transposed to `(K·K, C)`.
+fn dw_forward<E: SpinDtype>(g: &DwGeometry, x: &[E], wt: &[E], bias: &[E]) -> Vec<E> {
+    let (h, w, c, k, p) = (g.h, g.w, g.c, g.k, g.p);
+    let mut out = vec![E::zero(); g.b * h * w * c];
+    out.par_chunks_mut(w * c).enumerate().for_each(|(row, o)| {
+        let (bi, hi) = (row / h, row % h);
+        for px in o.chunks_mut(c) {
+            px.copy_from_slice(bias);
+        }
+        for ky in 0..k {
+            let Some(hh) = (hi + ky).checked_sub(p).filter(|&hh| hh < h) else {
+                continue;
+            };
+            let xrow = &x[(bi * h + hh) * w * c..][..w * c];
+            for kx in 0..k {
+                let wk = &wt[(ky * k + kx) * c..][..c];
+                for wi in g.out_cols(kx) {
+                    let xi = wi + kx - p;
+                    fma_row(&mut o[wi * c..][..c], &xrow[xi * c..][..c], wk);
+                }
+            }
+        }
+    });
+    out
+}
+
+/// Backward: returns (dL/dx, dL/dw in `(K·K, C)`, dL/db).
+fn dw_backward<E: SpinDtype>(
+    g: &DwGeometry,
+    x: &[E],
+    wt: &[E],
+    gy: &[E],
+) -> (Vec<E>, Vec<E>, Vec<E>) {
+    let (h, w, c, k, p) = (g.h, g.w, g.c, g.k, g.p);
+    // dL/dx: input row hh collects from output rows hh + p - ky.
+    let mut gx = vec![E::zero(); x.len()];
+    gx.par_chunks_mut(w * c).enumerate().for_each(|(row, o)| {
+        let (bi, hh) = (row / h, row % h);
+        for ky in 0..k {
+            let Some(ho) = (hh + p).checked_sub(ky).filter(|&ho| ho < h) else {
+                continue;
+            };
+            let grow = &gy[(bi * h + ho) * w * c..][..w * c];
+            for kx in 0..k {
+                let wk = &wt[(ky * k + kx) * c..][..c];
+                for wi in g.out_cols(kx) {
+                    let xi = wi + kx - p;
+                    fma_row(&mut o[xi * c..][..c], &grow[wi * c..][..c], wk);
+                }
+            }
+        }
+    });
+    // dL/dw and dL/db: per-task partial sums over output rows, then a tree reduction.
+    let kkc = k * k * c;
+    let sums = (0..g.b * h)
+        .into_par_iter()
+        .fold(
+            || vec![E::zero(); kkc + c],
+            |mut acc, row| {
+                let (bi, hi) = (row / h, row % h);
+                let grow = &gy[row * w * c..][..w * c];
+                for px in grow.chunks(c) {
+                    for (a, &v) in acc[kkc..].iter_mut().zip(px) {
+                        *a = *a + v;
+                    }
+                }
+                for ky in 0..k {
+                    let Some(hh) = (hi + ky).checked_sub(p).filter(|&hh| hh < h) else {
+                        continue;
+                    };
+                    let xrow = &x[(bi * h + hh) * w * c..][..w * c];
+                    for kx in 0..k {
+                        let a = &mut acc[(ky * k + kx) * c..][..c];
+                        for wi in g.out_cols(kx) {
+                            let xi = wi + kx - p;
+                            fma_row(a, &grow[wi * c..][..c], &xrow[xi * c..][..c]);
+                        }
+                    }
+                }
+                acc
+            },
+        )
+        .reduce(
+            || vec![E::zero(); kkc + c],
+            |mut a, b| {
+                for (x, y) in a.iter_mut().zip(b) {
+                    *x = *x + y;
+                }
+                a
+            },
+        );
+    let gb = sums[kkc..].to_vec();
+    let mut gw = sums;
+    gw.truncate(kkc);
+    (gx, gw, gb)
+}
+
+/// For each output element of [`ConvKernels::patchify`], the flat NCHW index it reads.
+fn patch_index(bn: usize, cin: usize, h: usize, w: usize, p: usize) -> Vec<usize> {
+    let (hp, wp) = (h / p, w / p);
+    let mut idx = Vec::with_capacity(bn * cin * h * w);
+    for b in 0..bn {
+        for r in 0..hp {
+            for q in 0..wp {
+                for ci in 0..cin {
+                    for py in 0..p {
+                        for px in 0..p {
+                            idx.push(((b * cin + ci) * h + r * p + py) * w + q * p + px);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    idx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand_vec(dev: &Cpu, n: usize) -> Vec<f64> {
+        let t: Tensor<(usize,), f64, _> = dev.sample_normal_like(&(n,));
+        t.as_vec()
+    }
+
+    /// Direct 7-loop reference of a depthwise 'same' convolution on NHWC data.
+    fn reference(x: &[f64], w: &[f64], b: &[f64], (bn, h, wd, c): Nhwc, k: usize) -> Vec<f64> {
+        let p = k as isize / 2;
+        let mut y = vec![0.0; x.len()];
+        for n in 0..bn {
+            for i in 0..h {
+                for j in 0..wd {
+                    for ch in 0..c {
+                        let mut s = b[ch];
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let (ii, jj) = (i as isize + ky as isize - p, j as isize + kx as isize - p);
+                                if ii >= 0 && jj >= 0 && (ii as usize) < h && (jj as usize) < wd {
+                                    s += x[((n * h + ii as usize) * wd + jj as usize) * c + ch]
+                                        * w[ch * k * k + ky * k + kx];
+                                }
+                            }
+                        }
+                        y[((n * h + i) * wd + j) * c + ch] = s;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn dwconv_forward_matches_direct_loops_and_fallback() {
+        let dev = Cpu::seed_from_u64(0);
+        let shape = (2, 5, 6, 3);
+        for k in [1, 3, 5, 7] {
+            let x = rand_vec(&dev, 2 * 5 * 6 * 3);
+            let w = rand_vec(&dev, 3 * k * k);
+            let b = rand_vec(&dev, 3);
+            let want = reference(&x, &w, &b, shape, k);
+            let xt = dev.tensor_from_vec(x, shape);
+            let wt = dev.tensor_from_vec(w, (3, k * k));
+            let bt = dev.tensor_from_vec(b, (3,));
+            let got = Cpu::dwconv(xt.clone(), wt.clone(), bt.clone(), k).unwrap().as_vec();
+            let fb = dwconv_fallback(xt, wt, bt, k).unwrap().as_vec();
+            for i in 0..want.len() {
+                assert!((got[i] - want[i]).abs() < 1e-12, "k={k} i={i}");
+                assert!((fb[i] - want[i]).abs() < 1e-12, "fallback k={k} i={i}");
+            }
+        }
+    }
+
+    /// Gradients of loss = Σ y ⊙ r (r fixed random) against central finite differences, f64.
+    #[test]
+    fn dwconv_gradients_match_finite_differences() {
+        let dev = Cpu::seed_from_u64(1);
+        let shape = (2, 4, 5, 3);
+        let k = 3;
+        let n = 2 * 4 * 5 * 3;
+        let (x, w, b, r) = (
+            rand_vec(&dev, n),
+            rand_vec(&dev, 3 * k * k),
+            rand_vec(&dev, 3),
+            rand_vec(&dev, n),
+        );
+        let loss = |x: &[f64], w: &[f64], b: &[f64]| -> f64 {
+            reference(x, w, b, shape, k).iter().zip(&r).map(|(a, b)| a * b).sum()
+        };
+        let xt = dev.tensor_from_vec(x.clone(), shape);
+        let wt = dev.tensor_from_vec(w.clone(), (3, k * k));
+        let bt = dev.tensor_from_vec(b.clone(), (3,));
+        let rt = dev.tensor_from_vec(r.clone(), shape);
+        let y = Cpu::dwconv(xt.leaky_trace(), wt.retaped(), bt.retaped(), k).unwrap();
+        let g = (y * rt).sum::<(), _>().backward();
+        let eps = 1e-6;
+        let check = |analytic: Vec<f64>, base: &Vec<f64>, which: usize| {
+            for i in 0..base.len() {
+                let mut hi = base.clone();
+                let mut lo = base.clone();
+                hi[i] += eps;
+                lo[i] -= eps;
+                let f = |v: &Vec<f64>| match which {
+                    0 => loss(v, &w, &b),
+                    1 => loss(&x, v, &b),
+                    _ => loss(&x, &w, v),
+                };
+                let num = (f(&hi) - f(&lo)) / (2.0 * eps);
+                assert!((num - analytic[i]).abs() < 1e-6, "param {which} index {i}: {num} vs {}", analytic[i]);
+            }
+        };
+        check(g.get(&xt).as_vec(), &x, 0);
+        check(g.get(&wt).as_vec(), &w, 1);
+        check(g.get(&bt).as_vec(), &b, 2);
+    }
+
+    #[test]
+    fn patchify_matches_fallback_in_value_and_gradient() {
+        let dev = Cpu::seed_from_u64(2);
+        let shape = (2, 3, 8, 4);
+        let x: Tensor<Nhwc, f64, _> = dev.sample_normal_like(&shape);
+        let r: Tensor<(usize, usize), f64, _> = dev.sample_normal_like(&(2 * 4 * 2, 3 * 4));
+        let a = Cpu::patchify(x.leaky_trace(), 2).unwrap();
+        let b = patchify_fallback(x.leaky_trace(), 2).unwrap();
+        assert_eq!(a.as_vec(), b.as_vec());
+        let ga = (a * r.clone()).sum::<(), _>().backward();
+        let gb = (b * r).sum::<(), _>().backward();
+        assert_eq!(ga.get(&x).as_vec(), gb.get(&x).as_vec());
+    }
+
+    #[test]
+    fn dwconv_fallback_gradients_match_kernel() {
+        let dev = Cpu::seed_from_u64(3);
+        let shape = (1, 4, 4, 2);
+        let x: Tensor<Nhwc, f64, _> = dev.sample_normal_like(&shape);
+        let w: Tensor<(usize, usize), f64, _> = dev.sample_normal_like(&(2, 9));
+        let b: Tensor<(usize,), f64, _> = dev.sample_normal_like(&(2,));
+        let r: Tensor<Nhwc, f64, _> = dev.sample_normal_like(&shape);
+        let ya = Cpu::dwconv(x.leaky_trace(), w.retaped(), b.retaped(), 3).unwrap();
+        let ga = (ya * r.clone()).sum::<(), _>().backward();
+        let yb = dwconv_fallback(x.leaky_trace(), w.retaped(), b.retaped(), 3).unwrap();
+        let gb = (yb * r).sum::<(), _>().backward();
+        for (p, q) in ga.get(&w).as_vec().iter().zip(gb.get(&w).as_vec()) {
+            assert!((p - q).abs() < 1e-10);
+        }
+        for (p, q) in ga.get(&x).as_vec().iter().zip(gb.get(&x).as_vec()) {
+            assert!((p - q).abs() < 1e-10);
+        }
+    }
+}

@@ -1,0 +1,518 @@
+//! timm-exact building blocks. Each holds its parameters with the shapes PyTorch uses (so a
+//! checkpoint maps one to one) and does its math on runtime-shaped `(rows, features)` matrices, so
+//! the heavy code is compiled once per dtype and device, not once per model.
+use crate::checkpoint::ParamSlot;
+use crate::conv::Nhwc;
+#[allow(unused_imports)]
+use crate::conv::ConvKernels as _;
+use crate::dtype::{SpinDevice, SpinDtype};
+use dfdx::prelude::*;
+use dfdx::tensor::Tape;
+use rand::Rng;
+
+/// `(rows, features)`: a batch of tokens or pixels, channels last.
+pub type Mat = (usize, usize);
+
+/// BatchNorm epsilon, as PyTorch's default.
+pub const BN_EPS: f64 = 1e-5;
+/// BatchNorm running-statistics momentum, as PyTorch's default.
+pub const BN_MOMENTUM: f64 = 0.1;
+/// LayerNorm epsilon, as timm's ViT.
+pub const LN_EPS: f64 = 1e-6;
+
+/// The activation a ConvMixer uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    /// GELU in its exact form, x·Φ(x) with the erf (PyTorch's default, not the tanh approximation).
+    Gelu,
+    Relu,
+}
+
+impl Act {
+    pub fn apply<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D>>(
+        self,
+        x: Tensor<Mat, E, D, T>,
+    ) -> Tensor<Mat, E, D, T> {
+        match self {
+            Act::Gelu => x.accurate_gelu(),
+            Act::Relu => x.relu(),
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Act::Gelu => "gelu",
+            Act::Relu => "relu",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Initialisation: distributions that sample in f64 and convert, so they work for every dtype.
+
+/// U(-a, a) with a = 1/sqrt(fan_in), PyTorch's default for conv and linear weights
+/// (kaiming_uniform with a = sqrt(5)); fan_in is the product of all dims but the first.
+pub fn reset_fan_in<S: Shape, E: SpinDtype, D: Device<E>>(t: &mut Tensor<S, E, D>) -> Result<(), D::Err> {
+    let dims = t.shape().concrete();
+    let dims = dims.as_ref();
+    let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
+    let a = 1.0 / (fan_in as f64).sqrt();
+    t.try_fill_with_distr(Sample(move |r: &mut dyn rand::RngCore| r.gen_range(-a..a)))
+}
+
+/// timm's ViT init for weights and embeddings: normal(0, 0.02) truncated to ±2 (absolute).
+pub fn reset_trunc_normal<S: Shape, E: SpinDtype, D: Device<E>>(
+    t: &mut Tensor<S, E, D>,
+) -> Result<(), D::Err> {
+    t.try_fill_with_distr(Sample(|r: &mut dyn rand::RngCore| loop {
+        let v: f64 = <rand_distr::StandardNormal as rand_distr::Distribution<f64>>::sample(&rand_distr::StandardNormal, r) * 0.02;
+        if v.abs() <= 2.0 {
+            break v;
+        }
+    }))
+}
+
+pub fn reset_zeros<S: Shape, E: SpinDtype, D: Device<E>>(t: &mut Tensor<S, E, D>) -> Result<(), D::Err> {
+    t.try_fill_with_zeros()
+}
+
+pub fn reset_ones<S: Shape, E: SpinDtype, D: Device<E>>(t: &mut Tensor<S, E, D>) -> Result<(), D::Err> {
+    t.try_fill_with_ones()
+}
+
+/// A distribution given by a closure producing f64 samples.
+struct Sample<F>(F);
+impl<E: SpinDtype, F: Fn(&mut dyn rand::RngCore) -> f64> rand_distr::Distribution<E> for Sample<F> {
+    fn sample<R: Rng + ?Sized>(&self, rng: &mut R) -> E {
+        let mut r = RngRef(rng);
+        E::cast((self.0)(&mut r))
+    }
+}
+struct RngRef<'a, R: ?Sized>(&'a mut R);
+impl<R: rand::RngCore + ?Sized> rand::RngCore for RngRef<'_, R> {
+    fn next_u32(&mut self) -> u32 {
+        self.0.next_u32()
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0.next_u64()
+    }
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        self.0.fill_bytes(dest)
+    }
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand::Error> {
+        self.0.try_fill_bytes(dest)
+    }
+}
+
+/// A stored parameter as a runtime-shaped matrix `(rows, cols)` on the caller's tape. Reshaping a
+/// contiguous tensor moves no data, and the gradient flows back to the stored tensor.
+pub fn param2<S: Shape, E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D>>(
+    t: &Tensor<S, E, D>,
+    rows: usize,
+    cols: usize,
+) -> Tensor<Mat, E, D, T> {
+    t.retaped::<T>().reshape_like(&(rows, cols))
+}
+
+/// A stored parameter as a runtime-shaped vector on the caller's tape.
+pub fn param1<S: Shape, E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D>>(
+    t: &Tensor<S, E, D>,
+) -> Tensor<(usize,), E, D, T> {
+    let n = t.shape().num_elements();
+    t.retaped::<T>().reshape_like(&(n,))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Functional forms on runtime shapes: the code every model shares.
+
+/// `x · Wᵀ + b` with PyTorch's `(out, in)` weight.
+pub fn linear<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
+    x: Tensor<Mat, E, D, T>,
+    w: Tensor<Mat, E, D, T>,
+    b: Tensor<(usize,), E, D, T>,
+) -> Tensor<Mat, E, D, T> {
+    let rows = x.shape().0;
+    let out = w.shape().0;
+    x.matmul(w.permute()) + b.broadcast_like::<_, Axis<0>>(&(rows, out))
+}
+
+/// Per-column affine map `x · s + t`.
+fn affine<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
+    x: Tensor<Mat, E, D, T>,
+    s: Tensor<(usize,), E, D, T>,
+    t: Tensor<(usize,), E, D, T>,
+) -> Tensor<Mat, E, D, T> {
+    let shape = *x.shape();
+    x * s.broadcast_like::<_, Axis<0>>(&shape) + t.broadcast_like::<_, Axis<0>>(&shape)
+}
+
+/// LayerNorm over the features of each row, eps 1e-6, with scale and shift.
+pub fn layer_norm<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
+    x: Tensor<Mat, E, D, T>,
+    g: Tensor<(usize,), E, D, T>,
+    b: Tensor<(usize,), E, D, T>,
+) -> Tensor<Mat, E, D, T> {
+    affine(x.normalize::<Axis<1>>(LN_EPS), g, b)
+}
+
+/// BatchNorm with given statistics (inference): `(x − mean)/sqrt(var + eps)·γ + β`.
+pub fn batch_norm_eval<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
+    x: Tensor<Mat, E, D, T>,
+    mean: &[E],
+    var: &[E],
+    g: Tensor<(usize,), E, D, T>,
+    b: Tensor<(usize,), E, D, T>,
+) -> Tensor<Mat, E, D, T> {
+    let dev = x.device().clone();
+    let c = mean.len();
+    let inv: Vec<E> = var.iter().map(|&v| E::one() / (v + E::cast(BN_EPS)).sqrt()).collect();
+    let neg_mean_inv: Vec<E> = mean.iter().zip(&inv).map(|(&m, &i)| -m * i).collect();
+    let inv = dev.tensor_from_vec(inv, (c,));
+    let shift = dev.tensor_from_vec(neg_mean_inv, (c,));
+    // x·(inv·γ) + (−mean·inv·γ + β): the same map folded into one scale and one shift.
+    let scale = g.with_empty_tape() * inv;
+    let shift = g * shift + b;
+    affine(x, scale, shift)
+}
+
+/// BatchNorm with batch statistics (training). Returns the output and the batch mean and biased
+/// variance, which the caller folds into its running statistics.
+pub fn batch_norm_train<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
+    x: Tensor<Mat, E, D, T>,
+    g: Tensor<(usize,), E, D, T>,
+    b: Tensor<(usize,), E, D, T>,
+) -> (Tensor<Mat, E, D, T>, Vec<E>, Vec<E>) {
+    let shape = *x.shape();
+    let mean = x.with_empty_tape().mean::<_, Axis<0>>();
+    let centered = x - mean.retaped::<T>().broadcast_like::<_, Axis<0>>(&shape);
+    let var = centered.with_empty_tape().square().mean::<_, Axis<0>>();
+    let (mean_v, var_v) = (mean.as_vec(), var.as_vec());
+    let inv = (var + E::cast(BN_EPS)).sqrt().recip();
+    let xhat = centered * inv.broadcast_like::<_, Axis<0>>(&shape);
+    (affine(xhat, g, b), mean_v, var_v)
+}
+
+/// Multi-head self-attention as timm: one qkv Linear whose outputs are laid out
+/// (3, heads, head_dim), softmax(q·kᵀ·head_dim^-0.5)·v, then the output projection.
+/// `x` is `(B·N, D)` for `batch` sequences of N tokens.
+#[allow(clippy::too_many_arguments)]
+pub fn attention<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
+    x: Tensor<Mat, E, D, T>,
+    batch: usize,
+    heads: usize,
+    qkv_w: Tensor<Mat, E, D, T>,
+    qkv_b: Tensor<(usize,), E, D, T>,
+    proj_w: Tensor<Mat, E, D, T>,
+    proj_b: Tensor<(usize,), E, D, T>,
+) -> Tensor<Mat, E, D, T> {
+    let (rows, dim) = *x.shape();
+    let n = rows / batch;
+    let hd = dim / heads;
+    let qkv = linear(x, qkv_w, qkv_b)
+        .reshape_like(&(batch, n, 3, heads, hd))
+        .permute::<_, Axes5<2, 0, 3, 1, 4>>();
+    let part = |qkv: Tensor<(usize, usize, usize, usize, usize), E, D, T>, i: usize| {
+        qkv.slice((i..i + 1, .., .., .., ..)).reshape_like(&(batch, heads, n, hd))
+    };
+    let q = part(qkv.with_empty_tape(), 0);
+    let k = part(qkv.with_empty_tape(), 1);
+    let v = part(qkv, 2);
+    let scale = E::cast((hd as f64).powf(-0.5));
+    let attn = (q * scale).matmul(k.permute::<_, Axes4<0, 1, 3, 2>>()).softmax::<Axis<3>>();
+    let out = attn
+        .matmul(v)
+        .permute::<_, Axes4<0, 2, 1, 3>>()
+        .reshape_like(&(rows, dim));
+    linear(out, proj_w, proj_b)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parameter holders. Shapes are type-level (dfdx registers only const-shaped tensors) and follow
+// PyTorch's layouts; the math above runs on runtime shapes.
+
+macro_rules! collection {
+    ($ty:ident < $($g:ident),* > { $($field:ident : $opt:expr),* $(,)? }) => {
+        impl<$($g: ConstDim,)* E: SpinDtype, D: SpinDevice<E>> TensorCollection<E, D> for $ty<$($g,)* E, D> {
+            type To<E2: Dtype, D2: Device<E2>> = $ty<$($g,)* E2, D2>;
+            fn iter_tensors<V: ModuleVisitor<Self, E, D>>(
+                visitor: &mut V,
+            ) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
+                visitor.visit_fields(
+                    ($(Self::tensor(stringify!($field), |s| &s.$field, |s| &mut s.$field, $opt),)*),
+                    |($($field,)*)| $ty { $($field,)* },
+                )
+            }
+        }
+        impl<$($g: ConstDim,)* E: SpinDtype, D: SpinDevice<E>> $ty<$($g,)* E, D> {
+            /// This part's tensors under their PyTorch names, for checkpoints.
+            pub fn slots(&mut self) -> Vec<(String, &mut dyn ParamSlot<E>)> {
+                vec![$((stringify!($field).to_string(), &mut self.$field as &mut dyn ParamSlot<E>),)*]
+            }
+        }
+    };
+}
+
+/// A Linear layer: `weight (O, I)`, `bias (O,)`.
+#[derive(Clone, Debug)]
+pub struct Linear<I: ConstDim, O: ConstDim, E: Dtype, D: Storage<E>> {
+    pub weight: Tensor<(O, I), E, D>,
+    pub bias: Tensor<(O,), E, D>,
+}
+collection!(Linear<I, O> {
+    weight: TensorOptions::reset_with(reset_fan_in),
+    bias: TensorOptions::reset_to_zeros(),
+});
+
+impl<I: ConstDim, O: ConstDim, E: SpinDtype, D: SpinDevice<E>> Linear<I, O, E, D> {
+    pub fn forward<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Mat, E, D, T>) -> Tensor<Mat, E, D, T> {
+        linear(x, param2(&self.weight, O::SIZE, I::SIZE), param1(&self.bias))
+    }
+}
+
+/// A ViT Linear layer: same tensors, timm's truncated-normal init.
+#[derive(Clone, Debug)]
+pub struct VitLinear<I: ConstDim, O: ConstDim, E: Dtype, D: Storage<E>> {
+    pub weight: Tensor<(O, I), E, D>,
+    pub bias: Tensor<(O,), E, D>,
+}
+collection!(VitLinear<I, O> {
+    weight: TensorOptions::reset_with(reset_trunc_normal),
+    bias: TensorOptions::reset_to_zeros(),
+});
+
+impl<I: ConstDim, O: ConstDim, E: SpinDtype, D: SpinDevice<E>> VitLinear<I, O, E, D> {
+    pub fn forward<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Mat, E, D, T>) -> Tensor<Mat, E, D, T> {
+        linear(x, param2(&self.weight, O::SIZE, I::SIZE), param1(&self.bias))
+    }
+    pub fn w<T: Tape<E, D>>(&self) -> Tensor<Mat, E, D, T> {
+        param2(&self.weight, O::SIZE, I::SIZE)
+    }
+    pub fn b<T: Tape<E, D>>(&self) -> Tensor<(usize,), E, D, T> {
+        param1(&self.bias)
+    }
+}
+
+/// A convolution with kernel = stride = P and no padding (ConvMixer's stem, ViT's patch
+/// embedding): `weight (C, 3, P, P)`, `bias (C,)`, computed as patchify + matmul.
+#[derive(Clone, Debug)]
+pub struct PatchConv<C: ConstDim, P: ConstDim, E: Dtype, D: Storage<E>> {
+    pub weight: Tensor<(C, Const<3>, P, P), E, D>,
+    pub bias: Tensor<(C,), E, D>,
+}
+collection!(PatchConv<C, P> {
+    weight: TensorOptions::reset_with(reset_fan_in),
+    bias: TensorOptions::reset_to_zeros(),
+});
+
+impl<C: ConstDim, P: ConstDim, E: SpinDtype, D: SpinDevice<E>> PatchConv<C, P, E, D> {
+    /// NCHW images `(B, 3, H, W)` → `(B·(H/P)·(W/P), C)`, channels last.
+    pub fn forward<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Nhwc, E, D, T>) -> Tensor<Mat, E, D, T> {
+        let patches = D::patchify(x, P::SIZE).unwrap();
+        linear(patches, param2(&self.weight, C::SIZE, 3 * P::SIZE * P::SIZE), param1(&self.bias))
+    }
+}
+
+/// A depthwise K×K convolution with 'same' padding: `weight (C, 1, K, K)`, `bias (C,)`.
+#[derive(Clone, Debug)]
+pub struct DwConv<C: ConstDim, K: ConstDim, E: Dtype, D: Storage<E>> {
+    pub weight: Tensor<(C, Const<1>, K, K), E, D>,
+    pub bias: Tensor<(C,), E, D>,
+}
+collection!(DwConv<C, K> {
+    weight: TensorOptions::reset_with(reset_fan_in),
+    bias: TensorOptions::reset_to_zeros(),
+});
+
+impl<C: ConstDim, K: ConstDim, E: SpinDtype, D: SpinDevice<E>> DwConv<C, K, E, D> {
+    /// `x` is `(B·H·W, C)`; `hw` gives the spatial size.
+    pub fn forward<T: Tape<E, D> + Merge<T>>(
+        &self,
+        x: Tensor<Mat, E, D, T>,
+        (b, h, w): (usize, usize, usize),
+    ) -> Tensor<Mat, E, D, T> {
+        let (rows, c) = *x.shape();
+        let x = x.reshape_like(&(b, h, w, c));
+        let k = K::SIZE;
+        D::dwconv(x, param2(&self.weight, c, k * k), param1(&self.bias), k)
+            .unwrap()
+            .reshape_like(&(rows, c))
+    }
+}
+
+/// BatchNorm over channels: `weight`, `bias` (trained), `running_mean`, `running_var` (not).
+#[derive(Clone, Debug)]
+pub struct BatchNorm<C: ConstDim, E: Dtype, D: Storage<E>> {
+    pub weight: Tensor<(C,), E, D>,
+    pub bias: Tensor<(C,), E, D>,
+    pub running_mean: Tensor<(C,), E, D>,
+    pub running_var: Tensor<(C,), E, D>,
+}
+collection!(BatchNorm<C> {
+    weight: TensorOptions::reset_to_ones(),
+    bias: TensorOptions::reset_to_zeros(),
+    running_mean: TensorOptions::detached(reset_zeros),
+    running_var: TensorOptions::detached(reset_ones),
+});
+
+impl<C: ConstDim, E: SpinDtype, D: SpinDevice<E>> BatchNorm<C, E, D> {
+    /// Inference: running statistics.
+    pub fn forward<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Mat, E, D, T>) -> Tensor<Mat, E, D, T> {
+        batch_norm_eval(
+            x,
+            &self.running_mean.as_vec(),
+            &self.running_var.as_vec(),
+            param1(&self.weight),
+            param1(&self.bias),
+        )
+    }
+
+    /// Training: batch statistics. Returns the output and the statistics to fold into the running
+    /// ones with [`BatchNorm::update_running`] (kept apart so a forward pass can borrow `self`).
+    pub fn forward_train<T: Tape<E, D> + Merge<T>>(
+        &self,
+        x: Tensor<Mat, E, D, T>,
+    ) -> (Tensor<Mat, E, D, T>, BatchStats<E>) {
+        let rows = x.shape().0;
+        let (y, mean, var) = batch_norm_train(x, param1(&self.weight), param1(&self.bias));
+        (y, BatchStats { mean, var, rows })
+    }
+
+    /// Moves the running statistics by PyTorch's rule: momentum 0.1, unbiased batch variance.
+    pub fn update_running(&mut self, s: &BatchStats<E>) {
+        let m = BN_MOMENTUM;
+        let n = s.rows as f64;
+        let unbias = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
+        let mix = |old: Vec<E>, new: &[E], f: f64| -> Vec<E> {
+            old.iter()
+                .zip(new)
+                .map(|(&r, &b)| E::cast((1.0 - m) * r.as_f64() + m * b.as_f64() * f))
+                .collect()
+        };
+        let rm = mix(self.running_mean.as_vec(), &s.mean, 1.0);
+        let rv = mix(self.running_var.as_vec(), &s.var, unbias);
+        self.running_mean.copy_from(&rm);
+        self.running_var.copy_from(&rv);
+    }
+
+    /// Training forward that updates the running statistics at once.
+    pub fn forward_mut<T: Tape<E, D> + Merge<T>>(&mut self, x: Tensor<Mat, E, D, T>) -> Tensor<Mat, E, D, T> {
+        let (y, stats) = self.forward_train(x);
+        self.update_running(&stats);
+        y
+    }
+}
+
+/// Batch statistics of one BatchNorm call in training mode.
+#[derive(Clone, Debug)]
+pub struct BatchStats<E> {
+    pub mean: Vec<E>,
+    pub var: Vec<E>,
+    pub rows: usize,
+}
+
+/// LayerNorm over features: `weight`, `bias`.
+#[derive(Clone, Debug)]
+pub struct LayerNorm<C: ConstDim, E: Dtype, D: Storage<E>> {
+    pub weight: Tensor<(C,), E, D>,
+    pub bias: Tensor<(C,), E, D>,
+}
+collection!(LayerNorm<C> {
+    weight: TensorOptions::reset_to_ones(),
+    bias: TensorOptions::reset_to_zeros(),
+});
+
+impl<C: ConstDim, E: SpinDtype, D: SpinDevice<E>> LayerNorm<C, E, D> {
+    pub fn forward<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Mat, E, D, T>) -> Tensor<Mat, E, D, T> {
+        layer_norm(x, param1(&self.weight), param1(&self.bias))
+    }
+}
+
+/// timm's `Attention`: `qkv (3D, D)` and `proj (D, D)`.
+#[derive(Clone, Debug)]
+pub struct Attention<Dm: ConstDim, Qkv: ConstDim, E: Dtype, D: Storage<E>> {
+    pub qkv: VitLinear<Dm, Qkv, E, D>,
+    pub proj: VitLinear<Dm, Dm, E, D>,
+}
+
+impl<Dm: ConstDim, Qkv: ConstDim, E: SpinDtype, D: SpinDevice<E>> TensorCollection<E, D>
+    for Attention<Dm, Qkv, E, D>
+{
+    type To<E2: Dtype, D2: Device<E2>> = Attention<Dm, Qkv, E2, D2>;
+    fn iter_tensors<V: ModuleVisitor<Self, E, D>>(
+        visitor: &mut V,
+    ) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
+        visitor.visit_fields(
+            (
+                Self::module("qkv", |s| &s.qkv, |s| &mut s.qkv),
+                Self::module("proj", |s| &s.proj, |s| &mut s.proj),
+            ),
+            |(qkv, proj)| Attention { qkv, proj },
+        )
+    }
+}
+
+impl<Dm: ConstDim, Qkv: ConstDim, E: SpinDtype, D: SpinDevice<E>> Attention<Dm, Qkv, E, D> {
+    pub fn slots(&mut self) -> Vec<(String, &mut dyn ParamSlot<E>)> {
+        prefixed("qkv", self.qkv.slots()).into_iter().chain(prefixed("proj", self.proj.slots())).collect()
+    }
+    pub fn forward<T: Tape<E, D> + Merge<T>>(
+        &self,
+        x: Tensor<Mat, E, D, T>,
+        batch: usize,
+        heads: usize,
+    ) -> Tensor<Mat, E, D, T> {
+        attention(x, batch, heads, self.qkv.w(), self.qkv.b(), self.proj.w(), self.proj.b())
+    }
+}
+
+/// timm's `Mlp`: `fc1 (H, D)`, exact GELU, `fc2 (D, H)`.
+#[derive(Clone, Debug)]
+pub struct Mlp<Dm: ConstDim, Hid: ConstDim, E: Dtype, D: Storage<E>> {
+    pub fc1: VitLinear<Dm, Hid, E, D>,
+    pub fc2: VitLinear<Hid, Dm, E, D>,
+}
+
+impl<Dm: ConstDim, Hid: ConstDim, E: SpinDtype, D: SpinDevice<E>> TensorCollection<E, D> for Mlp<Dm, Hid, E, D> {
+    type To<E2: Dtype, D2: Device<E2>> = Mlp<Dm, Hid, E2, D2>;
+    fn iter_tensors<V: ModuleVisitor<Self, E, D>>(
+        visitor: &mut V,
+    ) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
+        visitor.visit_fields(
+            (
+                Self::module("fc1", |s| &s.fc1, |s| &mut s.fc1),
+                Self::module("fc2", |s| &s.fc2, |s| &mut s.fc2),
+            ),
+            |(fc1, fc2)| Mlp { fc1, fc2 },
+        )
+    }
+}
+
+impl<Dm: ConstDim, Hid: ConstDim, E: SpinDtype, D: SpinDevice<E>> Mlp<Dm, Hid, E, D> {
+    pub fn slots(&mut self) -> Vec<(String, &mut dyn ParamSlot<E>)> {
+        prefixed("fc1", self.fc1.slots()).into_iter().chain(prefixed("fc2", self.fc2.slots())).collect()
+    }
+    pub fn forward<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Mat, E, D, T>) -> Tensor<Mat, E, D, T> {
+        self.fc2.forward(self.fc1.forward(x).accurate_gelu())
+    }
+}
+
+fn prefixed<'a, E>(p: &str, v: Vec<(String, &'a mut dyn ParamSlot<E>)>) -> Vec<(String, &'a mut dyn ParamSlot<E>)> {
+    v.into_iter().map(|(n, t)| (format!("{p}.{n}"), t)).collect()
+}
+
+/// A pointwise 1×1 convolution: `weight (C, C, 1, 1)` as PyTorch stores it, `bias (C,)`;
+/// on channels-last features it is one matmul.
+#[derive(Clone, Debug)]
+pub struct Pointwise<C: ConstDim, E: Dtype, D: Storage<E>> {
+    pub weight: Tensor<(C, C, Const<1>, Const<1>), E, D>,
+    pub bias: Tensor<(C,), E, D>,
+}
+collection!(Pointwise<C> {
+    weight: TensorOptions::reset_with(reset_fan_in),
+    bias: TensorOptions::reset_to_zeros(),
+});
+
+impl<C: ConstDim, E: SpinDtype, D: SpinDevice<E>> Pointwise<C, E, D> {
+    pub fn forward<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Mat, E, D, T>) -> Tensor<Mat, E, D, T> {
+        linear(x, param2(&self.weight, C::SIZE, C::SIZE), param1(&self.bias))
+    }
+}

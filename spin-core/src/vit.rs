@@ -1,0 +1,293 @@
+//! ViT/DeiT as timm's `VisionTransformer`, with SPIN's sharing.
+//!
+//! patch embedding → prepend the cls token → add the position embedding → pre-norm blocks
+//! `x + attn(norm1(x))`, `x + mlp(norm2(x))` → final LayerNorm → cls-token pooling → head.
+use crate::checkpoint::{push_slots, ParamSlot, Slot, TimmKeys};
+use crate::conv::Nhwc;
+use crate::describe::{Family, ModelInfo};
+use crate::dtype::{SpinDevice, SpinDtype};
+use crate::layers::{param2, reset_trunc_normal, Attention, LayerNorm, Mat, Mlp, PatchConv, VitLinear};
+use crate::sharing::{count, names, slot, users, vec_fields, VitShare};
+use dfdx::prelude::*;
+use dfdx::tensor::Tape;
+use std::marker::PhantomData;
+
+/// A ViT declaration, as `#[vit(...)]` generates it. `Grid` is `Image / Patch`, `Tokens` is
+/// `Grid² + 1`, `Qkv` is `3·Dim`, `Hidden` is `mlp_ratio·Dim`.
+pub trait VitConfig: 'static + Clone + Copy + std::fmt::Debug + Default + Send + Sync {
+    type Dim: ConstDim;
+    type Patch: ConstDim;
+    type Image: ConstDim;
+    type Grid: ConstDim;
+    type Tokens: ConstDim;
+    type Qkv: ConstDim;
+    type Hidden: ConstDim;
+    type Classes: ConstDim;
+    const NAME: &'static str;
+    const HEADS: usize;
+    const DEPTH: usize;
+    const GROUPS: usize;
+    const PATTERN: &'static str;
+    const SCHEDULE: &'static [usize];
+    const SHARE: VitShare;
+}
+
+/// Unique trainable parameters of a ViT.
+#[allow(clippy::too_many_arguments)]
+pub const fn params(
+    dim: usize,
+    patch: usize,
+    image: usize,
+    hidden: usize,
+    classes: usize,
+    depth: usize,
+    groups: usize,
+    share: VitShare,
+) -> usize {
+    let tokens = (image / patch) * (image / patch) + 1;
+    let embed = dim * 3 * patch * patch + dim + dim + tokens * dim;
+    let attn = 3 * dim * dim + 3 * dim + dim * dim + dim;
+    let mlp = hidden * dim + hidden + dim * hidden + dim;
+    let norms = 4 * dim;
+    let head = 2 * dim + dim * classes + classes;
+    embed
+        + count(share.attn(), depth, groups) * attn
+        + count(share.mlp(), depth, groups) * mlp
+        + count(share.norms(), depth, groups) * norms
+        + head
+}
+
+/// Multiply-accumulates per image: patch embedding, qkv, q·kᵀ, attn·v, proj, fc1, fc2, head
+/// (torch.utils.flop_counter's FLOPs / 2).
+pub const fn macs(dim: usize, patch: usize, image: usize, hidden: usize, classes: usize, depth: usize) -> u64 {
+    let np = ((image / patch) * (image / patch)) as u64;
+    let n = np + 1;
+    let (d, h, p) = (dim as u64, hidden as u64, patch as u64);
+    let embed = d * 3 * p * p * np;
+    let block = n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * h;
+    embed + depth as u64 * block + d * classes as u64
+}
+
+/// The description of a declared ViT.
+pub fn info<C: VitConfig>() -> ModelInfo {
+    let (d, p, img, h, cls) = (C::Dim::SIZE, C::Patch::SIZE, C::Image::SIZE, C::Hidden::SIZE, C::Classes::SIZE);
+    ModelInfo {
+        name: C::NAME,
+        family: Family::Vit,
+        params: params(d, p, img, h, cls, C::DEPTH, C::GROUPS, C::SHARE),
+        macs: macs(d, p, img, h, cls, C::DEPTH),
+        depth: C::DEPTH,
+        groups: C::GROUPS,
+        pattern: C::PATTERN.into(),
+        share: if C::GROUPS == C::DEPTH { "none" } else { C::SHARE.name() },
+        schedule: C::SCHEDULE.to_vec(),
+        dim: d,
+        image: img,
+        classes: cls,
+        unshared_params: params(d, p, img, h, cls, C::DEPTH, C::DEPTH, C::SHARE),
+    }
+}
+
+/// A built ViT; block parts are stored per group or per layer (see [`crate::sharing`]).
+#[derive(Debug)]
+pub struct Vit<C: VitConfig, E: Dtype, D: Storage<E>> {
+    pub patch_embed: PatchConv<C::Dim, C::Patch, E, D>,
+    pub cls_token: Tensor<(Const<1>, Const<1>, C::Dim), E, D>,
+    pub pos_embed: Tensor<(Const<1>, C::Tokens, C::Dim), E, D>,
+    pub norm1: Vec<LayerNorm<C::Dim, E, D>>,
+    pub attn: Vec<Attention<C::Dim, C::Qkv, E, D>>,
+    pub norm2: Vec<LayerNorm<C::Dim, E, D>>,
+    pub mlp: Vec<Mlp<C::Dim, C::Hidden, E, D>>,
+    pub norm: LayerNorm<C::Dim, E, D>,
+    pub head: VitLinear<C::Dim, C::Classes, E, D>,
+    _config: PhantomData<C>,
+}
+
+impl<C: VitConfig, E: Dtype, D: Storage<E>> Clone for Vit<C, E, D> {
+    fn clone(&self) -> Self {
+        Self {
+            patch_embed: self.patch_embed.clone(),
+            cls_token: self.cls_token.clone(),
+            pos_embed: self.pos_embed.clone(),
+            norm1: self.norm1.clone(),
+            attn: self.attn.clone(),
+            norm2: self.norm2.clone(),
+            mlp: self.mlp.clone(),
+            norm: self.norm.clone(),
+            head: self.head.clone(),
+            _config: PhantomData,
+        }
+    }
+}
+
+impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> TensorCollection<E, D> for Vit<C, E, D> {
+    type To<E2: Dtype, D2: Device<E2>> = Vit<C, E2, D2>;
+
+    fn iter_tensors<V: ModuleVisitor<Self, E, D>>(
+        visitor: &mut V,
+    ) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
+        let s = C::SHARE;
+        let (dn, gn) = (C::DEPTH, C::GROUPS);
+        let n1 = names("norm1", count(s.norms(), dn, gn));
+        let at = names("attn", count(s.attn(), dn, gn));
+        let n2 = names("norm2", count(s.norms(), dn, gn));
+        let ml = names("mlp", count(s.mlp(), dn, gn));
+        visitor.visit_fields(
+            (
+                (
+                    Self::module("patch_embed", |s| &s.patch_embed, |s| &mut s.patch_embed),
+                    Self::tensor(
+                        "cls_token",
+                        |s| &s.cls_token,
+                        |s| &mut s.cls_token,
+                        TensorOptions::reset_with(reset_trunc_normal),
+                    ),
+                    Self::tensor(
+                        "pos_embed",
+                        |s| &s.pos_embed,
+                        |s| &mut s.pos_embed,
+                        TensorOptions::reset_with(reset_trunc_normal),
+                    ),
+                ),
+                vec_fields::<Self, _, E, D>(&n1, |s| &s.norm1, |s| &mut s.norm1),
+                vec_fields::<Self, _, E, D>(&at, |s| &s.attn, |s| &mut s.attn),
+                vec_fields::<Self, _, E, D>(&n2, |s| &s.norm2, |s| &mut s.norm2),
+                vec_fields::<Self, _, E, D>(&ml, |s| &s.mlp, |s| &mut s.mlp),
+                (
+                    Self::module("norm", |s| &s.norm, |s| &mut s.norm),
+                    Self::module("head", |s| &s.head, |s| &mut s.head),
+                ),
+            ),
+            |((patch_embed, cls_token, pos_embed), norm1, attn, norm2, mlp, (norm, head))| Vit {
+                patch_embed,
+                cls_token,
+                pos_embed,
+                norm1,
+                attn,
+                norm2,
+                mlp,
+                norm,
+                head,
+                _config: PhantomData,
+            },
+        )
+    }
+}
+
+impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> Vit<C, E, D> {
+    pub fn info(&self) -> ModelInfo {
+        info::<C>()
+    }
+
+    /// Embedding and blocks (no final norm) on NCHW images: `(B·N, D)` token features.
+    fn blocks<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Nhwc, E, D, T>) -> Tensor<Mat, E, D, T> {
+        let b = x.shape().0;
+        let (d, n) = (C::Dim::SIZE, C::Tokens::SIZE);
+        let patches = self.patch_embed.forward(x).reshape_like(&(b, n - 1, d));
+        let cls = param2::<_, _, _, T>(&self.cls_token, 1, d)
+            .reshape_like(&(d,))
+            .broadcast_like::<_, Axes2<0, 1>>(&(b, 1, d));
+        let tokens = (cls, patches).concat_along(Axis::<1>);
+        let pos = param2::<_, _, _, T>(&self.pos_embed, n, d).broadcast_like::<_, Axis<0>>(&(b, n, d));
+        let mut x = (tokens + pos).reshape_like(&(b * n, d));
+        let (s, sched) = (C::SHARE, C::SCHEDULE);
+        for i in 0..C::DEPTH {
+            let (jn, ja, jm) = (slot(s.norms(), sched, i), slot(s.attn(), sched, i), slot(s.mlp(), sched, i));
+            let skip = x.with_empty_tape();
+            x = self.attn[ja].forward(self.norm1[jn].forward(x), b, C::HEADS) + skip;
+            let skip = x.with_empty_tape();
+            x = self.mlp[jm].forward(self.norm2[jn].forward(x)) + skip;
+        }
+        x
+    }
+
+    /// Logits for a runtime-shaped batch `(B, 3, H, W)`; panics if H, W differ from the declared size.
+    pub fn forward_dyn<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Nhwc, E, D, T>) -> Tensor<Mat, E, D, T> {
+        let &(b, c, h, w) = x.shape();
+        let img = C::Image::SIZE;
+        assert!(c == 3 && h == img && w == img, "{} takes (B, 3, {img}, {img}) images, got (B, {c}, {h}, {w})", C::NAME);
+        let (d, n) = (C::Dim::SIZE, C::Tokens::SIZE);
+        let x = self.norm.forward(self.blocks(x));
+        let cls = x.reshape_like(&(b, n, d)).slice((.., 0..1, ..)).reshape_like(&(b, d));
+        self.head.forward(cls)
+    }
+
+    /// timm's `forward_features`: normalised tokens, cls first, shape in the type.
+    pub fn forward_features<B: Dim, T: Tape<E, D> + Merge<T>>(
+        &self,
+        x: Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>,
+    ) -> Tensor<(B, C::Tokens, C::Dim), E, D, T> {
+        let b = x.shape().0;
+        let img = C::Image::SIZE;
+        let y = self.norm.forward(self.blocks(x.reshape_like(&(b.size(), 3, img, img))));
+        y.reshape_like(&(b, Default::default(), Default::default()))
+    }
+}
+
+impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, B: Dim, T: Tape<E, D> + Merge<T>>
+    Module<Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>> for Vit<C, E, D>
+{
+    type Output = Tensor<(B, C::Classes), E, D, T>;
+    type Error = D::Err;
+    fn try_forward(&self, x: Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>) -> Result<Self::Output, D::Err> {
+        let b = x.shape().0;
+        let img = C::Image::SIZE;
+        let y = self.forward_dyn(x.reshape_like(&(b.size(), 3, img, img)));
+        Ok(y.reshape_like(&(b, Default::default())))
+    }
+}
+
+impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>
+    Module<Tensor<(Const<3>, C::Image, C::Image), E, D, T>> for Vit<C, E, D>
+{
+    type Output = Tensor<(C::Classes,), E, D, T>;
+    type Error = D::Err;
+    fn try_forward(&self, x: Tensor<(Const<3>, C::Image, C::Image), E, D, T>) -> Result<Self::Output, D::Err> {
+        let img = C::Image::SIZE;
+        let y = self.forward_dyn(x.reshape_like(&(1, 3, img, img)));
+        Ok(y.reshape_like(&(Default::default(),)))
+    }
+}
+
+/// A ViT has no BatchNorm and no dropout: training and inference forwards are the same.
+impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, B: Dim, T: Tape<E, D> + Merge<T>>
+    ModuleMut<Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>> for Vit<C, E, D>
+{
+    type Output = Tensor<(B, C::Classes), E, D, T>;
+    type Error = D::Err;
+    fn try_forward_mut(
+        &mut self,
+        x: Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>,
+    ) -> Result<Self::Output, D::Err> {
+        self.try_forward(x)
+    }
+}
+
+impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> TimmKeys for Vit<C, E, D> {
+    type Elem = E;
+    fn timm_slots(&mut self) -> Vec<Slot<'_, E>> {
+        let (s, sched) = (C::SHARE, C::SCHEDULE);
+        let mut out = Vec::new();
+        let layers = |shared: bool, j: usize, suffix: &str| -> Vec<String> {
+            users(shared, sched, j).into_iter().map(|i| format!("blocks.{i}.{suffix}")).collect()
+        };
+        push_slots(&mut out, &["patch_embed.proj".into()], self.patch_embed.slots());
+        out.push(Slot { keys: vec!["cls_token".into()], tensor: &mut self.cls_token as &mut dyn ParamSlot<E> });
+        out.push(Slot { keys: vec!["pos_embed".into()], tensor: &mut self.pos_embed as &mut dyn ParamSlot<E> });
+        for (j, m) in self.norm1.iter_mut().enumerate() {
+            push_slots(&mut out, &layers(s.norms(), j, "norm1"), m.slots());
+        }
+        for (j, m) in self.attn.iter_mut().enumerate() {
+            push_slots(&mut out, &layers(s.attn(), j, "attn"), m.slots());
+        }
+        for (j, m) in self.norm2.iter_mut().enumerate() {
+            push_slots(&mut out, &layers(s.norms(), j, "norm2"), m.slots());
+        }
+        for (j, m) in self.mlp.iter_mut().enumerate() {
+            push_slots(&mut out, &layers(s.mlp(), j, "mlp"), m.slots());
+        }
+        push_slots(&mut out, &["norm".into()], self.norm.slots());
+        push_slots(&mut out, &["head".into()], self.head.slots());
+        out
+    }
+}
