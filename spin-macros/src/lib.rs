@@ -1,4 +1,40 @@
-//! placeholder
+//! The attributes that declare spin models. Each declaration becomes a dfdx model type whose
+//! tensor shapes are fixed in the type:
+//!
+//! ```ignore
+//! #[convmixer(dim = 768, kernel = 7, patch = 7, image = 224, classes = 1000, act = relu)]
+//! #[shared_blocks(depth = 32, groups = 8, pattern = strided)]
+//! pub struct WsConvMixer768;
+//! ```
+//!
+//! The crate parses arguments into a typed config ([`ast`]), checks them with errors that point at
+//! the offending argument ([`valid`]), then writes a short expansion that only names spin-core
+//! items ([`expand`]); no model logic lives here.
+mod ast;
+mod expand;
+mod valid;
+
 use proc_macro::TokenStream;
+
+/// Declares a ConvMixer: `#[convmixer(dim, kernel, patch, image, classes, act = gelu|relu,
+/// variant = timm|spin, depth, name = "...")]` on a unit struct, optionally with
+/// `#[shared_blocks(...)]`.
 #[proc_macro_attribute]
-pub fn placeholder(_a: TokenStream, i: TokenStream) -> TokenStream { i }
+pub fn convmixer(args: TokenStream, item: TokenStream) -> TokenStream {
+    expand::family(ast::FamilyKind::ConvMixer, args.into(), item.into()).into()
+}
+
+/// Declares a ViT/DeiT: `#[vit(dim, heads, patch, image, classes, mlp_ratio = 4, depth,
+/// name = "...")]` on a unit struct, optionally with `#[shared_blocks(...)]`.
+#[proc_macro_attribute]
+pub fn vit(args: TokenStream, item: TokenStream) -> TokenStream {
+    expand::family(ast::FamilyKind::Vit, args.into(), item.into()).into()
+}
+
+/// `#[shared_blocks(depth = D, groups = G, pattern = P, share = S)]`: D layers whose parameters
+/// live in G groups, layer i using group `schedule[i]`. With a family attribute it sets the
+/// sharing of that model; alone, on `struct Trunk(Block);`, it declares a trunk of D blocks.
+#[proc_macro_attribute]
+pub fn shared_blocks(args: TokenStream, item: TokenStream) -> TokenStream {
+    expand::shared_blocks(args.into(), item.into()).into()
+}

@@ -1,0 +1,114 @@
+//! Parity with the real timm: logits of models loaded from committed fixtures made by
+//! `scripts/make_fixtures.py` (timm 1.0.31, torch 2.15) must match to 1e-5 of the largest logit, f32.
+use spin_core::prelude::*;
+use spin_tests::{fixture, rel_err, tensor};
+
+#[convmixer(dim = 32, kernel = 5, patch = 2, image = 16, classes = 10, act = gelu, depth = 4)]
+struct SmallMixer;
+
+#[convmixer(dim = 24, kernel = 3, patch = 4, image = 16, classes = 7, act = relu, depth = 3)]
+struct SmallReluMixer;
+
+#[vit(dim = 32, heads = 4, patch = 4, image = 16, classes = 10, depth = 3)]
+struct SmallVit;
+
+const TOL: f64 = 1e-5;
+
+fn as_f32(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&x| x as f32).collect()
+}
+fn as_f64(v: Vec<f32>) -> Vec<f64> {
+    v.into_iter().map(|x| x as f64).collect()
+}
+
+#[test]
+fn convmixer_gelu_matches_timm_eval_and_train() {
+    let dev = Cpu::default();
+    let mut m = dev.build_module::<SmallMixer, f32>();
+    m.load_timm(fixture("convmixer_small.safetensors")).unwrap();
+    let (shape, x) = tensor("convmixer_small_io.safetensors", "input");
+    assert_eq!(shape, [3, 3, 16, 16]);
+    let x: Tensor<Rank4<3, 3, 16, 16>, f32, _> = dev.tensor(as_f32(&x));
+    let logits: Tensor<Rank2<3, 10>, f32, _> = m.forward(x.clone());
+    let (_, want) = tensor("convmixer_small_io.safetensors", "logits");
+    let err = rel_err(&as_f64(logits.as_vec()), &want);
+    eprintln!("convmixer eval err {err:e}");
+    assert!(err < TOL, "eval logits differ from timm by {err:e}");
+
+    // Training mode: batch statistics, and the running statistics move as PyTorch's do.
+    let train = m.forward_mut(x);
+    let (_, want) = tensor("convmixer_small_io.safetensors", "logits_train");
+    let err = rel_err(&as_f64(train.as_vec()), &want);
+    assert!(err < TOL, "train-mode logits differ from timm by {err:e}");
+    let (_, want) = tensor("convmixer_small_io.safetensors", "stem_running_mean_after");
+    let err = rel_err(&as_f64(m.stem_bn.running_mean.as_vec()), &want);
+    assert!(err < TOL, "running mean after one step differs by {err:e}");
+}
+
+#[test]
+fn convmixer_relu_matches_timm_with_runtime_batch() {
+    let dev = Cpu::default();
+    let mut m = dev.build_module::<SmallReluMixer, f32>();
+    m.load_timm(fixture("convmixer_relu_small.safetensors")).unwrap();
+    let (_, x) = tensor("convmixer_relu_small_io.safetensors", "input");
+    // A runtime batch size goes through the same typed forward.
+    let x: Tensor<(usize, Const<3>, Const<16>, Const<16>), f32, _> =
+        dev.tensor_from_vec(as_f32(&x), (2, Const, Const, Const));
+    let logits = m.forward(x);
+    assert_eq!(logits.shape().0, 2);
+    let (_, want) = tensor("convmixer_relu_small_io.safetensors", "logits");
+    let err = rel_err(&as_f64(logits.as_vec()), &want);
+    assert!(err < TOL, "logits differ from timm by {err:e}");
+}
+
+#[test]
+fn vit_matches_timm() {
+    let dev = Cpu::default();
+    let mut m = dev.build_module::<SmallVit, f32>();
+    m.load_timm(fixture("vit_small.safetensors")).unwrap();
+    let (_, x) = tensor("vit_small_io.safetensors", "input");
+    let x: Tensor<Rank4<2, 3, 16, 16>, f32, _> = dev.tensor(as_f32(&x));
+    let logits = m.forward(x.clone());
+    let (_, want) = tensor("vit_small_io.safetensors", "logits");
+    let err = rel_err(&as_f64(logits.as_vec()), &want);
+    assert!(err < TOL, "logits differ from timm by {err:e}");
+    // One image at a time gives the same row.
+    let one: Tensor<Rank3<3, 16, 16>, f32, _> = dev.tensor(x.as_vec()[..3 * 16 * 16].to_vec());
+    let row = m.forward(one);
+    let err = rel_err(&as_f64(row.as_vec()), &want[..10]);
+    assert!(err < TOL, "single-image logits differ by {err:e}");
+}
+
+#[test]
+fn f64_models_match_timm_too() {
+    let dev = Cpu::default();
+    let mut m = dev.build_module::<SmallVit, f64>();
+    m.load_timm(fixture("vit_small.safetensors")).unwrap();
+    let (_, x) = tensor("vit_small_io.safetensors", "input");
+    let x: Tensor<Rank4<2, 3, 16, 16>, f64, _> = dev.tensor(x);
+    let (_, want) = tensor("vit_small_io.safetensors", "logits");
+    // timm ran in f32, so f64 agrees to f32 precision.
+    assert!(rel_err(&m.forward(x).as_vec(), &want) < TOL);
+}
+
+#[test]
+fn saved_checkpoint_round_trips_exactly() {
+    let dev = Cpu::default();
+    let mut m = dev.build_module::<SmallMixer, f32>();
+    m.load_timm(fixture("convmixer_small.safetensors")).unwrap();
+    let dir = spin_tests::scratch("roundtrip");
+    let path = dir.join("m.safetensors");
+    m.save_timm(&path).unwrap();
+    let mut m2 = dev.build_module::<SmallMixer, f32>();
+    m2.load_timm(&path).unwrap();
+    assert_eq!(m.pw[3].weight.as_vec(), m2.pw[3].weight.as_vec());
+    assert_eq!(m.bn2[1].running_var.as_vec(), m2.bn2[1].running_var.as_vec());
+    // The same keys timm wrote, plus nothing else.
+    let ours = spin_core::checkpoint::read_tensors(&path, &std::fs::read(&path).unwrap()).unwrap();
+    let theirs = spin_core::checkpoint::read_tensors(
+        &fixture("convmixer_small.safetensors"),
+        &std::fs::read(fixture("convmixer_small.safetensors")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>());
+}
