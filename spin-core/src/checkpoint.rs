@@ -62,6 +62,8 @@ pub enum StorageDtype {
     F32,
     F16,
     BF16,
+    /// Full precision, for f64 models.
+    F64,
 }
 
 impl std::str::FromStr for StorageDtype {
@@ -71,7 +73,8 @@ impl std::str::FromStr for StorageDtype {
             "f32" => Ok(Self::F32),
             "f16" => Ok(Self::F16),
             "bf16" => Ok(Self::BF16),
-            _ => Err(Error::Invalid(format!("unknown storage dtype `{s}`: use f32, f16 or bf16"))),
+            "f64" => Ok(Self::F64),
+            _ => Err(Error::Invalid(format!("unknown storage dtype `{s}`: use f32, f16, bf16 or f64"))),
         }
     }
 }
@@ -261,5 +264,6 @@ fn encode(path: &Path, key: &str, data: &[f64], dtype: StorageDtype) -> Result<(
             (StDtype::F16, data.iter().flat_map(|&v| half::f16::from_f64(v).to_le_bytes()).collect())
         }
         StorageDtype::BF16 => (StDtype::BF16, data.iter().flat_map(|&v| half::bf16::from_f64(v).to_le_bytes()).collect()),
+        StorageDtype::F64 => (StDtype::F64, data.iter().flat_map(|&v| v.to_le_bytes()).collect()),
     })
 }

@@ -2,7 +2,7 @@
 //!
 //! Layout: activations inside a model are channels-last. A feature map is `(B, H, W, C)` and, viewed
 //! as a matrix, `(B·H·W, C)`, so a pointwise 1×1 convolution is one plain matmul and BatchNorm is a
-//! per-column affine map. Public inputs stay NCHW as in PyTorch; [`ConvKernels::patchify`] reads them.
+//! per-column affine map. Public inputs stay NCHW as in PyTorch; [`Kernels::patchify`] reads them.
 //!
 //! On the CPU both ops are hand-written kernels registered on dfdx's tape with
 //! `Tape::add_backward_op`, split across cores with rayon. Any other dfdx device (CUDA) gets the
@@ -16,7 +16,7 @@ use rayon::prelude::*;
 pub type Nhwc = (usize, usize, usize, usize);
 
 /// The kernels spin adds to a dfdx device.
-pub trait ConvKernels<E: SpinDtype>: Storage<E> + Sized {
+pub trait Kernels<E: SpinDtype>: Storage<E> + Sized {
     /// Depthwise K×K convolution, stride 1, zero 'same' padding (odd K), with bias.
     /// `x` is `(B, H, W, C)`, `w` is PyTorch's `(C, 1, K, K)` flattened to `(C, K·K)`, `b` is `(C,)`.
     fn dwconv<T: Tape<E, Self> + Merge<T>>(
@@ -33,9 +33,12 @@ pub trait ConvKernels<E: SpinDtype>: Storage<E> + Sized {
         x: Tensor<Nhwc, E, Self, T>,
         p: usize,
     ) -> Result<Tensor<(usize, usize), E, Self, T>, Self::Err>;
+
+    /// Exact (erf) GELU; see [`crate::layers::gelu`].
+    fn gelu<S: Shape, T: Tape<E, Self>>(x: Tensor<S, E, Self, T>) -> Tensor<S, E, Self, T>;
 }
 
-impl<E: SpinDtype> ConvKernels<E> for Cpu {
+impl<E: SpinDtype> Kernels<E> for Cpu {
     fn dwconv<T: Tape<E, Self> + Merge<T>>(
         x: Tensor<Nhwc, E, Self, T>,
         w: Tensor<(usize, usize), E, Self, T>,
@@ -93,10 +96,33 @@ impl<E: SpinDtype> ConvKernels<E> for Cpu {
         }
         Ok(y.put_tape(tape))
     }
+
+    fn gelu<S: Shape, T: Tape<E, Self>>(x: Tensor<S, E, Self, T>) -> Tensor<S, E, Self, T> {
+        let (x, mut tape) = x.split_tape();
+        let xs = x.as_vec();
+        let y: Vec<E> = xs
+            .par_iter()
+            .map(|&v| E::cast(v.as_f64() * crate::layers::gelu_parts(v.as_f64()).0))
+            .collect();
+        let y = x.device().tensor_from_vec(y, *x.shape());
+        if T::OWNS_TAPE {
+            let y_keep = y.clone();
+            tape.add_backward_op(move |grads| {
+                let gy = grads.get(&y_keep).as_vec();
+                let gx = grads.get_or_alloc_mut(&x)?;
+                gx.par_iter_mut().zip(xs.par_iter().zip(gy.par_iter())).for_each(|(a, (&v, &g))| {
+                    let (cdf, vpdf) = crate::layers::gelu_parts(v.as_f64());
+                    *a = *a + E::cast(g.as_f64() * (cdf + vpdf));
+                });
+                Ok(())
+            });
+        }
+        y.put_tape(tape)
+    }
 }
 
 #[cfg(feature = "cuda")]
-impl<E: SpinDtype> ConvKernels<E> for dfdx::tensor::Cuda
+impl<E: SpinDtype> Kernels<E> for dfdx::tensor::Cuda
 where
     dfdx::tensor::Cuda: Device<E>,
 {
@@ -114,6 +140,10 @@ where
         p: usize,
     ) -> Result<Tensor<(usize, usize), E, Self, T>, Self::Err> {
         patchify_fallback(x, p)
+    }
+
+    fn gelu<S: Shape, T: Tape<E, Self>>(x: Tensor<S, E, Self, T>) -> Tensor<S, E, Self, T> {
+        crate::layers::gelu_fallback(x)
     }
 }
 
@@ -164,7 +194,7 @@ pub fn dwconv_fallback<E: SpinDtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
     acc.try_add(touch_x)?.try_add(touch_w)
 }
 
-/// Patchify from dfdx's reshape and permute (see [`ConvKernels::patchify`]).
+/// Patchify from dfdx's reshape and permute (see [`Kernels::patchify`]).
 pub fn patchify_fallback<E: SpinDtype, D: Device<E>, T: Tape<E, D>>(
     x: Tensor<Nhwc, E, D, T>,
     p: usize,
@@ -315,7 +345,7 @@ fn dw_backward<E: SpinDtype>(
     (gx, gw, gb)
 }
 
-/// For each output element of [`ConvKernels::patchify`], the flat NCHW index it reads.
+/// For each output element of [`Kernels::patchify`], the flat NCHW index it reads.
 fn patch_index(bn: usize, cin: usize, h: usize, w: usize, p: usize) -> Vec<usize> {
     let (hp, wp) = (h / p, w / p);
     let mut idx = Vec::with_capacity(bn * cin * h * w);

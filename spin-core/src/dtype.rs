@@ -18,6 +18,6 @@ impl SpinDtype for f64 {}
 impl SpinDtype for half::f16 {}
 
 /// A dfdx device with the ops spin needs: dfdx's own plus spin's convolution kernels
-/// ([`crate::conv::ConvKernels`]): hand-written on the CPU, dfdx-op fallbacks elsewhere.
-pub trait SpinDevice<E: SpinDtype>: Device<E> + crate::conv::ConvKernels<E> {}
-impl<E: SpinDtype, D: Device<E> + crate::conv::ConvKernels<E>> SpinDevice<E> for D {}
+/// ([`crate::conv::Kernels`]): hand-written on the CPU, dfdx-op fallbacks elsewhere.
+pub trait SpinDevice<E: SpinDtype>: Device<E> + crate::conv::Kernels<E> {}
+impl<E: SpinDtype, D: Device<E> + crate::conv::Kernels<E>> SpinDevice<E> for D {}

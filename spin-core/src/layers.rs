@@ -4,7 +4,7 @@
 use crate::checkpoint::ParamSlot;
 use crate::conv::Nhwc;
 #[allow(unused_imports)]
-use crate::conv::ConvKernels as _;
+use crate::conv::Kernels as _;
 use crate::dtype::{SpinDevice, SpinDtype};
 use dfdx::prelude::*;
 use dfdx::tensor::Tape;
@@ -34,7 +34,7 @@ impl Act {
         x: Tensor<Mat, E, D, T>,
     ) -> Tensor<Mat, E, D, T> {
         match self {
-            Act::Gelu => x.accurate_gelu(),
+            Act::Gelu => gelu(x),
             Act::Relu => x.relu(),
         }
     }
@@ -124,6 +124,41 @@ pub fn param1<S: Shape, E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D>>(
 // ---------------------------------------------------------------------------------------------
 // Functional forms on runtime shapes: the code every model shares.
 
+/// Exact GELU, `x·Φ(x) = 0.5·x·(1 + erf(x/√2))`, as PyTorch's default `nn.GELU`.
+///
+/// Not dfdx's `accurate_gelu`: dfdx 0.13 computes the right values but its derivative drops the
+/// 1/√2 of the inner term, so gradients through it are wrong (checked by the tests below).
+pub fn gelu<S: Shape, E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D>>(x: Tensor<S, E, D, T>) -> Tensor<S, E, D, T> {
+    D::gelu(x)
+}
+
+/// Φ(v) and v·φ(v): GELU is v·Φ(v) and its derivative Φ(v) + v·φ(v).
+#[inline]
+pub(crate) fn gelu_parts(v: f64) -> (f64, f64) {
+    let cdf = 0.5 * (1.0 + libm::erf(v * std::f64::consts::FRAC_1_SQRT_2));
+    let vpdf = v * (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt();
+    (cdf, vpdf)
+}
+
+/// GELU from dfdx ops for devices without spin's kernel: with Φ(x) and x·φ(x) computed as
+/// constants, `x⊙Φ + (x⊙xφ − [x⊙xφ])` has GELU's value and GELU's derivative.
+pub fn gelu_fallback<S: Shape, E: SpinDtype, D: Device<E>, T: Tape<E, D>>(x: Tensor<S, E, D, T>) -> Tensor<S, E, D, T> {
+    let dev = x.device().clone();
+    let shape = *x.shape();
+    let xs = x.as_vec();
+    let (mut c, mut q, mut xq) = (Vec::with_capacity(xs.len()), Vec::with_capacity(xs.len()), Vec::with_capacity(xs.len()));
+    for &v in &xs {
+        let (cdf, vpdf) = gelu_parts(v.as_f64());
+        c.push(E::cast(cdf));
+        q.push(E::cast(vpdf));
+        xq.push(E::cast(v.as_f64() * vpdf));
+    }
+    let c = dev.tensor_from_vec(c, shape);
+    let q = dev.tensor_from_vec(q, shape);
+    let xq = dev.tensor_from_vec(xq, shape);
+    x.with_empty_tape() * c + x * q - xq
+}
+
 /// `x · Wᵀ + b` with PyTorch's `(out, in)` weight.
 pub fn linear<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
     x: Tensor<Mat, E, D, T>,
@@ -182,10 +217,13 @@ pub fn batch_norm_train<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>
     b: Tensor<(usize,), E, D, T>,
 ) -> (Tensor<Mat, E, D, T>, Vec<E>, Vec<E>) {
     let shape = *x.shape();
+    // Each intermediate keeps its own tape (never `retaped`, which would drop the recorded ops
+    // and with them the gradient through the batch statistics).
     let mean = x.with_empty_tape().mean::<_, Axis<0>>();
-    let centered = x - mean.retaped::<T>().broadcast_like::<_, Axis<0>>(&shape);
+    let mean_v = mean.as_vec();
+    let centered = x - mean.broadcast_like::<_, Axis<0>>(&shape);
     let var = centered.with_empty_tape().square().mean::<_, Axis<0>>();
-    let (mean_v, var_v) = (mean.as_vec(), var.as_vec());
+    let var_v = var.as_vec();
     let inv = (var + E::cast(BN_EPS)).sqrt().recip();
     let xhat = centered * inv.broadcast_like::<_, Axis<0>>(&shape);
     (affine(xhat, g, b), mean_v, var_v)
@@ -491,7 +529,7 @@ impl<Dm: ConstDim, Hid: ConstDim, E: SpinDtype, D: SpinDevice<E>> Mlp<Dm, Hid, E
         prefixed("fc1", self.fc1.slots()).into_iter().chain(prefixed("fc2", self.fc2.slots())).collect()
     }
     pub fn forward<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Mat, E, D, T>) -> Tensor<Mat, E, D, T> {
-        self.fc2.forward(self.fc1.forward(x).accurate_gelu())
+        self.fc2.forward(gelu(self.fc1.forward(x)))
     }
 }
 
@@ -514,5 +552,52 @@ collection!(Pointwise<C> {
 impl<C: ConstDim, E: SpinDtype, D: SpinDevice<E>> Pointwise<C, E, D> {
     pub fn forward<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Mat, E, D, T>) -> Tensor<Mat, E, D, T> {
         linear(x, param2(&self.weight, C::SIZE, C::SIZE), param1(&self.bias))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    type T = OwnedTape<f64, Cpu>;
+
+    /// Checks d(Σ f(x) ⊙ r)/dx against central differences, for a function of one matrix.
+    fn check_grad(name: &str, shape: Mat, f: impl Fn(Tensor<Mat, f64, Cpu, T>) -> Tensor<Mat, f64, Cpu, T>) {
+        let dev = Cpu::seed_from_u64(5);
+        let x: Tensor<Mat, f64, Cpu> = dev.sample_normal_like(&shape);
+        let probe = f(x.leaky_trace());
+        let r: Tensor<Mat, f64, Cpu> = dev.sample_normal_like(probe.shape());
+        let g = (probe * r.clone()).sum::<(), _>().backward();
+        let analytic = g.get(&x).as_vec();
+        let base = x.as_vec();
+        let eps = 1e-6;
+        for k in 0..base.len() {
+            let eval = |d: f64| {
+                let mut v = base.clone();
+                v[k] += d;
+                let y = f(dev.tensor_from_vec(v, shape).leaky_trace());
+                (y.retaped::<NoneTape>() * r.clone()).sum::<(), _>().array()
+            };
+            let num = (eval(eps) - eval(-eps)) / (2.0 * eps);
+            assert!((num - analytic[k]).abs() < 1e-6 * (1.0 + num.abs()), "{name}: entry {k}: numeric {num}, analytic {}", analytic[k]);
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let dev = Cpu::seed_from_u64(6);
+        let g: Tensor<(usize,), f64, Cpu> = dev.sample_normal_like(&(4,));
+        let b: Tensor<(usize,), f64, Cpu> = dev.sample_normal_like(&(4,));
+        check_grad("gelu", (3, 4), gelu);
+        check_grad("gelu_fallback", (3, 4), gelu_fallback);
+        check_grad("layer_norm", (3, 4), |x| layer_norm(x, g.retaped(), b.retaped()));
+        check_grad("batch_norm_train", (5, 4), |x| batch_norm_train(x, g.retaped(), b.retaped()).0);
+        let mean = [0.1, -0.2, 0.3, 0.0];
+        let var = [1.5, 0.5, 2.0, 1.0];
+        check_grad("batch_norm_eval", (5, 4), |x| batch_norm_eval(x, &mean, &var, g.retaped(), b.retaped()));
+        let w: Tensor<Mat, f64, Cpu> = dev.sample_normal_like(&(12, 4));
+        let bq: Tensor<(usize,), f64, Cpu> = dev.sample_normal_like(&(12,));
+        let wp: Tensor<Mat, f64, Cpu> = dev.sample_normal_like(&(4, 4));
+        check_grad("attention", (6, 4), |x| attention(x, 2, 2, w.retaped(), bq.retaped(), wp.retaped(), b.retaped()));
+        check_grad("mean_pool", (6, 4), |x| x.reshape_like(&(2, 3, 4)).mean::<_, Axis<1>>());
     }
 }
