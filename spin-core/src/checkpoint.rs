@@ -74,7 +74,9 @@ impl std::str::FromStr for StorageDtype {
             "f16" => Ok(Self::F16),
             "bf16" => Ok(Self::BF16),
             "f64" => Ok(Self::F64),
-            _ => Err(Error::Invalid(format!("unknown storage dtype `{s}`: use f32, f16, bf16 or f64"))),
+            _ => Err(Error::Invalid(format!(
+                "unknown storage dtype `{s}`: use f32, f16, bf16 or f64"
+            ))),
         }
     }
 }
@@ -122,7 +124,11 @@ impl<M: TimmKeys + Clone> TimmCheckpoint for M {
                 match first {
                     None => first = Some((key, data)),
                     Some((k0, d0)) => {
-                        let max_diff = d0.iter().zip(data).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+                        let max_diff = d0
+                            .iter()
+                            .zip(data)
+                            .map(|(a, b)| (a - b).abs())
+                            .fold(0.0, f64::max);
                         if max_diff > 0.0 {
                             return Err(Error::TiedDiffer {
                                 path: path.into(),
@@ -167,7 +173,12 @@ impl<M: TimmKeys + Clone> TimmCheckpoint for M {
             for key in &slot.keys {
                 if let Some(bn) = key.strip_suffix(".running_mean") {
                     // timm's BatchNorm also saves a step counter; PyTorch accepts it either way.
-                    buffers.push((format!("{bn}.num_batches_tracked"), vec![], StDtype::I64, 0i64.to_le_bytes().to_vec()));
+                    buffers.push((
+                        format!("{bn}.num_batches_tracked"),
+                        vec![],
+                        StDtype::I64,
+                        0i64.to_le_bytes().to_vec(),
+                    ));
                 }
                 buffers.push((key.clone(), dims.clone(), st, bytes.clone()));
             }
@@ -190,8 +201,14 @@ impl<M: TimmKeys + Clone> TimmCheckpoint for M {
 
 /// Writes a file so that a reader (or a crash) sees either the old file or the whole new one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp: PathBuf = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let result = (|| {
         use std::io::Write;
@@ -229,8 +246,12 @@ fn decode(path: &Path, key: &str, view: &TensorView<'_>) -> Result<Vec<f64>, Err
     let b = view.data();
     let chunks = |n: usize| b.chunks_exact(n);
     Ok(match view.dtype() {
-        StDtype::F32 => chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
-        StDtype::F64 => chunks(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
+        StDtype::F32 => chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        StDtype::F64 => chunks(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
         StDtype::F16 => chunks(2)
             .map(|c| half::f16::from_le_bytes(c.try_into().unwrap()).to_f64())
             .collect(),
@@ -251,9 +272,15 @@ fn decode(path: &Path, key: &str, view: &TensorView<'_>) -> Result<Vec<f64>, Err
 
 fn encode(path: &Path, key: &str, data: &[f64], dtype: StorageDtype) -> Result<(StDtype, Vec<u8>), Error> {
     Ok(match dtype {
-        StorageDtype::F32 => (StDtype::F32, data.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect()),
+        StorageDtype::F32 => (
+            StDtype::F32,
+            data.iter().flat_map(|&v| (v as f32).to_le_bytes()).collect(),
+        ),
         StorageDtype::F16 => {
-            if let Some(&v) = data.iter().find(|v| v.is_finite() && v.abs() > half::f16::MAX.to_f64()) {
+            if let Some(&v) = data
+                .iter()
+                .find(|v| v.is_finite() && v.abs() > half::f16::MAX.to_f64())
+            {
                 return Err(Error::Overflow {
                     path: path.into(),
                     key: key.into(),
@@ -261,9 +288,19 @@ fn encode(path: &Path, key: &str, data: &[f64], dtype: StorageDtype) -> Result<(
                     dtype: "f16".into(),
                 });
             }
-            (StDtype::F16, data.iter().flat_map(|&v| half::f16::from_f64(v).to_le_bytes()).collect())
+            (
+                StDtype::F16,
+                data.iter()
+                    .flat_map(|&v| half::f16::from_f64(v).to_le_bytes())
+                    .collect(),
+            )
         }
-        StorageDtype::BF16 => (StDtype::BF16, data.iter().flat_map(|&v| half::bf16::from_f64(v).to_le_bytes()).collect()),
+        StorageDtype::BF16 => (
+            StDtype::BF16,
+            data.iter()
+                .flat_map(|&v| half::bf16::from_f64(v).to_le_bytes())
+                .collect(),
+        ),
         StorageDtype::F64 => (StDtype::F64, data.iter().flat_map(|&v| v.to_le_bytes()).collect()),
     })
 }

@@ -50,7 +50,13 @@ impl<E: SpinDtype> Kernels<E> for Cpu {
         let (b, tb) = b.split_tape();
         let mut tape = tx.merge(tw).merge(tb);
         let geo = DwGeometry::new(*x.shape(), k);
-        assert_eq!(w.shape().0, geo.c, "dwconv: weight has {} channels, input {}", w.shape().0, geo.c);
+        assert_eq!(
+            w.shape().0,
+            geo.c,
+            "dwconv: weight has {} channels, input {}",
+            w.shape().0,
+            geo.c
+        );
         assert_eq!(w.shape().1, k * k, "dwconv: weight is not K·K per channel");
         let xs = x.as_vec();
         let wt = transpose(&w.as_vec(), geo.c, k * k);
@@ -76,7 +82,10 @@ impl<E: SpinDtype> Kernels<E> for Cpu {
     ) -> Result<Tensor<(usize, usize), E, Self, T>, Self::Err> {
         let (x, mut tape) = x.split_tape();
         let (bn, cin, h, w) = *x.shape();
-        assert!(h % p == 0 && w % p == 0, "patchify: {h}×{w} is not divisible by {p}");
+        assert!(
+            h % p == 0 && w % p == 0,
+            "patchify: {h}×{w} is not divisible by {p}"
+        );
         let idx = patch_index(bn, cin, h, w, p);
         let xs = x.as_vec();
         let out: Vec<E> = idx.par_iter().map(|&i| xs[i]).collect();
@@ -89,7 +98,7 @@ impl<E: SpinDtype> Kernels<E> for Cpu {
                 let gx = grads.get_or_alloc_mut(&x)?;
                 // Patches do not overlap: every input element has exactly one output slot.
                 for (o, &i) in idx.iter().enumerate() {
-                    gx[i] = gx[i] + gy[o];
+                    gx[i] += gy[o];
                 }
                 Ok(())
             });
@@ -110,10 +119,12 @@ impl<E: SpinDtype> Kernels<E> for Cpu {
             tape.add_backward_op(move |grads| {
                 let gy = grads.get(&y_keep).as_vec();
                 let gx = grads.get_or_alloc_mut(&x)?;
-                gx.par_iter_mut().zip(xs.par_iter().zip(gy.par_iter())).for_each(|(a, (&v, &g))| {
-                    let (cdf, vpdf) = crate::layers::gelu_parts(v.as_f64());
-                    *a = *a + E::cast(g.as_f64() * (cdf + vpdf));
-                });
+                gx.par_iter_mut()
+                    .zip(xs.par_iter().zip(gy.par_iter()))
+                    .for_each(|(a, (&v, &g))| {
+                        let (cdf, vpdf) = crate::layers::gelu_parts(v.as_f64());
+                        *a += E::cast(g.as_f64() * (cdf + vpdf));
+                    });
                 Ok(())
             });
         }
@@ -173,7 +184,10 @@ pub fn dwconv_fallback<E: SpinDtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
             let j = ky * k + kx;
             // dfdx 0.13's slice backward assigns rather than adds, so overlapping slices of one
             // tensor would overwrite each other's gradients: slice a fresh copy (new id) each time.
-            let xs = xp.with_empty_tape().try_mul(E::one())?.try_slice((.., ky..ky + h, kx..kx + wd, ..))?;
+            let xs = xp
+                .with_empty_tape()
+                .try_mul(E::one())?
+                .try_slice((.., ky..ky + h, kx..kx + wd, ..))?;
             let wj = w
                 .with_empty_tape()
                 .try_mul(E::one())?
@@ -184,7 +198,10 @@ pub fn dwconv_fallback<E: SpinDtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
         }
     }
     // The padded input and the weight carry their own tapes; fold them in with a zero-cost touch.
-    let touch_x = xp.try_mul(E::one())?.try_slice((.., 0..h, 0..wd, ..))?.try_mul(E::zero())?;
+    let touch_x = xp
+        .try_mul(E::one())?
+        .try_slice((.., 0..h, 0..wd, ..))?
+        .try_mul(E::zero())?;
     let touch_w = w
         .try_mul(E::one())?
         .try_slice((.., 0..1))?
@@ -220,7 +237,14 @@ struct DwGeometry {
 impl DwGeometry {
     fn new((b, h, w, c): Nhwc, k: usize) -> Self {
         assert!(k % 2 == 1, "dwconv: 'same' padding needs an odd kernel, got {k}");
-        Self { b, h, w, c, k, p: k / 2 }
+        Self {
+            b,
+            h,
+            w,
+            c,
+            k,
+            p: k / 2,
+        }
     }
     /// Output columns `wi` for which input column `wi + kx - p` exists.
     fn out_cols(&self, kx: usize) -> std::ops::Range<usize> {
@@ -237,13 +261,15 @@ fn transpose<E: Copy>(m: &[E], rows: usize, cols: usize) -> Vec<E> {
 }
 
 fn accumulate<E: SpinDtype>(dst: &mut [E], src: &[E]) {
-    dst.par_iter_mut().zip(src.par_iter()).for_each(|(d, &s)| *d = *d + s);
+    dst.par_iter_mut()
+        .zip(src.par_iter())
+        .for_each(|(d, &s)| *d += s);
 }
 
 #[inline(always)]
 fn fma_row<E: SpinDtype>(out: &mut [E], x: &[E], w: &[E]) {
     for ((o, &xv), &wv) in out.iter_mut().zip(x).zip(w) {
-        *o = *o + xv * wv;
+        *o += xv * wv;
     }
 }
 
@@ -275,12 +301,7 @@ fn dw_forward<E: SpinDtype>(g: &DwGeometry, x: &[E], wt: &[E], bias: &[E]) -> Ve
 }
 
 /// Backward: returns (dL/dx, dL/dw in `(K·K, C)`, dL/db).
-fn dw_backward<E: SpinDtype>(
-    g: &DwGeometry,
-    x: &[E],
-    wt: &[E],
-    gy: &[E],
-) -> (Vec<E>, Vec<E>, Vec<E>) {
+fn dw_backward<E: SpinDtype>(g: &DwGeometry, x: &[E], wt: &[E], gy: &[E]) -> (Vec<E>, Vec<E>, Vec<E>) {
     let (h, w, c, k, p) = (g.h, g.w, g.c, g.k, g.p);
     // dL/dx: input row hh collects from output rows hh + p - ky.
     let mut gx = vec![E::zero(); x.len()];
@@ -311,7 +332,7 @@ fn dw_backward<E: SpinDtype>(
                 let grow = &gy[row * w * c..][..w * c];
                 for px in grow.chunks(c) {
                     for (a, &v) in acc[kkc..].iter_mut().zip(px) {
-                        *a = *a + v;
+                        *a += v;
                     }
                 }
                 for ky in 0..k {
@@ -334,7 +355,7 @@ fn dw_backward<E: SpinDtype>(
             || vec![E::zero(); kkc + c],
             |mut a, b| {
                 for (x, y) in a.iter_mut().zip(b) {
-                    *x = *x + y;
+                    *x += y;
                 }
                 a
             },
@@ -412,7 +433,9 @@ mod tests {
             let xt = dev.tensor_from_vec(x, shape);
             let wt = dev.tensor_from_vec(w, (3, k * k));
             let bt = dev.tensor_from_vec(b, (3,));
-            let got = Cpu::dwconv(xt.clone(), wt.clone(), bt.clone(), k).unwrap().as_vec();
+            let got = Cpu::dwconv(xt.clone(), wt.clone(), bt.clone(), k)
+                .unwrap()
+                .as_vec();
             let fb = dwconv_fallback(xt, wt, bt, k).unwrap().as_vec();
             for i in 0..want.len() {
                 assert!((got[i] - want[i]).abs() < 1e-12, "k={k} i={i}");
@@ -435,7 +458,11 @@ mod tests {
             rand_vec(&dev, n),
         );
         let loss = |x: &[f64], w: &[f64], b: &[f64]| -> f64 {
-            reference(x, w, b, shape, k).iter().zip(&r).map(|(a, b)| a * b).sum()
+            reference(x, w, b, shape, k)
+                .iter()
+                .zip(&r)
+                .map(|(a, b)| a * b)
+                .sum()
         };
         let xt = dev.tensor_from_vec(x.clone(), shape);
         let wt = dev.tensor_from_vec(w.clone(), (3, k * k));
@@ -456,7 +483,11 @@ mod tests {
                     _ => loss(&x, &w, v),
                 };
                 let num = (f(&hi) - f(&lo)) / (2.0 * eps);
-                assert!((num - analytic[i]).abs() < 1e-6, "param {which} index {i}: {num} vs {}", analytic[i]);
+                assert!(
+                    (num - analytic[i]).abs() < 1e-6,
+                    "param {which} index {i}: {num} vs {}",
+                    analytic[i]
+                );
             }
         };
         check(g.get(&xt).as_vec(), &x, 0);

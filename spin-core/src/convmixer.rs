@@ -73,7 +73,14 @@ pub const fn params(
 }
 
 /// Multiply-accumulates per image (torch.utils.flop_counter's FLOPs / 2; biases not counted).
-pub const fn macs(dim: usize, kernel: usize, patch: usize, image: usize, classes: usize, depth: usize) -> u64 {
+pub const fn macs(
+    dim: usize,
+    kernel: usize,
+    patch: usize,
+    image: usize,
+    classes: usize,
+    depth: usize,
+) -> u64 {
     let g = (image / patch) as u64;
     let (c, k, p) = (dim as u64, kernel as u64, patch as u64);
     let stem = c * 3 * p * p * g * g;
@@ -93,7 +100,11 @@ pub fn info<C: ConvMixerConfig>() -> ModelInfo {
         depth: C::DEPTH,
         groups: C::GROUPS,
         pattern: C::PATTERN.into(),
-        share: if C::GROUPS == C::DEPTH { "none" } else { C::SHARE.name() },
+        share: if C::GROUPS == C::DEPTH {
+            "none"
+        } else {
+            C::SHARE.name()
+        },
         schedule: C::SCHEDULE.to_vec(),
         dim: d,
         image: img,
@@ -215,7 +226,11 @@ impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>> ConvMixer<C, E, D> {
         let x = C::ACT.apply(self.stem.forward(x));
         let mut x = self.norm(Bn::Stem, x, &mut stats);
         for i in 0..C::DEPTH {
-            let (jd, jn, jp) = (slot(s.depthwise(), sched, i), slot(s.norms(), sched, i), slot(s.pointwise(), sched, i));
+            let (jd, jn, jp) = (
+                slot(s.depthwise(), sched, i),
+                slot(s.norms(), sched, i),
+                slot(s.pointwise(), sched, i),
+            );
             let skip = x.with_empty_tape();
             let y = C::ACT.apply(self.dw[jd].forward(x, (b, g, g)));
             x = self.norm(Bn::One(jn), y, &mut stats) + skip;
@@ -256,7 +271,10 @@ impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>> ConvMixer<C, E, D> {
     }
 
     /// Training-mode logits for a runtime-shaped batch (batch statistics, running stats updated).
-    pub fn forward_dyn_mut<T: Tape<E, D> + Merge<T>>(&mut self, x: Tensor<Nhwc, E, D, T>) -> Tensor<Mat, E, D, T> {
+    pub fn forward_dyn_mut<T: Tape<E, D> + Merge<T>>(
+        &mut self,
+        x: Tensor<Nhwc, E, D, T>,
+    ) -> Tensor<Mat, E, D, T> {
         check_input::<C>(x.shape());
         let b = x.shape().0;
         let mut stats = Vec::new();
@@ -293,7 +311,10 @@ impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>, B: Dim, T: Tape<E, D> +
 {
     type Output = Tensor<(B, C::Classes), E, D, T>;
     type Error = D::Err;
-    fn try_forward(&self, x: Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>) -> Result<Self::Output, D::Err> {
+    fn try_forward(
+        &self,
+        x: Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>,
+    ) -> Result<Self::Output, D::Err> {
         let b = x.shape().0;
         let img = C::Image::SIZE;
         let y = self.forward_dyn(x.reshape_like(&(b.size(), 3, img, img)));
@@ -306,7 +327,10 @@ impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T
 {
     type Output = Tensor<(C::Classes,), E, D, T>;
     type Error = D::Err;
-    fn try_forward(&self, x: Tensor<(Const<3>, C::Image, C::Image), E, D, T>) -> Result<Self::Output, D::Err> {
+    fn try_forward(
+        &self,
+        x: Tensor<(Const<3>, C::Image, C::Image), E, D, T>,
+    ) -> Result<Self::Output, D::Err> {
         let img = C::Image::SIZE;
         let y = self.forward_dyn(x.reshape_like(&(1, 3, img, img)));
         Ok(y.reshape_like(&(Default::default(),)))
@@ -336,7 +360,10 @@ impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>> TimmKeys for ConvMixer<
         let mut out = Vec::new();
         let one = |p: &str| vec![p.to_string()];
         let layers = |shared: bool, j: usize, suffix: &str| -> Vec<String> {
-            users(shared, sched, j).into_iter().map(|i| format!("blocks.{i}.{suffix}")).collect()
+            users(shared, sched, j)
+                .into_iter()
+                .map(|i| format!("blocks.{i}.{suffix}"))
+                .collect()
         };
         push_slots(&mut out, &one("stem.0"), self.stem.slots());
         push_slots(&mut out, &one("stem.2"), self.stem_bn.slots());

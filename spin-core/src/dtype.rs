@@ -2,9 +2,7 @@
 use dfdx::prelude::*;
 
 /// A float dtype spin's layers run in: f32, f64, and f16 through `half`.
-pub trait SpinDtype:
-    Dtype + num_traits::Float + std::fmt::Debug + Send + Sync + 'static
-{
+pub trait SpinDtype: Dtype + num_traits::Float + std::fmt::Debug + Send + Sync + 'static {
     /// The nearest value of this dtype.
     fn cast(v: f64) -> Self {
         <Self as num_traits::NumCast>::from(v).unwrap_or_else(Self::nan)

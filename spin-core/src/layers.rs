@@ -2,9 +2,9 @@
 //! checkpoint maps one to one) and does its math on runtime-shaped `(rows, features)` matrices, so
 //! the heavy code is compiled once per dtype and device, not once per model.
 use crate::checkpoint::ParamSlot;
-use crate::conv::Nhwc;
 #[allow(unused_imports)]
 use crate::conv::Kernels as _;
+use crate::conv::Nhwc;
 use crate::dtype::{SpinDevice, SpinDtype};
 use dfdx::prelude::*;
 use dfdx::tensor::Tape;
@@ -64,7 +64,10 @@ pub fn reset_trunc_normal<S: Shape, E: SpinDtype, D: Device<E>>(
     t: &mut Tensor<S, E, D>,
 ) -> Result<(), D::Err> {
     t.try_fill_with_distr(Sample(|r: &mut dyn rand::RngCore| loop {
-        let v: f64 = <rand_distr::StandardNormal as rand_distr::Distribution<f64>>::sample(&rand_distr::StandardNormal, r) * 0.02;
+        let v: f64 = <rand_distr::StandardNormal as rand_distr::Distribution<f64>>::sample(
+            &rand_distr::StandardNormal,
+            r,
+        ) * 0.02;
         if v.abs() <= 2.0 {
             break v;
         }
@@ -128,7 +131,9 @@ pub fn param1<S: Shape, E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D>>(
 ///
 /// Not dfdx's `accurate_gelu`: dfdx 0.13 computes the right values but its derivative drops the
 /// 1/√2 of the inner term, so gradients through it are wrong (checked by the tests below).
-pub fn gelu<S: Shape, E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D>>(x: Tensor<S, E, D, T>) -> Tensor<S, E, D, T> {
+pub fn gelu<S: Shape, E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D>>(
+    x: Tensor<S, E, D, T>,
+) -> Tensor<S, E, D, T> {
     D::gelu(x)
 }
 
@@ -142,11 +147,17 @@ pub(crate) fn gelu_parts(v: f64) -> (f64, f64) {
 
 /// GELU from dfdx ops for devices without spin's kernel: with Φ(x) and x·φ(x) computed as
 /// constants, `x⊙Φ + (x⊙xφ − [x⊙xφ])` has GELU's value and GELU's derivative.
-pub fn gelu_fallback<S: Shape, E: SpinDtype, D: Device<E>, T: Tape<E, D>>(x: Tensor<S, E, D, T>) -> Tensor<S, E, D, T> {
+pub fn gelu_fallback<S: Shape, E: SpinDtype, D: Device<E>, T: Tape<E, D>>(
+    x: Tensor<S, E, D, T>,
+) -> Tensor<S, E, D, T> {
     let dev = x.device().clone();
     let shape = *x.shape();
     let xs = x.as_vec();
-    let (mut c, mut q, mut xq) = (Vec::with_capacity(xs.len()), Vec::with_capacity(xs.len()), Vec::with_capacity(xs.len()));
+    let (mut c, mut q, mut xq) = (
+        Vec::with_capacity(xs.len()),
+        Vec::with_capacity(xs.len()),
+        Vec::with_capacity(xs.len()),
+    );
     for &v in &xs {
         let (cdf, vpdf) = gelu_parts(v.as_f64());
         c.push(E::cast(cdf));
@@ -199,7 +210,10 @@ pub fn batch_norm_eval<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>
 ) -> Tensor<Mat, E, D, T> {
     let dev = x.device().clone();
     let c = mean.len();
-    let inv: Vec<E> = var.iter().map(|&v| E::one() / (v + E::cast(BN_EPS)).sqrt()).collect();
+    let inv: Vec<E> = var
+        .iter()
+        .map(|&v| E::one() / (v + E::cast(BN_EPS)).sqrt())
+        .collect();
     let neg_mean_inv: Vec<E> = mean.iter().zip(&inv).map(|(&m, &i)| -m * i).collect();
     let inv = dev.tensor_from_vec(inv, (c,));
     let shift = dev.tensor_from_vec(neg_mean_inv, (c,));
@@ -249,13 +263,16 @@ pub fn attention<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
         .reshape_like(&(batch, n, 3, heads, hd))
         .permute::<_, Axes5<2, 0, 3, 1, 4>>();
     let part = |qkv: Tensor<(usize, usize, usize, usize, usize), E, D, T>, i: usize| {
-        qkv.slice((i..i + 1, .., .., .., ..)).reshape_like(&(batch, heads, n, hd))
+        qkv.slice((i..i + 1, .., .., .., ..))
+            .reshape_like(&(batch, heads, n, hd))
     };
     let q = part(qkv.with_empty_tape(), 0);
     let k = part(qkv.with_empty_tape(), 1);
     let v = part(qkv, 2);
     let scale = E::cast((hd as f64).powf(-0.5));
-    let attn = (q * scale).matmul(k.permute::<_, Axes4<0, 1, 3, 2>>()).softmax::<Axis<3>>();
+    let attn = (q * scale)
+        .matmul(k.permute::<_, Axes4<0, 1, 3, 2>>())
+        .softmax::<Axis<3>>();
     let out = attn
         .matmul(v)
         .permute::<_, Axes4<0, 2, 1, 3>>()
@@ -345,7 +362,11 @@ impl<C: ConstDim, P: ConstDim, E: SpinDtype, D: SpinDevice<E>> PatchConv<C, P, E
     /// NCHW images `(B, 3, H, W)` → `(B·(H/P)·(W/P), C)`, channels last.
     pub fn forward<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Nhwc, E, D, T>) -> Tensor<Mat, E, D, T> {
         let patches = D::patchify(x, P::SIZE).unwrap();
-        linear(patches, param2(&self.weight, C::SIZE, 3 * P::SIZE * P::SIZE), param1(&self.bias))
+        linear(
+            patches,
+            param2(&self.weight, C::SIZE, 3 * P::SIZE * P::SIZE),
+            param1(&self.bias),
+        )
     }
 }
 
@@ -490,7 +511,10 @@ impl<Dm: ConstDim, Qkv: ConstDim, E: SpinDtype, D: SpinDevice<E>> TensorCollecti
 
 impl<Dm: ConstDim, Qkv: ConstDim, E: SpinDtype, D: SpinDevice<E>> Attention<Dm, Qkv, E, D> {
     pub fn slots(&mut self) -> Vec<(String, &mut dyn ParamSlot<E>)> {
-        prefixed("qkv", self.qkv.slots()).into_iter().chain(prefixed("proj", self.proj.slots())).collect()
+        prefixed("qkv", self.qkv.slots())
+            .into_iter()
+            .chain(prefixed("proj", self.proj.slots()))
+            .collect()
     }
     pub fn forward<T: Tape<E, D> + Merge<T>>(
         &self,
@@ -498,7 +522,15 @@ impl<Dm: ConstDim, Qkv: ConstDim, E: SpinDtype, D: SpinDevice<E>> Attention<Dm, 
         batch: usize,
         heads: usize,
     ) -> Tensor<Mat, E, D, T> {
-        attention(x, batch, heads, self.qkv.w(), self.qkv.b(), self.proj.w(), self.proj.b())
+        attention(
+            x,
+            batch,
+            heads,
+            self.qkv.w(),
+            self.qkv.b(),
+            self.proj.w(),
+            self.proj.b(),
+        )
     }
 }
 
@@ -509,7 +541,9 @@ pub struct Mlp<Dm: ConstDim, Hid: ConstDim, E: Dtype, D: Storage<E>> {
     pub fc2: VitLinear<Hid, Dm, E, D>,
 }
 
-impl<Dm: ConstDim, Hid: ConstDim, E: SpinDtype, D: SpinDevice<E>> TensorCollection<E, D> for Mlp<Dm, Hid, E, D> {
+impl<Dm: ConstDim, Hid: ConstDim, E: SpinDtype, D: SpinDevice<E>> TensorCollection<E, D>
+    for Mlp<Dm, Hid, E, D>
+{
     type To<E2: Dtype, D2: Device<E2>> = Mlp<Dm, Hid, E2, D2>;
     fn iter_tensors<V: ModuleVisitor<Self, E, D>>(
         visitor: &mut V,
@@ -526,14 +560,20 @@ impl<Dm: ConstDim, Hid: ConstDim, E: SpinDtype, D: SpinDevice<E>> TensorCollecti
 
 impl<Dm: ConstDim, Hid: ConstDim, E: SpinDtype, D: SpinDevice<E>> Mlp<Dm, Hid, E, D> {
     pub fn slots(&mut self) -> Vec<(String, &mut dyn ParamSlot<E>)> {
-        prefixed("fc1", self.fc1.slots()).into_iter().chain(prefixed("fc2", self.fc2.slots())).collect()
+        prefixed("fc1", self.fc1.slots())
+            .into_iter()
+            .chain(prefixed("fc2", self.fc2.slots()))
+            .collect()
     }
     pub fn forward<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Mat, E, D, T>) -> Tensor<Mat, E, D, T> {
         self.fc2.forward(gelu(self.fc1.forward(x)))
     }
 }
 
-fn prefixed<'a, E>(p: &str, v: Vec<(String, &'a mut dyn ParamSlot<E>)>) -> Vec<(String, &'a mut dyn ParamSlot<E>)> {
+fn prefixed<'a, E>(
+    p: &str,
+    v: Vec<(String, &'a mut dyn ParamSlot<E>)>,
+) -> Vec<(String, &'a mut dyn ParamSlot<E>)> {
     v.into_iter().map(|(n, t)| (format!("{p}.{n}"), t)).collect()
 }
 
@@ -578,7 +618,11 @@ mod tests {
                 (y.retaped::<NoneTape>() * r.clone()).sum::<(), _>().array()
             };
             let num = (eval(eps) - eval(-eps)) / (2.0 * eps);
-            assert!((num - analytic[k]).abs() < 1e-6 * (1.0 + num.abs()), "{name}: entry {k}: numeric {num}, analytic {}", analytic[k]);
+            assert!(
+                (num - analytic[k]).abs() < 1e-6 * (1.0 + num.abs()),
+                "{name}: entry {k}: numeric {num}, analytic {}",
+                analytic[k]
+            );
         }
     }
 
@@ -590,14 +634,22 @@ mod tests {
         check_grad("gelu", (3, 4), gelu);
         check_grad("gelu_fallback", (3, 4), gelu_fallback);
         check_grad("layer_norm", (3, 4), |x| layer_norm(x, g.retaped(), b.retaped()));
-        check_grad("batch_norm_train", (5, 4), |x| batch_norm_train(x, g.retaped(), b.retaped()).0);
+        check_grad("batch_norm_train", (5, 4), |x| {
+            batch_norm_train(x, g.retaped(), b.retaped()).0
+        });
         let mean = [0.1, -0.2, 0.3, 0.0];
         let var = [1.5, 0.5, 2.0, 1.0];
-        check_grad("batch_norm_eval", (5, 4), |x| batch_norm_eval(x, &mean, &var, g.retaped(), b.retaped()));
+        check_grad("batch_norm_eval", (5, 4), |x| {
+            batch_norm_eval(x, &mean, &var, g.retaped(), b.retaped())
+        });
         let w: Tensor<Mat, f64, Cpu> = dev.sample_normal_like(&(12, 4));
         let bq: Tensor<(usize,), f64, Cpu> = dev.sample_normal_like(&(12,));
         let wp: Tensor<Mat, f64, Cpu> = dev.sample_normal_like(&(4, 4));
-        check_grad("attention", (6, 4), |x| attention(x, 2, 2, w.retaped(), bq.retaped(), wp.retaped(), b.retaped()));
-        check_grad("mean_pool", (6, 4), |x| x.reshape_like(&(2, 3, 4)).mean::<_, Axis<1>>());
+        check_grad("attention", (6, 4), |x| {
+            attention(x, 2, 2, w.retaped(), bq.retaped(), wp.retaped(), b.retaped())
+        });
+        check_grad("mean_pool", (6, 4), |x| {
+            x.reshape_like(&(2, 3, 4)).mean::<_, Axis<1>>()
+        });
     }
 }

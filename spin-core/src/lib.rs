@@ -7,6 +7,7 @@
 //!   each shared tensor once.
 //! - [`convmixer`] and [`vit`]: the two isotropic families, typed by a config the macros generate.
 //! - [`checkpoint`]: timm-named safetensors in and out.
+#![allow(clippy::type_complexity)]
 extern crate self as spin_core;
 
 pub mod checkpoint;
@@ -39,3 +40,11 @@ pub mod prelude {
     pub use dfdx::prelude::*;
     pub use spin_macros::*;
 }
+
+// The CUDA device gets spin's kernels through the dfdx-op fallbacks (type-checked in CI with
+// `--features cuda,dfdx/ci-check`).
+#[cfg(feature = "cuda")]
+const _: fn() = || {
+    fn is_spin_device<D: SpinDevice<f32>>() {}
+    is_spin_device::<dfdx::tensor::Cuda>();
+};

@@ -130,7 +130,7 @@ impl Schedule {
                 "{groups} groups for {depth} layers: groups must be at most depth"
             )));
         }
-        if pattern.needs_divisible() && depth % groups != 0 {
+        if pattern.needs_divisible() && !depth.is_multiple_of(groups) {
             return Err(Error::Schedule(format!(
                 "pattern `{}` needs depth ({depth}) to be a multiple of groups ({groups})",
                 pattern.name()
@@ -211,7 +211,10 @@ mod tests {
         assert_ne!(a, c);
         let mut sorted = a.as_slice().to_vec();
         sorted.sort();
-        assert_eq!(sorted, Schedule::new(32, 8, &Pattern::Sequential).unwrap().as_slice());
+        assert_eq!(
+            sorted,
+            Schedule::new(32, 8, &Pattern::Sequential).unwrap().as_slice()
+        );
         assert_ne!(a.as_slice(), sorted.as_slice());
         // The const form agrees with the runtime form.
         const R: [usize; 32] = make::<32>(8, Builtin::Random(7));
@@ -226,6 +229,9 @@ mod tests {
         assert!(err(Schedule::new(3, 2, &Pattern::List(vec![0, 1]))).contains("2 entries"));
         assert!(err(Schedule::new(3, 2, &Pattern::List(vec![0, 1, 2]))).contains("uses group 2"));
         assert!(err(Schedule::new(3, 3, &Pattern::List(vec![0, 1, 1]))).contains("[2]"));
-        assert_eq!(Schedule::new(4, 2, &Pattern::Sequential).unwrap().members(1), [2, 3]);
+        assert_eq!(
+            Schedule::new(4, 2, &Pattern::Sequential).unwrap().members(1),
+            [2, 3]
+        );
     }
 }

@@ -3,8 +3,8 @@
 //! the part is shared, one per layer when it is not. Layer i uses entry [`slot`]`(shared, schedule,
 //! i)`, so a shared tensor exists once: parameter counts, memory and the optimiser see it once, and
 //! dfdx's tape sums its gradient over every layer that used it.
-use dfdx::prelude::*;
 use dfdx::nn::tensor_collection::ModuleField;
+use dfdx::prelude::*;
 
 /// Which entry of a part's storage layer `i` uses.
 #[inline]
@@ -120,7 +120,13 @@ where
     P: TensorCollection<E, D>,
 {
     (0..names.len())
-        .map(|j| M::module(&names[j], move |s: &M| &get(s)[j], move |s: &mut M| &mut get_mut(s)[j]))
+        .map(|j| {
+            M::module(
+                &names[j],
+                move |s: &M| &get(s)[j],
+                move |s: &mut M| &mut get_mut(s)[j],
+            )
+        })
         .collect()
 }
 
@@ -151,17 +157,22 @@ impl<C: StackConfig, M: Clone> Clone for SharedStack<C, M> {
     }
 }
 
-impl<C: StackConfig, E: Dtype, D: Device<E>, M: TensorCollection<E, D>> TensorCollection<E, D> for SharedStack<C, M> {
+impl<C: StackConfig, E: Dtype, D: Device<E>, M: TensorCollection<E, D>> TensorCollection<E, D>
+    for SharedStack<C, M>
+{
     type To<E2: Dtype, D2: Device<E2>> = SharedStack<C, M::To<E2, D2>>;
 
     fn iter_tensors<V: ModuleVisitor<Self, E, D>>(
         visitor: &mut V,
     ) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
         let n = names("group", C::GROUPS);
-        visitor.visit_fields(vec_fields::<Self, _, E, D>(&n, |s| &s.groups, |s| &mut s.groups), |groups| SharedStack {
-            groups,
-            _config: std::marker::PhantomData,
-        })
+        visitor.visit_fields(
+            vec_fields::<Self, _, E, D>(&n, |s| &s.groups, |s| &mut s.groups),
+            |groups| SharedStack {
+                groups,
+                _config: std::marker::PhantomData,
+            },
+        )
     }
 }
 

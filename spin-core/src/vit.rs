@@ -59,7 +59,14 @@ pub const fn params(
 
 /// Multiply-accumulates per image: patch embedding, qkv, q·kᵀ, attn·v, proj, fc1, fc2, head
 /// (torch.utils.flop_counter's FLOPs / 2).
-pub const fn macs(dim: usize, patch: usize, image: usize, hidden: usize, classes: usize, depth: usize) -> u64 {
+pub const fn macs(
+    dim: usize,
+    patch: usize,
+    image: usize,
+    hidden: usize,
+    classes: usize,
+    depth: usize,
+) -> u64 {
     let np = ((image / patch) * (image / patch)) as u64;
     let n = np + 1;
     let (d, h, p) = (dim as u64, hidden as u64, patch as u64);
@@ -70,7 +77,13 @@ pub const fn macs(dim: usize, patch: usize, image: usize, hidden: usize, classes
 
 /// The description of a declared ViT.
 pub fn info<C: VitConfig>() -> ModelInfo {
-    let (d, p, img, h, cls) = (C::Dim::SIZE, C::Patch::SIZE, C::Image::SIZE, C::Hidden::SIZE, C::Classes::SIZE);
+    let (d, p, img, h, cls) = (
+        C::Dim::SIZE,
+        C::Patch::SIZE,
+        C::Image::SIZE,
+        C::Hidden::SIZE,
+        C::Classes::SIZE,
+    );
     ModelInfo {
         name: C::NAME,
         family: Family::Vit,
@@ -79,7 +92,11 @@ pub fn info<C: VitConfig>() -> ModelInfo {
         depth: C::DEPTH,
         groups: C::GROUPS,
         pattern: C::PATTERN.into(),
-        share: if C::GROUPS == C::DEPTH { "none" } else { C::SHARE.name() },
+        share: if C::GROUPS == C::DEPTH {
+            "none"
+        } else {
+            C::SHARE.name()
+        },
         schedule: C::SCHEDULE.to_vec(),
         dim: d,
         image: img,
@@ -192,7 +209,11 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> Vit<C, E, D> {
         let mut x = (tokens + pos).reshape_like(&(b * n, d));
         let (s, sched) = (C::SHARE, C::SCHEDULE);
         for i in 0..C::DEPTH {
-            let (jn, ja, jm) = (slot(s.norms(), sched, i), slot(s.attn(), sched, i), slot(s.mlp(), sched, i));
+            let (jn, ja, jm) = (
+                slot(s.norms(), sched, i),
+                slot(s.attn(), sched, i),
+                slot(s.mlp(), sched, i),
+            );
             let skip = x.with_empty_tape();
             x = self.attn[ja].forward(self.norm1[jn].forward(x), b, C::HEADS) + skip;
             let skip = x.with_empty_tape();
@@ -205,10 +226,17 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> Vit<C, E, D> {
     pub fn forward_dyn<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Nhwc, E, D, T>) -> Tensor<Mat, E, D, T> {
         let &(b, c, h, w) = x.shape();
         let img = C::Image::SIZE;
-        assert!(c == 3 && h == img && w == img, "{} takes (B, 3, {img}, {img}) images, got (B, {c}, {h}, {w})", C::NAME);
+        assert!(
+            c == 3 && h == img && w == img,
+            "{} takes (B, 3, {img}, {img}) images, got (B, {c}, {h}, {w})",
+            C::NAME
+        );
         let (d, n) = (C::Dim::SIZE, C::Tokens::SIZE);
         let x = self.norm.forward(self.blocks(x));
-        let cls = x.reshape_like(&(b, n, d)).slice((.., 0..1, ..)).reshape_like(&(b, d));
+        let cls = x
+            .reshape_like(&(b, n, d))
+            .slice((.., 0..1, ..))
+            .reshape_like(&(b, d));
         self.head.forward(cls)
     }
 
@@ -219,7 +247,9 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> Vit<C, E, D> {
     ) -> Tensor<(B, C::Tokens, C::Dim), E, D, T> {
         let b = x.shape().0;
         let img = C::Image::SIZE;
-        let y = self.norm.forward(self.blocks(x.reshape_like(&(b.size(), 3, img, img))));
+        let y = self
+            .norm
+            .forward(self.blocks(x.reshape_like(&(b.size(), 3, img, img))));
         y.reshape_like(&(b, Default::default(), Default::default()))
     }
 }
@@ -229,7 +259,10 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, B: Dim, T: Tape<E, D> + Merge
 {
     type Output = Tensor<(B, C::Classes), E, D, T>;
     type Error = D::Err;
-    fn try_forward(&self, x: Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>) -> Result<Self::Output, D::Err> {
+    fn try_forward(
+        &self,
+        x: Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>,
+    ) -> Result<Self::Output, D::Err> {
         let b = x.shape().0;
         let img = C::Image::SIZE;
         let y = self.forward_dyn(x.reshape_like(&(b.size(), 3, img, img)));
@@ -242,7 +275,10 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>
 {
     type Output = Tensor<(C::Classes,), E, D, T>;
     type Error = D::Err;
-    fn try_forward(&self, x: Tensor<(Const<3>, C::Image, C::Image), E, D, T>) -> Result<Self::Output, D::Err> {
+    fn try_forward(
+        &self,
+        x: Tensor<(Const<3>, C::Image, C::Image), E, D, T>,
+    ) -> Result<Self::Output, D::Err> {
         let img = C::Image::SIZE;
         let y = self.forward_dyn(x.reshape_like(&(1, 3, img, img)));
         Ok(y.reshape_like(&(Default::default(),)))
@@ -269,11 +305,20 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> TimmKeys for Vit<C, E, D> {
         let (s, sched) = (C::SHARE, C::SCHEDULE);
         let mut out = Vec::new();
         let layers = |shared: bool, j: usize, suffix: &str| -> Vec<String> {
-            users(shared, sched, j).into_iter().map(|i| format!("blocks.{i}.{suffix}")).collect()
+            users(shared, sched, j)
+                .into_iter()
+                .map(|i| format!("blocks.{i}.{suffix}"))
+                .collect()
         };
         push_slots(&mut out, &["patch_embed.proj".into()], self.patch_embed.slots());
-        out.push(Slot { keys: vec!["cls_token".into()], tensor: &mut self.cls_token as &mut dyn ParamSlot<E> });
-        out.push(Slot { keys: vec!["pos_embed".into()], tensor: &mut self.pos_embed as &mut dyn ParamSlot<E> });
+        out.push(Slot {
+            keys: vec!["cls_token".into()],
+            tensor: &mut self.cls_token as &mut dyn ParamSlot<E>,
+        });
+        out.push(Slot {
+            keys: vec!["pos_embed".into()],
+            tensor: &mut self.pos_embed as &mut dyn ParamSlot<E>,
+        });
         for (j, m) in self.norm1.iter_mut().enumerate() {
             push_slots(&mut out, &layers(s.norms(), j, "norm1"), m.slots());
         }

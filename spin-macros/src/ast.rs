@@ -79,12 +79,18 @@ fn set<T>(slot: &mut Option<Arg<T>>, meta: &ParseNestedMeta, value: Arg<T>) -> s
 
 fn int(meta: &ParseNestedMeta) -> syn::Result<Arg<usize>> {
     let lit: LitInt = meta.value()?.parse()?;
-    Ok(Arg { value: lit.base10_parse()?, span: lit.span() })
+    Ok(Arg {
+        value: lit.base10_parse()?,
+        span: lit.span(),
+    })
 }
 
 fn ident(meta: &ParseNestedMeta) -> syn::Result<Arg<String>> {
     let id: Ident = meta.value()?.parse()?;
-    Ok(Arg { value: id.to_string(), span: id.span() })
+    Ok(Arg {
+        value: id.to_string(),
+        span: id.span(),
+    })
 }
 
 fn key(meta: &ParseNestedMeta) -> String {
@@ -116,7 +122,14 @@ pub fn parse_family(kind: FamilyKind, args: TokenStream) -> syn::Result<FamilyAr
             (_, "depth") => set(&mut a.depth, &meta, int(&meta)?),
             (_, "name") => {
                 let s: LitStr = meta.value()?.parse()?;
-                set(&mut a.name, &meta, Arg { value: s.value(), span: s.span() })
+                set(
+                    &mut a.name,
+                    &meta,
+                    Arg {
+                        value: s.value(),
+                        span: s.span(),
+                    },
+                )
             }
             (ConvMixer, "kernel") => set(&mut a.kernel, &meta, int(&meta)?),
             (ConvMixer, "act") => set(&mut a.act, &meta, ident(&meta)?),
@@ -127,9 +140,21 @@ pub fn parse_family(kind: FamilyKind, args: TokenStream) -> syn::Result<FamilyAr
                 let value = match &lit {
                     Lit::Int(i) => i.base10_parse::<u64>()? as f64,
                     Lit::Float(f) => f.base10_parse::<f64>()?,
-                    _ => return Err(syn::Error::new(lit.span(), "mlp_ratio takes a number, e.g. `mlp_ratio = 4`")),
+                    _ => {
+                        return Err(syn::Error::new(
+                            lit.span(),
+                            "mlp_ratio takes a number, e.g. `mlp_ratio = 4`",
+                        ))
+                    }
                 };
-                set(&mut a.mlp_ratio, &meta, Arg { value, span: lit.span() })
+                set(
+                    &mut a.mlp_ratio,
+                    &meta,
+                    Arg {
+                        value,
+                        span: lit.span(),
+                    },
+                )
             }
             (_, other) => Err(meta.error(format!(
                 "unknown argument `{other}` for #[{}]; valid arguments are: {}",
@@ -143,8 +168,15 @@ pub fn parse_family(kind: FamilyKind, args: TokenStream) -> syn::Result<FamilyAr
 }
 
 pub fn parse_shared(args: TokenStream, span: Span) -> syn::Result<SharedArgs> {
-    let mut a = SharedArgs { span, depth: None, groups: None, pattern: None, share: None };
-    let parser = syn::meta::parser(|meta| match key(&meta).as_str() {
+    let mut a = SharedArgs {
+        span,
+        depth: None,
+        groups: None,
+        pattern: None,
+        share: None,
+    };
+    let parser = syn::meta::parser(|meta| {
+        match key(&meta).as_str() {
         "depth" => set(&mut a.depth, &meta, int(&meta)?),
         "groups" => set(&mut a.groups, &meta, int(&meta)?),
         "share" => set(&mut a.share, &meta, ident(&meta)?),
@@ -190,6 +222,7 @@ pub fn parse_shared(args: TokenStream, span: Span) -> syn::Result<SharedArgs> {
         other => Err(meta.error(format!(
             "unknown argument `{other}` for #[shared_blocks]; valid arguments are: depth, groups, pattern, share"
         ))),
+    }
     });
     parser.parse2(args)?;
     Ok(a)

@@ -27,11 +27,17 @@ fn unit_struct(item: TokenStream, what: &str) -> syn::Result<ItemStruct> {
     if !matches!(s.fields, syn::Fields::Unit) {
         return Err(syn::Error::new(
             s.fields.span(),
-            format!("declare a {what} model as a unit struct, e.g. `pub struct {};`", s.ident),
+            format!(
+                "declare a {what} model as a unit struct, e.g. `pub struct {};`",
+                s.ident
+            ),
         ));
     }
     if !s.generics.params.is_empty() {
-        return Err(syn::Error::new(s.generics.span(), "a model declaration takes no generic parameters"));
+        return Err(syn::Error::new(
+            s.generics.span(),
+            "a model declaration takes no generic parameters",
+        ));
     }
     Ok(s)
 }
@@ -76,9 +82,17 @@ pub fn shared_blocks(args: TokenStream, item: TokenStream) -> TokenStream {
 fn shared_inner(args: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
     let shared = ast::parse_shared(args, Span::call_site())?;
     let mut s: ItemStruct = syn::parse2(item.clone())?;
-    if let Some(pos) = s.attrs.iter().position(|a| attr_is(a, "convmixer") || attr_is(a, "vit")) {
+    if let Some(pos) = s
+        .attrs
+        .iter()
+        .position(|a| attr_is(a, "convmixer") || attr_is(a, "vit"))
+    {
         let fam = s.attrs.remove(pos);
-        let kind = if attr_is(&fam, "convmixer") { FamilyKind::ConvMixer } else { FamilyKind::Vit };
+        let kind = if attr_is(&fam, "convmixer") {
+            FamilyKind::ConvMixer
+        } else {
+            FamilyKind::Vit
+        };
         return family_inner(kind, attr_args(&fam)?, quote!(#s), Some(shared));
     }
     // A trunk: `struct Trunk(Block);`

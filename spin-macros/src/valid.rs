@@ -70,19 +70,34 @@ fn required(errs: &mut Errors, arg: &Option<Arg<usize>>, name: &str, attr: &str,
         }
         Some(a) => a.value,
         None => {
-            errs.push(Span::call_site(), format!("missing argument `{name}` in #[{attr}(...)], e.g. `{name} = {example}`"));
+            errs.push(
+                Span::call_site(),
+                format!("missing argument `{name}` in #[{attr}(...)], e.g. `{name} = {example}`"),
+            );
             1
         }
     }
 }
 
-fn choice(errs: &mut Errors, arg: &Option<Arg<String>>, name: &str, options: &[(&str, &'static str)]) -> &'static str {
+fn choice(
+    errs: &mut Errors,
+    arg: &Option<Arg<String>>,
+    name: &str,
+    options: &[(&str, &'static str)],
+) -> &'static str {
     let Some(a) = arg else { return options[0].1 };
     match options.iter().find(|(k, _)| *k == a.value) {
         Some((_, v)) => v,
         None => {
             let valid: Vec<&str> = options.iter().map(|(k, _)| *k).collect();
-            errs.push(a.span, format!("unknown {name} `{}`; valid values are: {}", a.value, valid.join(", ")));
+            errs.push(
+                a.span,
+                format!(
+                    "unknown {name} `{}`; valid values are: {}",
+                    a.value,
+                    valid.join(", ")
+                ),
+            );
             options[0].1
         }
     }
@@ -97,7 +112,10 @@ pub fn model(f: &FamilyArgs, shared: Option<&SharedArgs>, ident: &syn::Ident) ->
     let classes = required(&mut errs, &f.classes, "classes", attr, "1000");
     if let (Some(p), Some(i)) = (&f.patch, &f.image) {
         if p.value > 0 && i.value % p.value != 0 {
-            let divisors: Vec<String> = (1..=i.value).filter(|d| i.value % d == 0).map(|d| d.to_string()).collect();
+            let divisors: Vec<String> = (1..=i.value)
+                .filter(|d| i.value % d == 0)
+                .map(|d| d.to_string())
+                .collect();
             errs.push(
                 p.span,
                 format!(
@@ -118,35 +136,64 @@ pub fn model(f: &FamilyArgs, shared: Option<&SharedArgs>, ident: &syn::Ident) ->
                 if k.value % 2 == 0 {
                     errs.push(
                         k.span,
-                        format!("kernel must be odd for 'same' padding, got {}; use {} or {}", k.value, k.value - 1, k.value + 1),
+                        format!(
+                            "kernel must be odd for 'same' padding, got {}; use {} or {}",
+                            k.value,
+                            k.value - 1,
+                            k.value + 1
+                        ),
                     );
                 }
             }
             act = choice(&mut errs, &f.act, "act", &[("gelu", "Gelu"), ("relu", "Relu")]);
-            variant = choice(&mut errs, &f.variant, "variant", &[("timm", "Timm"), ("spin", "Spin")]);
+            variant = choice(
+                &mut errs,
+                &f.variant,
+                "variant",
+                &[("timm", "Timm"), ("spin", "Spin")],
+            );
         }
         FamilyKind::Vit => {
             heads = required(&mut errs, &f.heads, "heads", attr, "6");
             if let (Some(h), Some(d)) = (&f.heads, &f.dim) {
                 if h.value > 0 && d.value % h.value != 0 {
-                    let valid: Vec<String> = (1..=d.value.min(64)).filter(|x| d.value % x == 0).map(|x| x.to_string()).collect();
+                    let valid: Vec<String> = (1..=d.value.min(64))
+                        .filter(|x| d.value % x == 0)
+                        .map(|x| x.to_string())
+                        .collect();
                     errs.push(
                         h.span,
-                        format!("dim ({}) is not divisible by heads ({}); valid head counts: {}", d.value, h.value, valid.join(", ")),
+                        format!(
+                            "dim ({}) is not divisible by heads ({}); valid head counts: {}",
+                            d.value,
+                            h.value,
+                            valid.join(", ")
+                        ),
                     );
                 }
             }
             let ratio = f.mlp_ratio.as_ref().map(|r| r.value).unwrap_or(4.0);
             let h = dim as f64 * ratio;
             if h.fract() != 0.0 || h < 1.0 {
-                let span = f.mlp_ratio.as_ref().map(|r| r.span).unwrap_or_else(Span::call_site);
-                errs.push(span, format!("mlp_ratio × dim = {h} must be a positive whole number"));
+                let span = f
+                    .mlp_ratio
+                    .as_ref()
+                    .map(|r| r.span)
+                    .unwrap_or_else(Span::call_site);
+                errs.push(
+                    span,
+                    format!("mlp_ratio × dim = {h} must be a positive whole number"),
+                );
             }
             hidden = h as usize;
         }
     }
     let sharing = sharing(&mut errs, f, shared);
-    let name = f.name.as_ref().map(|n| n.value.clone()).unwrap_or_else(|| ident.to_string());
+    let name = f
+        .name
+        .as_ref()
+        .map(|n| n.value.clone())
+        .unwrap_or_else(|| ident.to_string());
     errs.finish(|| Model {
         kind: f.kind,
         name,
@@ -160,7 +207,12 @@ pub fn model(f: &FamilyArgs, shared: Option<&SharedArgs>, ident: &syn::Ident) ->
         variant,
         heads,
         hidden,
-        sharing: sharing.unwrap_or(Sharing { depth: 1, groups: 1, pattern: PatternArg::Sequential, share: "" }),
+        sharing: sharing.unwrap_or(Sharing {
+            depth: 1,
+            groups: 1,
+            pattern: PatternArg::Sequential,
+            share: "",
+        }),
     })
 }
 
@@ -171,10 +223,18 @@ fn sharing(errs: &mut Errors, f: &FamilyArgs, s: Option<&SharedArgs>) -> Option<
             FamilyKind::ConvMixer => "Pointwise",
             FamilyKind::Vit => "AttnMlp",
         };
-        return Some(Sharing { depth, groups: depth, pattern: PatternArg::Sequential, share });
+        return Some(Sharing {
+            depth,
+            groups: depth,
+            pattern: PatternArg::Sequential,
+            share,
+        });
     };
     if let (Some(fd), Some(sd)) = (&f.depth, &s.depth) {
-        errs.push(sd.span, "depth is given twice: keep it in #[shared_blocks] and remove it from the family attribute");
+        errs.push(
+            sd.span,
+            "depth is given twice: keep it in #[shared_blocks] and remove it from the family attribute",
+        );
         let _ = fd;
     }
     let depth_arg = s.depth.clone().or_else(|| f.depth.clone());
@@ -182,34 +242,63 @@ fn sharing(errs: &mut Errors, f: &FamilyArgs, s: Option<&SharedArgs>) -> Option<
         FamilyKind::ConvMixer => choice(
             errs,
             &s.share,
-            "share for a ConvMixer",
-            &[("pointwise", "Pointwise"), ("depthwise", "Depthwise"), ("both", "Both"), ("block", "Block")],
+            "ConvMixer share",
+            &[
+                ("pointwise", "Pointwise"),
+                ("depthwise", "Depthwise"),
+                ("both", "Both"),
+                ("block", "Block"),
+            ],
         ),
         FamilyKind::Vit => choice(
             errs,
             &s.share,
-            "share for a ViT",
-            &[("attn_mlp", "AttnMlp"), ("attn", "Attn"), ("mlp", "Mlp"), ("all", "All")],
+            "ViT share",
+            &[
+                ("attn_mlp", "AttnMlp"),
+                ("attn", "Attn"),
+                ("mlp", "Mlp"),
+                ("all", "All"),
+            ],
         ),
     };
     let (depth, groups, pattern) = schedule(errs, s, &depth_arg)?;
-    Some(Sharing { depth, groups, pattern, share })
+    Some(Sharing {
+        depth,
+        groups,
+        pattern,
+        share,
+    })
 }
 
 /// Checks depth, groups and pattern of a `#[shared_blocks]`.
-pub fn schedule(errs: &mut Errors, s: &SharedArgs, depth: &Option<Arg<usize>>) -> Option<(usize, usize, PatternArg)> {
+pub fn schedule(
+    errs: &mut Errors,
+    s: &SharedArgs,
+    depth: &Option<Arg<usize>>,
+) -> Option<(usize, usize, PatternArg)> {
     let depth_v = required_at(errs, depth, "depth", s.span)?;
     let groups_v = required_at(errs, &s.groups, "groups", s.span)?;
     let groups = s.groups.as_ref()?;
     if groups_v > depth_v {
-        errs.push(groups.span, format!("groups ({groups_v}) must be at most depth ({depth_v})"));
+        errs.push(
+            groups.span,
+            format!("groups ({groups_v}) must be at most depth ({depth_v})"),
+        );
         return None;
     }
-    let pattern = s.pattern.as_ref().map(|p| p.value.clone()).unwrap_or(PatternArg::Sequential);
+    let pattern = s
+        .pattern
+        .as_ref()
+        .map(|p| p.value.clone())
+        .unwrap_or(PatternArg::Sequential);
     let pspan = s.pattern.as_ref().map(|p| p.span).unwrap_or(groups.span);
     match &pattern {
         PatternArg::Sequential | PatternArg::Random(_) if depth_v % groups_v != 0 => {
-            let valid: Vec<String> = (1..=depth_v).filter(|g| depth_v % g == 0).map(|g| g.to_string()).collect();
+            let valid: Vec<String> = (1..=depth_v)
+                .filter(|g| depth_v % g == 0)
+                .map(|g| g.to_string())
+                .collect();
             errs.push(
                 groups.span,
                 format!(
@@ -222,13 +311,28 @@ pub fn schedule(errs: &mut Errors, s: &SharedArgs, depth: &Option<Arg<usize>>) -
         }
         PatternArg::List(list) => {
             if list.len() != depth_v {
-                errs.push(pspan, format!("the pattern list has {} entries but depth is {depth_v}: give one group per layer", list.len()));
+                errs.push(
+                    pspan,
+                    format!(
+                        "the pattern list has {} entries but depth is {depth_v}: give one group per layer",
+                        list.len()
+                    ),
+                );
             } else if let Some((layer, g)) = list.iter().enumerate().find(|(_, &g)| g >= groups_v) {
                 errs.push(pspan, format!("layer {layer} uses group {g}, but groups = {groups_v}: entries must be in 0..{groups_v}"));
             } else {
-                let unused: Vec<String> = (0..groups_v).filter(|g| !list.contains(g)).map(|g| g.to_string()).collect();
+                let unused: Vec<String> = (0..groups_v)
+                    .filter(|g| !list.contains(g))
+                    .map(|g| g.to_string())
+                    .collect();
                 if !unused.is_empty() {
-                    errs.push(pspan, format!("group(s) {} are used by no layer; every group must appear in the list", unused.join(", ")));
+                    errs.push(
+                        pspan,
+                        format!(
+                            "group(s) {} are used by no layer; every group must appear in the list",
+                            unused.join(", ")
+                        ),
+                    );
                 }
             }
         }
@@ -240,7 +344,10 @@ pub fn schedule(errs: &mut Errors, s: &SharedArgs, depth: &Option<Arg<usize>>) -
 fn required_at(errs: &mut Errors, arg: &Option<Arg<usize>>, name: &str, span: Span) -> Option<usize> {
     match arg {
         None => {
-            errs.push(span, format!("missing argument `{name}` in #[shared_blocks(...)], e.g. `{name} = 4`"));
+            errs.push(
+                span,
+                format!("missing argument `{name}` in #[shared_blocks(...)], e.g. `{name} = 4`"),
+            );
             None
         }
         Some(a) if a.value == 0 => {
@@ -255,7 +362,10 @@ fn required_at(errs: &mut Errors, arg: &Option<Arg<usize>>, name: &str, span: Sp
 pub fn trunk(s: &SharedArgs) -> syn::Result<(usize, usize, PatternArg)> {
     let mut errs = Errors::default();
     if let Some(share) = &s.share {
-        errs.push(share.span, "`share` applies to #[convmixer] and #[vit] models; a trunk of user blocks shares whole blocks");
+        errs.push(
+            share.span,
+            "`share` applies to #[convmixer] and #[vit] models; a trunk of user blocks shares whole blocks",
+        );
     }
     let out = schedule(&mut errs, s, &s.depth);
     errs.finish(|| out.unwrap())

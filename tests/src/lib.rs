@@ -11,7 +11,10 @@ pub fn fixture(name: &str) -> PathBuf {
 pub fn tensor(file: &str, key: &str) -> (Vec<usize>, Vec<f64>) {
     let path = fixture(file);
     let bytes = std::fs::read(&path).unwrap();
-    read_tensors(&path, &bytes).unwrap().remove(key).unwrap_or_else(|| panic!("{key} not in {file}"))
+    read_tensors(&path, &bytes)
+        .unwrap()
+        .remove(key)
+        .unwrap_or_else(|| panic!("{key} not in {file}"))
 }
 
 /// Largest |a − b| over the largest |b|: the relative error the parity tests bound.

@@ -1,7 +1,7 @@
 //! The sharing engine: a shared tensor is stored once, its gradient is the sum over the layers that
 //! use it, and shared models save and load as ordinary timm checkpoints with tied copies.
-use spin_core::prelude::*;
 use spin_core::checkpoint::StorageDtype;
+use spin_core::prelude::*;
 use spin_core::Error;
 use spin_tests::{fixture, scratch};
 
@@ -31,7 +31,10 @@ fn input(dev: &Dev) -> Tensor<Rank4<3, 3, 8, 8>, f64, Dev> {
 }
 
 /// Σ logits ⊙ r for a fixed r: a loss whose gradient reaches every parameter.
-fn loss<S: Shape>(logits: Tensor<S, f64, Dev, OwnedTape<f64, Dev>>, r: &Tensor<S, f64, Dev>) -> Tensor<(), f64, Dev, OwnedTape<f64, Dev>> {
+fn loss<S: Shape>(
+    logits: Tensor<S, f64, Dev, OwnedTape<f64, Dev>>,
+    r: &Tensor<S, f64, Dev>,
+) -> Tensor<(), f64, Dev, OwnedTape<f64, Dev>> {
     (logits * r.clone()).sum()
 }
 
@@ -42,7 +45,10 @@ fn shared_parameters_are_stored_once() {
     assert_eq!(m.pw.len(), 2);
     assert_eq!(m.dw.len(), 4);
     assert_eq!(m.num_trainable_params(), SharedMixer::PARAMS);
-    assert_eq!(dev.build_module::<PlainMixer, f32>().num_trainable_params(), PlainMixer::PARAMS);
+    assert_eq!(
+        dev.build_module::<PlainMixer, f32>().num_trainable_params(),
+        PlainMixer::PARAMS
+    );
     assert_eq!(PlainMixer::PARAMS - SharedMixer::PARAMS, 2 * (8 * 8 + 8));
     let v = dev.build_module::<SharedVit, f32>();
     assert_eq!(v.attn.len(), 2);
@@ -69,7 +75,12 @@ fn convmixer_shared_gradient_is_the_sum_over_tied_copies() {
         let layers: Vec<usize> = (0..4).filter(|&i| SharedMixer::SCHEDULE[i] == g).collect();
         assert_eq!(layers.len(), 2);
         let want: Vec<f64> = (0..8 * 8)
-            .map(|k| layers.iter().map(|&i| gp.get(&plain.pw[i].weight).as_vec()[k]).sum())
+            .map(|k| {
+                layers
+                    .iter()
+                    .map(|&i| gp.get(&plain.pw[i].weight).as_vec()[k])
+                    .sum()
+            })
             .collect();
         let got = gs.get(&shared.pw[g].weight).as_vec();
         for (a, b) in got.iter().zip(&want) {
@@ -101,7 +112,11 @@ fn convmixer_shared_gradient_matches_finite_differences() {
             (y * r.clone()).sum::<(), _>().array()
         };
         let num = (f(eps) - f(-eps)) / (2.0 * eps);
-        assert!((num - analytic[k]).abs() < 1e-6 * (1.0 + num.abs()), "entry {k}: {num} vs {}", analytic[k]);
+        assert!(
+            (num - analytic[k]).abs() < 1e-6 * (1.0 + num.abs()),
+            "entry {k}: {num} vs {}",
+            analytic[k]
+        );
     }
 }
 
@@ -129,7 +144,10 @@ fn vit_shared_gradient_is_the_sum_over_tied_copies() {
         .map(|(a, b)| a + b)
         .collect();
     let got = gs.get(&shared.mlp[0].fc1.weight).as_vec();
-    assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-10 * (1.0 + b.abs())));
+    assert!(got
+        .iter()
+        .zip(&want)
+        .all(|(a, b)| (a - b).abs() < 1e-10 * (1.0 + b.abs())));
 }
 
 #[test]
@@ -162,22 +180,37 @@ fn checkpoint_errors_name_the_key_and_shapes() {
     let dev = Dev::default();
     // A smaller model: every tensor has the wrong shape.
     let mut m = dev.build_module::<PlainMixer, f32>();
-    let err = m.load_timm(fixture("convmixer_small.safetensors")).unwrap_err().to_string();
-    assert!(err.contains("stem.0.weight") && err.contains("[8, 3, 2, 2]") && err.contains("[32, 3, 2, 2]"), "{err}");
+    let err = m
+        .load_timm(fixture("convmixer_small.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("stem.0.weight") && err.contains("[8, 3, 2, 2]") && err.contains("[32, 3, 2, 2]"),
+        "{err}"
+    );
     // A ViT checkpoint into a ConvMixer: the first missing key is named.
     let err = m.load_timm(fixture("vit_small.safetensors")).unwrap_err();
-    assert!(matches!(&err, Error::MissingKey { key, .. } if key == "stem.0.weight"), "{err}");
+    assert!(
+        matches!(&err, Error::MissingKey { key, .. } if key == "stem.0.weight"),
+        "{err}"
+    );
     // An extra key.
     let mut small = dev.build_module::<PlainMixer, f32>();
     let path = scratch("extra").join("m.safetensors");
     small.save_timm(&path).unwrap();
     let mut tensors = spin_core::checkpoint::read_tensors(&path, &std::fs::read(&path).unwrap()).unwrap();
     tensors.insert("blocks.9.1.weight".into(), (vec![1], vec![0.0]));
-    let views: Vec<(String, safetensors_view::Owned)> =
-        tensors.into_iter().filter(|(k, _)| !k.ends_with("num_batches_tracked")).map(|(k, (s, v))| (k, safetensors_view::Owned::f32(s, &v))).collect();
+    let views: Vec<(String, safetensors_view::Owned)> = tensors
+        .into_iter()
+        .filter(|(k, _)| !k.ends_with("num_batches_tracked"))
+        .map(|(k, (s, v))| (k, safetensors_view::Owned::f32(s, &v)))
+        .collect();
     safetensors_view::write(&path, views);
     let err = small.load_timm(&path).unwrap_err();
-    assert!(matches!(&err, Error::UnexpectedKey { key, .. } if key == "blocks.9.1.weight"), "{err}");
+    assert!(
+        matches!(&err, Error::UnexpectedKey { key, .. } if key == "blocks.9.1.weight"),
+        "{err}"
+    );
     // A missing file.
     let err = small.load_timm(path.with_extension("nope")).unwrap_err();
     assert!(matches!(err, Error::Io { .. }));
@@ -192,13 +225,21 @@ mod safetensors_view {
     }
     impl Owned {
         pub fn f32(shape: Vec<usize>, v: &[f64]) -> Self {
-            Self { shape, bytes: v.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect() }
+            Self {
+                shape,
+                bytes: v.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect(),
+            }
         }
     }
     pub fn write(path: &std::path::Path, t: Vec<(String, Owned)>) {
         let views: Vec<(String, TensorView)> = t
             .iter()
-            .map(|(k, o)| (k.clone(), TensorView::new(Dtype::F32, o.shape.clone(), &o.bytes).unwrap()))
+            .map(|(k, o)| {
+                (
+                    k.clone(),
+                    TensorView::new(Dtype::F32, o.shape.clone(), &o.bytes).unwrap(),
+                )
+            })
             .collect();
         safetensors::tensor::serialize_to_file(views, &None, path).unwrap();
     }
