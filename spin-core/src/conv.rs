@@ -8,6 +8,7 @@
 //! `Tape::add_backward_op`, split across cores with rayon. Any other dfdx device (CUDA) gets the
 //! fallbacks below, built from dfdx's own ops, so the same model types run there.
 use crate::dtype::SpinDtype;
+use crate::norm;
 use dfdx::prelude::*;
 use dfdx::tensor::{Storage, Tape};
 use rayon::prelude::*;
@@ -36,6 +37,27 @@ pub trait Kernels<E: SpinDtype>: Storage<E> + Sized {
 
     /// Exact (erf) GELU; see [`crate::layers::gelu`].
     fn gelu<S: Shape, T: Tape<E, Self>>(x: Tensor<S, E, Self, T>) -> Tensor<S, E, Self, T>;
+
+    /// `x · s + t` per column of `(rows, C)`.
+    fn channel_affine<T: Tape<E, Self> + Merge<T>>(
+        x: Tensor<(usize, usize), E, Self, T>,
+        s: Tensor<(usize,), E, Self, T>,
+        t: Tensor<(usize,), E, Self, T>,
+    ) -> Tensor<(usize, usize), E, Self, T>;
+
+    /// BatchNorm of `(rows, C)` with batch statistics; also returns the batch mean and biased variance.
+    fn batch_norm_train<T: Tape<E, Self> + Merge<T>>(
+        x: Tensor<(usize, usize), E, Self, T>,
+        g: Tensor<(usize,), E, Self, T>,
+        b: Tensor<(usize,), E, Self, T>,
+    ) -> (Tensor<(usize, usize), E, Self, T>, Vec<E>, Vec<E>);
+
+    /// LayerNorm of each row of `(rows, C)`, eps 1e-6.
+    fn layer_norm<T: Tape<E, Self> + Merge<T>>(
+        x: Tensor<(usize, usize), E, Self, T>,
+        g: Tensor<(usize,), E, Self, T>,
+        b: Tensor<(usize,), E, Self, T>,
+    ) -> Tensor<(usize, usize), E, Self, T>;
 }
 
 impl<E: SpinDtype> Kernels<E> for Cpu {
@@ -111,7 +133,7 @@ impl<E: SpinDtype> Kernels<E> for Cpu {
         let xs = x.as_vec();
         let y: Vec<E> = xs
             .par_iter()
-            .map(|&v| E::cast(v.as_f64() * crate::layers::gelu_parts(v.as_f64()).0))
+            .map(|&v| v.gelu_and_grad().0)
             .collect();
         let y = x.device().tensor_from_vec(y, *x.shape());
         if T::OWNS_TAPE {
@@ -121,14 +143,49 @@ impl<E: SpinDtype> Kernels<E> for Cpu {
                 let gx = grads.get_or_alloc_mut(&x)?;
                 gx.par_iter_mut()
                     .zip(xs.par_iter().zip(gy.par_iter()))
-                    .for_each(|(a, (&v, &g))| {
-                        let (cdf, vpdf) = crate::layers::gelu_parts(v.as_f64());
-                        *a += E::cast(g.as_f64() * (cdf + vpdf));
-                    });
+                    .for_each(|(a, (&v, &g))| *a += g * v.gelu_and_grad().1);
                 Ok(())
             });
         }
         y.put_tape(tape)
+    }
+
+    fn channel_affine<T: Tape<E, Self> + Merge<T>>(
+        x: Tensor<(usize, usize), E, Self, T>,
+        s: Tensor<(usize,), E, Self, T>,
+        t: Tensor<(usize,), E, Self, T>,
+    ) -> Tensor<(usize, usize), E, Self, T> {
+        norm::fused3(x, s, t, |x, s, t| (norm::affine_fwd(x, s, t), ()), |x, s, _, gy| norm::affine_bwd(x, s, gy)).0
+    }
+
+    fn batch_norm_train<T: Tape<E, Self> + Merge<T>>(
+        x: Tensor<(usize, usize), E, Self, T>,
+        g: Tensor<(usize,), E, Self, T>,
+        b: Tensor<(usize,), E, Self, T>,
+    ) -> (Tensor<(usize, usize), E, Self, T>, Vec<E>, Vec<E>) {
+        let (y, cache) = norm::fused3(
+            x,
+            g,
+            b,
+            |x, g, b| norm::batch_norm_fwd(x, g, b, crate::layers::BN_EPS),
+            |x, g, cache, gy| norm::batch_norm_bwd(x, g, cache, gy),
+        );
+        (y, cache.mean.clone(), cache.var.clone())
+    }
+
+    fn layer_norm<T: Tape<E, Self> + Merge<T>>(
+        x: Tensor<(usize, usize), E, Self, T>,
+        g: Tensor<(usize,), E, Self, T>,
+        b: Tensor<(usize,), E, Self, T>,
+    ) -> Tensor<(usize, usize), E, Self, T> {
+        norm::fused3(
+            x,
+            g,
+            b,
+            |x, g, b| norm::layer_norm_fwd(x, g, b, crate::layers::LN_EPS),
+            |x, g, stats, gy| norm::layer_norm_bwd(x, g, stats, gy),
+        )
+        .0
     }
 }
 
@@ -155,6 +212,30 @@ where
 
     fn gelu<S: Shape, T: Tape<E, Self>>(x: Tensor<S, E, Self, T>) -> Tensor<S, E, Self, T> {
         crate::layers::gelu_fallback(x)
+    }
+
+    fn channel_affine<T: Tape<E, Self> + Merge<T>>(
+        x: Tensor<(usize, usize), E, Self, T>,
+        s: Tensor<(usize,), E, Self, T>,
+        t: Tensor<(usize,), E, Self, T>,
+    ) -> Tensor<(usize, usize), E, Self, T> {
+        crate::layers::affine_composed(x, s, t)
+    }
+
+    fn batch_norm_train<T: Tape<E, Self> + Merge<T>>(
+        x: Tensor<(usize, usize), E, Self, T>,
+        g: Tensor<(usize,), E, Self, T>,
+        b: Tensor<(usize,), E, Self, T>,
+    ) -> (Tensor<(usize, usize), E, Self, T>, Vec<E>, Vec<E>) {
+        crate::layers::batch_norm_train_composed(x, g, b)
+    }
+
+    fn layer_norm<T: Tape<E, Self> + Merge<T>>(
+        x: Tensor<(usize, usize), E, Self, T>,
+        g: Tensor<(usize,), E, Self, T>,
+        b: Tensor<(usize,), E, Self, T>,
+    ) -> Tensor<(usize, usize), E, Self, T> {
+        crate::layers::layer_norm_composed(x, g, b)
     }
 }
 
@@ -321,13 +402,16 @@ fn dw_backward<E: SpinDtype>(g: &DwGeometry, x: &[E], wt: &[E], gy: &[E]) -> (Ve
             }
         }
     });
-    // dL/dw and dL/db: per-task partial sums over output rows, then a tree reduction.
+    // dL/dw and dL/db: partial sums over fixed blocks of output rows, added in block order, so
+    // the result does not depend on how rayon schedules the work (training is reproducible).
     let kkc = k * k * c;
-    let sums = (0..g.b * h)
+    let rows = g.b * h;
+    let block = rows.div_ceil(32).max(1);
+    let partials: Vec<Vec<E>> = (0..rows.div_ceil(block))
         .into_par_iter()
-        .fold(
-            || vec![E::zero(); kkc + c],
-            |mut acc, row| {
+        .map(|blk| {
+            let mut acc = vec![E::zero(); kkc + c];
+            for row in blk * block..((blk + 1) * block).min(rows) {
                 let (bi, hi) = (row / h, row % h);
                 let grow = &gy[row * w * c..][..w * c];
                 for px in grow.chunks(c) {
@@ -348,18 +432,16 @@ fn dw_backward<E: SpinDtype>(g: &DwGeometry, x: &[E], wt: &[E], gy: &[E]) -> (Ve
                         }
                     }
                 }
-                acc
-            },
-        )
-        .reduce(
-            || vec![E::zero(); kkc + c],
-            |mut a, b| {
-                for (x, y) in a.iter_mut().zip(b) {
-                    *x += y;
-                }
-                a
-            },
-        );
+            }
+            acc
+        })
+        .collect();
+    let mut sums = vec![E::zero(); kkc + c];
+    for part in partials {
+        for (s, v) in sums.iter_mut().zip(part) {
+            *s += v;
+        }
+    }
     let gb = sums[kkc..].to_vec();
     let mut gw = sums;
     gw.truncate(kkc);

@@ -110,6 +110,7 @@ pub fn info<C: ConvMixerConfig>() -> ModelInfo {
         image: img,
         classes: cls,
         unshared_params: params(d, k, p, cls, C::DEPTH, C::DEPTH, C::SHARE),
+        buffers: 2 * d + 4 * d * count(C::SHARE.norms(), C::DEPTH, C::GROUPS),
     }
 }
 

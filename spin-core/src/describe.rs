@@ -35,6 +35,8 @@ pub struct ModelInfo {
     pub classes: usize,
     /// Parameters of the same model with nothing shared.
     pub unshared_params: usize,
+    /// Values stored but not trained: BatchNorm running statistics (each stored copy once).
+    pub buffers: usize,
 }
 
 impl ModelInfo {
@@ -42,10 +44,10 @@ impl ModelInfo {
     pub fn compression(&self) -> f64 {
         self.unshared_params as f64 / self.params as f64
     }
-    /// Bytes on disk for unique parameters stored in `bytes_per_value` bytes each, plus BN
-    /// running statistics (which are stored but not trained).
-    pub fn size_bytes(&self, bytes_per_value: usize, buffers: usize) -> usize {
-        (self.params + buffers) * bytes_per_value
+    /// Bytes of the unique tensors (parameters and BN running statistics) at `bytes_per_value`
+    /// each: the size of the model on disk with every shared tensor stored once.
+    pub fn size_bytes(&self, bytes_per_value: usize) -> usize {
+        (self.params + self.buffers) * bytes_per_value
     }
 }
 

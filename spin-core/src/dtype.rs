@@ -10,8 +10,22 @@ pub trait SpinDtype: Dtype + num_traits::Float + std::fmt::Debug + Send + Sync +
     fn as_f64(self) -> f64 {
         num_traits::ToPrimitive::to_f64(&self).unwrap_or(f64::NAN)
     }
+    /// Exact GELU x·Φ(x) and its derivative Φ(x) + x·φ(x), evaluated in f64.
+    fn gelu_and_grad(self) -> (Self, Self) {
+        let v = self.as_f64();
+        let cdf = 0.5 * (1.0 + libm::erf(v * std::f64::consts::FRAC_1_SQRT_2));
+        let pdf = (-0.5 * v * v).exp() * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
+        (Self::cast(v * cdf), Self::cast(cdf + v * pdf))
+    }
 }
-impl SpinDtype for f32 {}
+impl SpinDtype for f32 {
+    /// f32 evaluation (erff, as PyTorch's f32 kernel): twice as fast as going through f64.
+    fn gelu_and_grad(self) -> (Self, Self) {
+        let cdf = 0.5 * (1.0 + libm::erff(self * std::f32::consts::FRAC_1_SQRT_2));
+        let pdf = (-0.5 * self * self).exp() * (0.5 * std::f32::consts::FRAC_2_SQRT_PI * std::f32::consts::FRAC_1_SQRT_2);
+        (self * cdf, cdf + self * pdf)
+    }
+}
 impl SpinDtype for f64 {}
 impl SpinDtype for half::f16 {}
 

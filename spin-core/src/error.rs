@@ -50,6 +50,16 @@ pub enum Error {
         value: f64,
         dtype: String,
     },
+    #[error("{path}{}: {reason}", line.map(|l| format!(", line {l}")).unwrap_or_default())]
+    Data {
+        path: PathBuf,
+        line: Option<usize>,
+        reason: String,
+    },
+    #[error("{path}: cannot decode image: {reason}")]
+    Image { path: PathBuf, reason: String },
+    #[error("training diverged: the loss became {loss} at epoch {epoch}, step {step}")]
+    Diverged { epoch: usize, step: usize, loss: f32 },
     #[error("invalid schedule: {0}")]
     Schedule(String),
     #[error("{0}")]
@@ -59,7 +69,8 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
             source,

@@ -181,8 +181,8 @@ pub fn linear<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
     x.matmul(w.permute()) + b.broadcast_like::<_, Axis<0>>(&(rows, out))
 }
 
-/// Per-column affine map `x · s + t`.
-fn affine<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
+/// Per-column affine map `x · s + t` from dfdx ops (the fallback of [`crate::conv::Kernels::channel_affine`]).
+pub fn affine_composed<E: SpinDtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
     x: Tensor<Mat, E, D, T>,
     s: Tensor<(usize,), E, D, T>,
     t: Tensor<(usize,), E, D, T>,
@@ -197,7 +197,16 @@ pub fn layer_norm<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
     g: Tensor<(usize,), E, D, T>,
     b: Tensor<(usize,), E, D, T>,
 ) -> Tensor<Mat, E, D, T> {
-    affine(x.normalize::<Axis<1>>(LN_EPS), g, b)
+    D::layer_norm(x, g, b)
+}
+
+/// [`layer_norm`] from dfdx ops (fallback and reference).
+pub fn layer_norm_composed<E: SpinDtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
+    x: Tensor<Mat, E, D, T>,
+    g: Tensor<(usize,), E, D, T>,
+    b: Tensor<(usize,), E, D, T>,
+) -> Tensor<Mat, E, D, T> {
+    affine_composed(x.normalize::<Axis<1>>(LN_EPS), g, b)
 }
 
 /// BatchNorm with given statistics (inference): `(x − mean)/sqrt(var + eps)·γ + β`.
@@ -220,12 +229,21 @@ pub fn batch_norm_eval<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>
     // x·(inv·γ) + (−mean·inv·γ + β): the same map folded into one scale and one shift.
     let scale = g.with_empty_tape() * inv;
     let shift = g * shift + b;
-    affine(x, scale, shift)
+    D::channel_affine(x, scale, shift)
 }
 
 /// BatchNorm with batch statistics (training). Returns the output and the batch mean and biased
 /// variance, which the caller folds into its running statistics.
 pub fn batch_norm_train<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
+    x: Tensor<Mat, E, D, T>,
+    g: Tensor<(usize,), E, D, T>,
+    b: Tensor<(usize,), E, D, T>,
+) -> (Tensor<Mat, E, D, T>, Vec<E>, Vec<E>) {
+    D::batch_norm_train(x, g, b)
+}
+
+/// [`batch_norm_train`] from dfdx ops (fallback and reference).
+pub fn batch_norm_train_composed<E: SpinDtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
     x: Tensor<Mat, E, D, T>,
     g: Tensor<(usize,), E, D, T>,
     b: Tensor<(usize,), E, D, T>,
@@ -240,7 +258,7 @@ pub fn batch_norm_train<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>
     let var_v = var.as_vec();
     let inv = (var + E::cast(BN_EPS)).sqrt().recip();
     let xhat = centered * inv.broadcast_like::<_, Axis<0>>(&shape);
-    (affine(xhat, g, b), mean_v, var_v)
+    (affine_composed(xhat, g, b), mean_v, var_v)
 }
 
 /// Multi-head self-attention as timm: one qkv Linear whose outputs are laid out

@@ -13,12 +13,15 @@ extern crate self as spin_core;
 pub mod checkpoint;
 pub mod conv;
 pub mod convmixer;
+pub mod data;
 pub mod describe;
 pub mod dtype;
 pub mod error;
 pub mod layers;
+pub mod norm;
 pub mod schedule;
 pub mod sharing;
+pub mod train;
 pub mod vit;
 
 pub use checkpoint::TimmCheckpoint;

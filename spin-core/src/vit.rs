@@ -102,6 +102,7 @@ pub fn info<C: VitConfig>() -> ModelInfo {
         image: img,
         classes: cls,
         unshared_params: params(d, p, img, h, cls, C::DEPTH, C::DEPTH, C::SHARE),
+        buffers: 0,
     }
 }
 

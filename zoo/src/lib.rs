@@ -1,1 +1,253 @@
+//! spin's zoo: SPIN's ConvMixer and DeiT families, their weight-shared members, and small members
+//! for the built-in digits data. Every member is a fixed-shape type declared with spin's macros;
+//! [`MEMBERS`] is generated from the same declarations, so it lists every one of them and can
+//! build any of them by name at run time.
+//!
+//! Shared members are named `<base>_ws<r>_<pattern>`: r = depth / groups layers per shared tensor.
+//! ConvMixers share their pointwise conv (SPIN's choice); DeiTs share attention and MLP with
+//! LayerNorms per layer, and `_ws12_all` shares everything (ALBERT).
+use spin_core::data::DataConfig;
+use spin_core::dfdx::prelude::*;
+use spin_core::train::{Classifier, Runner, SpinModel};
+use spin_core::{Describe, Error, Family, ModelInfo};
 
+pub use spin_core::prelude::{convmixer, shared_blocks, vit};
+
+pub mod cli;
+pub mod report;
+
+/// A zoo member: its description and how to build it.
+pub struct Member {
+    pub info: fn() -> ModelInfo,
+    pub build: fn(u64) -> Box<dyn Classifier>,
+}
+
+fn build_member<X>(seed: u64) -> Box<dyn Classifier>
+where
+    X: BuildOnDevice<Cpu, f32>,
+    X::Built: SpinModel<f32, Cpu> + Send + 'static,
+{
+    let dev = Cpu::seed_from_u64(seed);
+    let model = dev.build_module::<X, f32>();
+    Box::new(Runner::new(model, dev))
+}
+
+/// Declares the members and generates [`MEMBERS`] from the same list.
+macro_rules! zoo {
+    ($( $(#[$attr:meta])+ $name:ident; )+) => {
+        $( $(#[$attr])+ #[allow(non_camel_case_types)] pub struct $name; )+
+
+        /// Every member of the zoo, in declaration order.
+        pub static MEMBERS: &[Member] = &[
+            $( Member { info: <$name as Describe>::info, build: build_member::<$name> }, )+
+        ];
+    };
+}
+
+zoo! {
+    // ---- ConvMixer: timm's members, SPIN's variant, and their pointwise-shared versions ----
+    /// ConvMixer-1536/20, timm `convmixer_1536_20` (k9, p7, GELU).
+    #[convmixer(dim = 1536, kernel = 9, patch = 7, image = 224, classes = 1000, act = gelu, depth = 20)]
+    convmixer_1536_20;
+    #[convmixer(dim = 1536, kernel = 9, patch = 7, image = 224, classes = 1000, act = gelu)]
+    #[shared_blocks(depth = 20, groups = 10, pattern = sequential)]
+    convmixer_1536_20_ws2_sequential;
+    #[convmixer(dim = 1536, kernel = 9, patch = 7, image = 224, classes = 1000, act = gelu)]
+    #[shared_blocks(depth = 20, groups = 10, pattern = strided)]
+    convmixer_1536_20_ws2_strided;
+    #[convmixer(dim = 1536, kernel = 9, patch = 7, image = 224, classes = 1000, act = gelu)]
+    #[shared_blocks(depth = 20, groups = 5, pattern = sequential)]
+    convmixer_1536_20_ws4_sequential;
+    #[convmixer(dim = 1536, kernel = 9, patch = 7, image = 224, classes = 1000, act = gelu)]
+    #[shared_blocks(depth = 20, groups = 5, pattern = strided)]
+    convmixer_1536_20_ws4_strided;
+    /// ConvMixer-768/32, timm `convmixer_768_32` (k7, p7, ReLU).
+    #[convmixer(dim = 768, kernel = 7, patch = 7, image = 224, classes = 1000, act = relu, depth = 32)]
+    convmixer_768_32;
+    #[convmixer(dim = 768, kernel = 7, patch = 7, image = 224, classes = 1000, act = relu)]
+    #[shared_blocks(depth = 32, groups = 16, pattern = sequential)]
+    convmixer_768_32_ws2_sequential;
+    #[convmixer(dim = 768, kernel = 7, patch = 7, image = 224, classes = 1000, act = relu)]
+    #[shared_blocks(depth = 32, groups = 16, pattern = strided)]
+    convmixer_768_32_ws2_strided;
+    #[convmixer(dim = 768, kernel = 7, patch = 7, image = 224, classes = 1000, act = relu)]
+    #[shared_blocks(depth = 32, groups = 8, pattern = sequential)]
+    convmixer_768_32_ws4_sequential;
+    #[convmixer(dim = 768, kernel = 7, patch = 7, image = 224, classes = 1000, act = relu)]
+    #[shared_blocks(depth = 32, groups = 8, pattern = strided)]
+    convmixer_768_32_ws4_strided;
+    /// ConvMixer-1024/20, timm `convmixer_1024_20_ks9_p14`.
+    #[convmixer(dim = 1024, kernel = 9, patch = 14, image = 224, classes = 1000, act = gelu, depth = 20)]
+    convmixer_1024_20_ks9_p14;
+    #[convmixer(dim = 1024, kernel = 9, patch = 14, image = 224, classes = 1000, act = gelu)]
+    #[shared_blocks(depth = 20, groups = 10, pattern = sequential)]
+    convmixer_1024_20_ks9_p14_ws2_sequential;
+    #[convmixer(dim = 1024, kernel = 9, patch = 14, image = 224, classes = 1000, act = gelu)]
+    #[shared_blocks(depth = 20, groups = 10, pattern = strided)]
+    convmixer_1024_20_ks9_p14_ws2_strided;
+    #[convmixer(dim = 1024, kernel = 9, patch = 14, image = 224, classes = 1000, act = gelu)]
+    #[shared_blocks(depth = 20, groups = 5, pattern = sequential)]
+    convmixer_1024_20_ks9_p14_ws4_sequential;
+    #[convmixer(dim = 1024, kernel = 9, patch = 14, image = 224, classes = 1000, act = gelu)]
+    #[shared_blocks(depth = 20, groups = 5, pattern = strided)]
+    convmixer_1024_20_ks9_p14_ws4_strided;
+    /// SPIN's ConvMixer-768/32 (p14, k3, ReLU) with a residual around the pointwise part.
+    #[convmixer(dim = 768, kernel = 3, patch = 14, image = 224, classes = 1000, act = relu, variant = spin, depth = 32)]
+    convmixer_768_32_p14_k3;
+    #[convmixer(dim = 768, kernel = 3, patch = 14, image = 224, classes = 1000, act = relu, variant = spin)]
+    #[shared_blocks(depth = 32, groups = 16, pattern = sequential)]
+    convmixer_768_32_p14_k3_ws2_sequential;
+    #[convmixer(dim = 768, kernel = 3, patch = 14, image = 224, classes = 1000, act = relu, variant = spin)]
+    #[shared_blocks(depth = 32, groups = 16, pattern = strided)]
+    convmixer_768_32_p14_k3_ws2_strided;
+    #[convmixer(dim = 768, kernel = 3, patch = 14, image = 224, classes = 1000, act = relu, variant = spin)]
+    #[shared_blocks(depth = 32, groups = 8, pattern = sequential)]
+    convmixer_768_32_p14_k3_ws4_sequential;
+    #[convmixer(dim = 768, kernel = 3, patch = 14, image = 224, classes = 1000, act = relu, variant = spin)]
+    #[shared_blocks(depth = 32, groups = 8, pattern = strided)]
+    convmixer_768_32_p14_k3_ws4_strided;
+    /// ConvMixer-256/8 for 32×32 inputs (k9, p2, GELU, 10 classes).
+    #[convmixer(dim = 256, kernel = 9, patch = 2, image = 32, classes = 10, act = gelu, depth = 8)]
+    convmixer_256_8_ks9_p2;
+    #[convmixer(dim = 256, kernel = 9, patch = 2, image = 32, classes = 10, act = gelu)]
+    #[shared_blocks(depth = 8, groups = 4, pattern = sequential)]
+    convmixer_256_8_ks9_p2_ws2_sequential;
+    #[convmixer(dim = 256, kernel = 9, patch = 2, image = 32, classes = 10, act = gelu)]
+    #[shared_blocks(depth = 8, groups = 4, pattern = strided)]
+    convmixer_256_8_ks9_p2_ws2_strided;
+    #[convmixer(dim = 256, kernel = 9, patch = 2, image = 32, classes = 10, act = gelu)]
+    #[shared_blocks(depth = 8, groups = 2, pattern = sequential)]
+    convmixer_256_8_ks9_p2_ws4_sequential;
+    #[convmixer(dim = 256, kernel = 9, patch = 2, image = 32, classes = 10, act = gelu)]
+    #[shared_blocks(depth = 8, groups = 2, pattern = strided)]
+    convmixer_256_8_ks9_p2_ws4_strided;
+    // ---- DeiT: attention and MLP shared (SPIN), or everything shared (ALBERT) ----
+    /// timm `deit_tiny_patch16_224`.
+    #[vit(dim = 192, heads = 3, patch = 16, image = 224, classes = 1000, depth = 12)]
+    deit_tiny_patch16_224;
+    #[vit(dim = 192, heads = 3, patch = 16, image = 224, classes = 1000)]
+    #[shared_blocks(depth = 12, groups = 6, pattern = sequential)]
+    deit_tiny_patch16_224_ws2_sequential;
+    #[vit(dim = 192, heads = 3, patch = 16, image = 224, classes = 1000)]
+    #[shared_blocks(depth = 12, groups = 6, pattern = strided)]
+    deit_tiny_patch16_224_ws2_strided;
+    #[vit(dim = 192, heads = 3, patch = 16, image = 224, classes = 1000)]
+    #[shared_blocks(depth = 12, groups = 3, pattern = sequential)]
+    deit_tiny_patch16_224_ws4_sequential;
+    #[vit(dim = 192, heads = 3, patch = 16, image = 224, classes = 1000)]
+    #[shared_blocks(depth = 12, groups = 3, pattern = strided)]
+    deit_tiny_patch16_224_ws4_strided;
+    #[vit(dim = 192, heads = 3, patch = 16, image = 224, classes = 1000)]
+    #[shared_blocks(depth = 12, groups = 1, pattern = sequential, share = all)]
+    deit_tiny_patch16_224_ws12_all;
+    /// timm `deit_small_patch16_224`.
+    #[vit(dim = 384, heads = 6, patch = 16, image = 224, classes = 1000, depth = 12)]
+    deit_small_patch16_224;
+    #[vit(dim = 384, heads = 6, patch = 16, image = 224, classes = 1000)]
+    #[shared_blocks(depth = 12, groups = 6, pattern = sequential)]
+    deit_small_patch16_224_ws2_sequential;
+    #[vit(dim = 384, heads = 6, patch = 16, image = 224, classes = 1000)]
+    #[shared_blocks(depth = 12, groups = 6, pattern = strided)]
+    deit_small_patch16_224_ws2_strided;
+    #[vit(dim = 384, heads = 6, patch = 16, image = 224, classes = 1000)]
+    #[shared_blocks(depth = 12, groups = 3, pattern = sequential)]
+    deit_small_patch16_224_ws4_sequential;
+    #[vit(dim = 384, heads = 6, patch = 16, image = 224, classes = 1000)]
+    #[shared_blocks(depth = 12, groups = 3, pattern = strided)]
+    deit_small_patch16_224_ws4_strided;
+    #[vit(dim = 384, heads = 6, patch = 16, image = 224, classes = 1000)]
+    #[shared_blocks(depth = 12, groups = 1, pattern = sequential, share = all)]
+    deit_small_patch16_224_ws12_all;
+    /// timm `deit_base_patch16_224`.
+    #[vit(dim = 768, heads = 12, patch = 16, image = 224, classes = 1000, depth = 12)]
+    deit_base_patch16_224;
+    #[vit(dim = 768, heads = 12, patch = 16, image = 224, classes = 1000)]
+    #[shared_blocks(depth = 12, groups = 6, pattern = sequential)]
+    deit_base_patch16_224_ws2_sequential;
+    #[vit(dim = 768, heads = 12, patch = 16, image = 224, classes = 1000)]
+    #[shared_blocks(depth = 12, groups = 6, pattern = strided)]
+    deit_base_patch16_224_ws2_strided;
+    #[vit(dim = 768, heads = 12, patch = 16, image = 224, classes = 1000)]
+    #[shared_blocks(depth = 12, groups = 3, pattern = sequential)]
+    deit_base_patch16_224_ws4_sequential;
+    #[vit(dim = 768, heads = 12, patch = 16, image = 224, classes = 1000)]
+    #[shared_blocks(depth = 12, groups = 3, pattern = strided)]
+    deit_base_patch16_224_ws4_strided;
+    #[vit(dim = 768, heads = 12, patch = 16, image = 224, classes = 1000)]
+    #[shared_blocks(depth = 12, groups = 1, pattern = sequential, share = all)]
+    deit_base_patch16_224_ws12_all;
+    // ---- Small members for the built-in 8×8 digits: each trains in well under a minute ----
+    /// ConvMixer-64/8 on 8×8 digits, 1×1 patches.
+    #[convmixer(dim = 64, kernel = 3, patch = 1, image = 8, classes = 10, act = gelu, depth = 8)]
+    digits_convmixer_64_8;
+    #[convmixer(dim = 64, kernel = 3, patch = 1, image = 8, classes = 10, act = gelu)]
+    #[shared_blocks(depth = 8, groups = 4, pattern = sequential)]
+    digits_convmixer_64_8_ws2_sequential;
+    #[convmixer(dim = 64, kernel = 3, patch = 1, image = 8, classes = 10, act = gelu)]
+    #[shared_blocks(depth = 8, groups = 4, pattern = strided)]
+    digits_convmixer_64_8_ws2_strided;
+    #[convmixer(dim = 64, kernel = 3, patch = 1, image = 8, classes = 10, act = gelu)]
+    #[shared_blocks(depth = 8, groups = 2, pattern = sequential)]
+    digits_convmixer_64_8_ws4_sequential;
+    #[convmixer(dim = 64, kernel = 3, patch = 1, image = 8, classes = 10, act = gelu)]
+    #[shared_blocks(depth = 8, groups = 2, pattern = strided)]
+    digits_convmixer_64_8_ws4_strided;
+    /// A ViT-64/6 on 8×8 digits, 2×2 patches.
+    #[vit(dim = 64, heads = 4, patch = 2, image = 8, classes = 10, depth = 6)]
+    digits_vit_64_6;
+    #[vit(dim = 64, heads = 4, patch = 2, image = 8, classes = 10)]
+    #[shared_blocks(depth = 6, groups = 3, pattern = sequential)]
+    digits_vit_64_6_ws2_sequential;
+    #[vit(dim = 64, heads = 4, patch = 2, image = 8, classes = 10)]
+    #[shared_blocks(depth = 6, groups = 2, pattern = sequential)]
+    digits_vit_64_6_ws3_sequential;
+    #[vit(dim = 64, heads = 4, patch = 2, image = 8, classes = 10)]
+    #[shared_blocks(depth = 6, groups = 1, pattern = sequential, share = all)]
+    digits_vit_64_6_ws6_all;
+}
+
+/// The member called `name`, or an error listing near matches.
+pub fn find(name: &str) -> Result<&'static Member, Error> {
+    if let Some(m) = MEMBERS.iter().find(|m| (m.info)().name == name) {
+        return Ok(m);
+    }
+    let key = name.split('_').next().unwrap_or(name);
+    let near: Vec<&str> = MEMBERS.iter().map(|m| (m.info)().name).filter(|n| n.contains(key)).take(8).collect();
+    Err(Error::Invalid(format!(
+        "no zoo member `{name}`{}; `spin zoo` lists them all",
+        if near.is_empty() { String::new() } else { format!(" (similar: {})", near.join(", ")) }
+    )))
+}
+
+/// Builds a member by name, with parameters initialised from `seed`.
+pub fn build(name: &str, seed: u64) -> Result<Box<dyn Classifier>, Error> {
+    Ok((find(name)?.build)(seed))
+}
+
+/// How a member expects its input, as timm's data config would give it: ImageNet statistics and
+/// crop (0.96 for ConvMixer, 0.875 for DeiT) at 224; CIFAR-10 statistics at 32; inputs centred
+/// to [-1, 1] for the 8×8 digits members.
+pub fn data_config(info: &ModelInfo) -> DataConfig {
+    match (info.image, info.family) {
+        (8, _) => DataConfig::centred(8),
+        (32, _) => DataConfig {
+            image: 32,
+            mean: [0.4914, 0.4822, 0.4465],
+            std: [0.2470, 0.2435, 0.2616],
+            crop_pct: 1.0,
+        },
+        (img, Family::ConvMixer) => DataConfig::imagenet(img, 0.96),
+        (img, Family::Vit) => DataConfig::imagenet(img, 0.875),
+    }
+}
+
+/// The digits members `spin compare` trains by default: shared against unshared, per family.
+pub const DIGITS_COMPARISON: &[&str] = &[
+    "digits_convmixer_64_8",
+    "digits_convmixer_64_8_ws2_sequential",
+    "digits_convmixer_64_8_ws4_sequential",
+    "digits_convmixer_64_8_ws4_strided",
+    "digits_vit_64_6",
+    "digits_vit_64_6_ws2_sequential",
+    "digits_vit_64_6_ws6_all",
+];

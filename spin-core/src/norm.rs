@@ -1,0 +1,237 @@
+//! Fused normalisation kernels on channels-last matrices `(rows, C)`: BatchNorm with batch
+//! statistics, a per-channel affine map (BatchNorm at inference), and LayerNorm over each row.
+//!
+//! Each is one pass in and one out, split across cores, instead of the half-dozen single-threaded
+//! dfdx ops (broadcasts, reductions, elementwise) the composed forms in [`crate::layers`] take.
+//! Column sums use fixed row blocks added in order, so results do not depend on thread timing.
+use crate::dtype::SpinDtype;
+use dfdx::prelude::*;
+use rayon::prelude::*;
+
+/// Rows per block of a column reduction.
+const BLOCK: usize = 64;
+
+/// Σ over rows of `f(row)`'s contribution, per column, as f64: fixed blocks, ordered sum.
+fn col_sums(rows: usize, c: usize, f: impl Fn(usize, &mut [f64]) + Sync) -> Vec<f64> {
+    let partials: Vec<Vec<f64>> = (0..rows.div_ceil(BLOCK))
+        .into_par_iter()
+        .map(|b| {
+            let mut acc = vec![0.0; c];
+            for r in b * BLOCK..((b + 1) * BLOCK).min(rows) {
+                f(r, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    let mut out = vec![0.0; c];
+    for p in partials {
+        for (o, v) in out.iter_mut().zip(p) {
+            *o += v;
+        }
+    }
+    out
+}
+
+fn cast<E: SpinDtype>(v: &[f64]) -> Vec<E> {
+    v.iter().map(|&x| E::cast(x)).collect()
+}
+
+/// `x · s + t` per column: forward, and backward given dL/dy → (dL/dx, dL/ds, dL/dt).
+pub(crate) fn affine_fwd<E: SpinDtype>(x: &[E], s: &[E], t: &[E]) -> Vec<E> {
+    let c = s.len();
+    let mut y = vec![E::zero(); x.len()];
+    y.par_chunks_mut(c * BLOCK).zip(x.par_chunks(c * BLOCK)).for_each(|(yb, xb)| {
+        for (yr, xr) in yb.chunks_mut(c).zip(xb.chunks(c)) {
+            for j in 0..c {
+                yr[j] = xr[j] * s[j] + t[j];
+            }
+        }
+    });
+    y
+}
+
+pub(crate) fn affine_bwd<E: SpinDtype>(x: &[E], s: &[E], gy: &[E]) -> (Vec<E>, Vec<E>, Vec<E>) {
+    let c = s.len();
+    let rows = x.len() / c;
+    let mut gx = vec![E::zero(); x.len()];
+    gx.par_chunks_mut(c * BLOCK).zip(gy.par_chunks(c * BLOCK)).for_each(|(gb, yb)| {
+        for (gr, yr) in gb.chunks_mut(c).zip(yb.chunks(c)) {
+            for j in 0..c {
+                gr[j] = yr[j] * s[j];
+            }
+        }
+    });
+    let gs = col_sums(rows, c, |r, acc| {
+        for j in 0..c {
+            acc[j] += (gy[r * c + j] * x[r * c + j]).as_f64();
+        }
+    });
+    let gt = col_sums(rows, c, |r, acc| {
+        for j in 0..c {
+            acc[j] += gy[r * c + j].as_f64();
+        }
+    });
+    (gx, cast(&gs), cast(&gt))
+}
+
+/// Batch statistics of a BatchNorm in training mode.
+#[derive(Clone, Debug)]
+pub(crate) struct BnCache<E> {
+    pub mean: Vec<E>,
+    pub var: Vec<E>,
+    pub inv: Vec<E>,
+}
+
+/// BatchNorm over rows with batch statistics: returns y and (mean, biased var, 1/σ).
+pub(crate) fn batch_norm_fwd<E: SpinDtype>(x: &[E], g: &[E], b: &[E], eps: f64) -> (Vec<E>, BnCache<E>) {
+    let c = g.len();
+    let rows = x.len() / c;
+    let n = rows as f64;
+    let mean = col_sums(rows, c, |r, acc| {
+        for j in 0..c {
+            acc[j] += x[r * c + j].as_f64();
+        }
+    });
+    let mean: Vec<f64> = mean.iter().map(|s| s / n).collect();
+    let var = col_sums(rows, c, |r, acc| {
+        for j in 0..c {
+            let d = x[r * c + j].as_f64() - mean[j];
+            acc[j] += d * d;
+        }
+    });
+    let var: Vec<f64> = var.iter().map(|s| s / n).collect();
+    let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    // y = x·(γ/σ) + (β − μ·γ/σ)
+    let scale: Vec<E> = (0..c).map(|j| E::cast(g[j].as_f64() * inv[j])).collect();
+    let shift: Vec<E> = (0..c).map(|j| E::cast(b[j].as_f64() - mean[j] * g[j].as_f64() * inv[j])).collect();
+    let y = affine_fwd(x, &scale, &shift);
+    (y, BnCache { mean: cast(&mean), var: cast(&var), inv: cast(&inv) })
+}
+
+/// Backward of [`batch_norm_fwd`]: with x̂ = (x − μ)/σ, dβ = Σ dy, dγ = Σ dy·x̂,
+/// dx = γ/(σN) · (N·dy − dβ − x̂·dγ).
+pub(crate) fn batch_norm_bwd<E: SpinDtype>(
+    x: &[E],
+    g: &[E],
+    cache: &BnCache<E>,
+    gy: &[E],
+) -> (Vec<E>, Vec<E>, Vec<E>) {
+    let c = g.len();
+    let rows = x.len() / c;
+    let n = rows as f64;
+    let xhat = |r: usize, j: usize| (x[r * c + j].as_f64() - cache.mean[j].as_f64()) * cache.inv[j].as_f64();
+    let gb = col_sums(rows, c, |r, acc| {
+        for j in 0..c {
+            acc[j] += gy[r * c + j].as_f64();
+        }
+    });
+    let gg = col_sums(rows, c, |r, acc| {
+        for j in 0..c {
+            acc[j] += gy[r * c + j].as_f64() * xhat(r, j);
+        }
+    });
+    let k: Vec<f64> = (0..c).map(|j| g[j].as_f64() * cache.inv[j].as_f64() / n).collect();
+    let mut gx = vec![E::zero(); x.len()];
+    gx.par_chunks_mut(c).enumerate().for_each(|(r, gr)| {
+        for j in 0..c {
+            gr[j] = E::cast(k[j] * (n * gy[r * c + j].as_f64() - gb[j] - xhat(r, j) * gg[j]));
+        }
+    });
+    (gx, cast(&gg), cast(&gb))
+}
+
+/// LayerNorm over each row: returns y and per-row (mean, 1/σ).
+pub(crate) fn layer_norm_fwd<E: SpinDtype>(x: &[E], g: &[E], b: &[E], eps: f64) -> (Vec<E>, Vec<f64>) {
+    let c = g.len();
+    let mut y = vec![E::zero(); x.len()];
+    let mut stats = vec![0.0; 2 * (x.len() / c)];
+    y.par_chunks_mut(c).zip(x.par_chunks(c)).zip(stats.par_chunks_mut(2)).for_each(|((yr, xr), st)| {
+        let mean = xr.iter().map(|v| v.as_f64()).sum::<f64>() / c as f64;
+        let var = xr.iter().map(|v| (v.as_f64() - mean).powi(2)).sum::<f64>() / c as f64;
+        let inv = 1.0 / (var + eps).sqrt();
+        for j in 0..c {
+            yr[j] = E::cast((xr[j].as_f64() - mean) * inv * g[j].as_f64() + b[j].as_f64());
+        }
+        st[0] = mean;
+        st[1] = inv;
+    });
+    (y, stats)
+}
+
+/// Backward of [`layer_norm_fwd`]: with ĝ = dy·γ, dx = (ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))/σ per row.
+pub(crate) fn layer_norm_bwd<E: SpinDtype>(
+    x: &[E],
+    g: &[E],
+    stats: &[f64],
+    gy: &[E],
+) -> (Vec<E>, Vec<E>, Vec<E>) {
+    let c = g.len();
+    let rows = x.len() / c;
+    let xhat = |r: usize, j: usize| (x[r * c + j].as_f64() - stats[2 * r]) * stats[2 * r + 1];
+    let mut gx = vec![E::zero(); x.len()];
+    gx.par_chunks_mut(c).enumerate().for_each(|(r, gr)| {
+        let (mut m1, mut m2) = (0.0, 0.0);
+        for j in 0..c {
+            let gh = gy[r * c + j].as_f64() * g[j].as_f64();
+            m1 += gh;
+            m2 += gh * xhat(r, j);
+        }
+        let (m1, m2) = (m1 / c as f64, m2 / c as f64);
+        for j in 0..c {
+            let gh = gy[r * c + j].as_f64() * g[j].as_f64();
+            gr[j] = E::cast((gh - m1 - xhat(r, j) * m2) * stats[2 * r + 1]);
+        }
+    });
+    let gg = col_sums(rows, c, |r, acc| {
+        for j in 0..c {
+            acc[j] += gy[r * c + j].as_f64() * xhat(r, j);
+        }
+    });
+    let gb = col_sums(rows, c, |r, acc| {
+        for j in 0..c {
+            acc[j] += gy[r * c + j].as_f64();
+        }
+    });
+    (gx, cast(&gg), cast(&gb))
+}
+
+/// Adds `src` into a gradient buffer.
+pub(crate) fn add_into<E: SpinDtype>(dst: &mut [E], src: &[E]) {
+    dst.par_iter_mut().zip(src.par_iter()).for_each(|(d, &s)| *d += s);
+}
+
+/// Registers a fused op with three inputs (x, γ, β) on the tape: `fwd` computes the output and a
+/// cache from the input values, `bwd` the three input gradients from the cache and dL/dy.
+pub(crate) fn fused3<E, T, C>(
+    x: Tensor<(usize, usize), E, Cpu, T>,
+    g: Tensor<(usize,), E, Cpu, T>,
+    b: Tensor<(usize,), E, Cpu, T>,
+    fwd: impl FnOnce(&[E], &[E], &[E]) -> (Vec<E>, C),
+    bwd: impl FnOnce(&[E], &[E], &C, &[E]) -> (Vec<E>, Vec<E>, Vec<E>) + 'static,
+) -> (Tensor<(usize, usize), E, Cpu, T>, std::sync::Arc<C>)
+where
+    E: SpinDtype,
+    T: dfdx::tensor::Tape<E, Cpu> + Merge<T>,
+    C: Send + Sync + 'static,
+{
+    let (x, tx) = x.split_tape();
+    let (g, tg) = g.split_tape();
+    let (b, tb) = b.split_tape();
+    let mut tape = tx.merge(tg).merge(tb);
+    let (xs, gs) = (x.as_vec(), g.as_vec());
+    let (y, cache) = fwd(&xs, &gs, &b.as_vec());
+    let cache = std::sync::Arc::new(cache);
+    let y = x.device().tensor_from_vec(y, *x.shape());
+    if T::OWNS_TAPE {
+        let (y_keep, cache) = (y.clone(), cache.clone());
+        tape.add_backward_op(move |grads| {
+            let gy = grads.get(&y_keep).as_vec();
+            let (gx, gg, gb) = bwd(&xs, &gs, &cache, &gy);
+            add_into(grads.get_or_alloc_mut(&x)?, &gx);
+            add_into(grads.get_or_alloc_mut(&g)?, &gg);
+            add_into(grads.get_or_alloc_mut(&b)?, &gb);
+            Ok(())
+        });
+    }
+    (y.put_tape(tape), cache)
+}

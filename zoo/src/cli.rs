@@ -1,0 +1,399 @@
+//! The `spin` command line. Each sub-command is a function here so tests can drive it directly.
+use crate::report::{self, Row};
+use crate::{data_config, find, DIGITS_COMPARISON, MEMBERS};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use spin_core::checkpoint::StorageDtype;
+use spin_core::data::{self, DataSpec};
+use spin_core::train::{self, AdamW, Classifier, TrainConfig};
+use spin_core::Error;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Parser, Debug)]
+#[command(name = "spin", version, about = "Weight-shared isotropic vision networks: list, train, evaluate, compare")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// List every zoo member with its parameters, MACs, sharing and size on disk.
+    Zoo(ZooArgs),
+    /// Train a member on digits, CIFAR-10 or a folder of images.
+    Train(TrainArgs),
+    /// Evaluate trained weights on the held-out split.
+    Eval(EvalArgs),
+    /// Classify image files (PNG or JPEG).
+    Predict(PredictArgs),
+    /// Train several members and plot accuracy against parameters and MACs.
+    Compare(CompareArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Csv,
+    Markdown,
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct ZooArgs {
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+}
+
+fn parse_data(s: &str) -> Result<DataSpec, String> {
+    s.parse().map_err(|e: Error| e.to_string())
+}
+
+fn parse_dtype(s: &str) -> Result<StorageDtype, String> {
+    s.parse().map_err(|e: Error| e.to_string())
+}
+
+/// Hyper-parameters shared by `train` and `compare`.
+#[derive(Args, Debug, Clone)]
+pub struct Hyper {
+    /// Data: `digits` (built in), `cifar10:DIR` (the binary batches) or `folder:DIR` (a sub-directory per class).
+    #[arg(long, default_value = "digits", value_parser = parse_data)]
+    pub data: DataSpec,
+    #[arg(long, default_value_t = 10)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Peak learning rate of the one-cycle schedule.
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f32,
+    #[arg(long, default_value_t = 0.05)]
+    pub weight_decay: f32,
+    #[arg(long, default_value_t = 0.1)]
+    pub label_smoothing: f32,
+    /// Clip the global gradient L2 norm to this value (0 turns clipping off).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl Hyper {
+    fn config(&self) -> TrainConfig {
+        TrainConfig {
+            epochs: self.epochs,
+            batch: self.batch.max(1),
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            label_smoothing: self.label_smoothing,
+            clip: (self.clip > 0.0).then_some(self.clip),
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    #[arg(long)]
+    pub model: String,
+    #[command(flatten)]
+    pub hyper: Hyper,
+    /// Output directory (checkpoint, optimiser state, metrics.csv); default runs/<model>.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue the run in --out from its last completed epoch.
+    #[arg(long)]
+    pub resume: bool,
+    /// Storage dtype of the saved checkpoint.
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    pub save_dtype: StorageDtype,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[arg(long)]
+    pub model: String,
+    #[arg(long)]
+    pub weights: PathBuf,
+    #[arg(long, default_value = "digits", value_parser = parse_data)]
+    pub data: DataSpec,
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct PredictArgs {
+    #[arg(long)]
+    pub model: String,
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// How many classes to print per image.
+    #[arg(long, default_value_t = 3)]
+    pub top: usize,
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct CompareArgs {
+    /// Comma-separated members; default: the digits members, shared against unshared.
+    #[arg(long, value_delimiter = ',')]
+    pub models: Vec<String>,
+    #[command(flatten)]
+    pub hyper: Hyper,
+    /// Where the table (CSV), the plot (PNG and SVG) and each run go.
+    #[arg(long, default_value = "runs/compare")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let mut out = std::io::stdout().lock();
+    match run(cli, &mut out) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("spin: {e}");
+            1
+        }
+    }
+}
+
+pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), Error> {
+    match cli.cmd {
+        Cmd::Zoo(a) => zoo(&a, out),
+        Cmd::Train(a) => train(&a, out).map(|_| ()),
+        Cmd::Eval(a) => eval(&a, out),
+        Cmd::Predict(a) => predict(&a, out),
+        Cmd::Compare(a) => compare(&a, out).map(|_| ()),
+    }
+}
+
+fn io(e: std::io::Error) -> Error {
+    Error::io("<output>", e)
+}
+
+pub fn zoo(a: &ZooArgs, out: &mut dyn Write) -> Result<(), Error> {
+    let rows: Vec<Row> = MEMBERS.iter().map(|m| Row::from_info(&(m.info)())).collect();
+    report::zoo_table(&rows, a.format, out).map_err(io)
+}
+
+/// What a finished training run reports.
+#[derive(Clone, Debug)]
+pub struct TrainResult {
+    pub name: String,
+    pub params: usize,
+    pub macs: u64,
+    pub test_accuracy: f32,
+    pub test_loss: f32,
+    pub seconds: f64,
+    pub epochs_run: usize,
+}
+
+fn progress(steps: usize, prefix: String, quiet: bool) -> ProgressBar {
+    let pb = if quiet { ProgressBar::hidden() } else { ProgressBar::new(steps as u64) };
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:>28} [{bar:24}] {pos:>3}/{len} {msg}")
+            .unwrap()
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(prefix);
+    pb
+}
+
+/// `spin train`: trains with a checkpoint (timm layout, atomic) and optimiser state each epoch,
+/// per-epoch metrics in `metrics.csv`, and `--resume`.
+pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<TrainResult, Error> {
+    let member = find(&a.model)?;
+    let info = (member.info)();
+    let split = data::load(&a.hyper.data, &data_config(&info))?;
+    if split.train.classes > info.classes {
+        return Err(Error::Invalid(format!(
+            "{} has {} classes but {} has {}",
+            info.name, info.classes, a.hyper.data, split.train.classes
+        )));
+    }
+    let cfg = a.hyper.config();
+    let dir = a.out.clone().unwrap_or_else(|| Path::new("runs").join(info.name));
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let (ckpt, state, metrics) =
+        (dir.join("checkpoint.safetensors"), dir.join("optimizer.safetensors"), dir.join("metrics.csv"));
+    let mut model = (member.build)(cfg.seed);
+    let mut opt = AdamW::new(cfg.weight_decay);
+    let mut start = 0;
+    if a.resume {
+        let (o, meta) = AdamW::load(&state)?;
+        let done: usize = meta
+            .get("epoch")
+            .and_then(|e| e.parse().ok())
+            .ok_or_else(|| Error::Invalid(format!("{}: no epoch recorded", state.display())))?;
+        if meta.get("model").map(String::as_str) != Some(info.name) {
+            return Err(Error::Invalid(format!("{} was written for another model", state.display())));
+        }
+        model.load_timm(&ckpt)?;
+        opt = o;
+        start = done + 1;
+    } else {
+        std::fs::write(&metrics, "epoch,lr_peak,train_loss,train_accuracy,test_loss,test_accuracy,seconds,images_per_s\n")
+            .map_err(|e| Error::io(&metrics, e))?;
+    }
+    writeln!(
+        out,
+        "{}: {} params, {:.1} MMACs/image, {} train / {} test images ({})",
+        info.name,
+        info.params,
+        info.macs as f64 / 1e6,
+        split.train.len(),
+        split.test.len(),
+        a.hyper.data
+    )
+    .map_err(io)?;
+    let t0 = Instant::now();
+    let mut last = train::PassStats::default();
+    for epoch in start..cfg.epochs {
+        let steps = train::steps_per_epoch(split.train.len(), cfg.batch);
+        let pb = progress(steps, format!("{} {}/{}", info.name, epoch + 1, cfg.epochs), a.quiet);
+        let te = Instant::now();
+        let stats = train::train_epoch(model.as_mut(), &mut opt, &split.train, &cfg, epoch, &mut |s, loss, acc| {
+            pb.set_position(s as u64);
+            let ips = (s * cfg.batch) as f64 / te.elapsed().as_secs_f64().max(1e-9);
+            pb.set_message(format!("loss {loss:.3} acc {acc:.3} {ips:.0} img/s"));
+        });
+        pb.finish_and_clear();
+        let stats = match stats {
+            Ok(s) => s,
+            Err(e @ Error::Diverged { .. }) => {
+                let kept = if ckpt.exists() {
+                    format!("the last good checkpoint is {}", ckpt.display())
+                } else {
+                    "no epoch finished, so no checkpoint was written".into()
+                };
+                return Err(Error::Invalid(format!("{e}; stopped, {kept}")));
+            }
+            Err(e) => return Err(e),
+        };
+        let secs = te.elapsed().as_secs_f64();
+        last = train::evaluate(model.as_ref(), &split.test, 256);
+        model.save_timm(&ckpt, a.save_dtype)?;
+        opt.save(
+            &state,
+            &[("epoch", epoch.to_string()), ("model", info.name.to_string()), ("seed", cfg.seed.to_string())],
+        )?;
+        let row = format!(
+            "{},{},{:.6},{:.6},{:.6},{:.6},{:.3},{:.1}\n",
+            epoch + 1,
+            cfg.lr,
+            stats.loss,
+            stats.accuracy,
+            last.loss,
+            last.accuracy,
+            secs,
+            stats.images as f64 / secs
+        );
+        let mut f =
+            std::fs::OpenOptions::new().append(true).open(&metrics).map_err(|e| Error::io(&metrics, e))?;
+        f.write_all(row.as_bytes()).map_err(|e| Error::io(&metrics, e))?;
+        writeln!(
+            out,
+            "epoch {:>3}: train loss {:.4} acc {:.4} | test loss {:.4} acc {:.4} | {:.1}s, {:.0} img/s",
+            epoch + 1,
+            stats.loss,
+            stats.accuracy,
+            last.loss,
+            last.accuracy,
+            secs,
+            stats.images as f64 / secs
+        )
+        .map_err(io)?;
+    }
+    if start >= cfg.epochs {
+        last = train::evaluate(model.as_ref(), &split.test, 256);
+    }
+    Ok(TrainResult {
+        name: info.name.to_string(),
+        params: info.params,
+        macs: info.macs,
+        test_accuracy: last.accuracy,
+        test_loss: last.loss,
+        seconds: t0.elapsed().as_secs_f64(),
+        epochs_run: cfg.epochs.saturating_sub(start),
+    })
+}
+
+fn load(model: &str, weights: &Path) -> Result<Box<dyn Classifier>, Error> {
+    let mut m = crate::build(model, 0)?;
+    m.load_timm(weights)?;
+    Ok(m)
+}
+
+pub fn eval(a: &EvalArgs, out: &mut dyn Write) -> Result<(), Error> {
+    let m = load(&a.model, &a.weights)?;
+    let info = m.info();
+    let split = data::load(&a.data, &data_config(&info))?;
+    let s = train::evaluate(m.as_ref(), &split.test, a.batch);
+    writeln!(out, "{}: test accuracy {:.4}, loss {:.4} on {} images of {}", info.name, s.accuracy, s.loss, s.images, a.data)
+        .map_err(io)
+}
+
+pub fn predict(a: &PredictArgs, out: &mut dyn Write) -> Result<(), Error> {
+    let m = load(&a.model, &a.weights)?;
+    let cfg = data_config(&m.info());
+    for path in &a.images {
+        let img = data::decode(path)?;
+        let logits = m.predict(&data::preprocess(&img, &cfg), 1);
+        let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let z: f32 = logits.iter().map(|v| (v - max).exp()).sum();
+        let mut ranked: Vec<(usize, f32)> = logits.iter().map(|v| (v - max).exp() / z).enumerate().collect();
+        ranked.sort_by(|x, y| y.1.total_cmp(&x.1));
+        let top: Vec<String> =
+            ranked.iter().take(a.top.max(1)).map(|(c, p)| format!("class {c} ({:.1}%)", p * 100.0)).collect();
+        writeln!(out, "{}: {}", path.display(), top.join(", ")).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// `spin compare`: trains each member with the same settings, then writes `compare.csv`,
+/// `compare.png` and `compare.svg` and prints the table.
+pub fn compare(a: &CompareArgs, out: &mut dyn Write) -> Result<Vec<TrainResult>, Error> {
+    let names: Vec<String> = if a.models.is_empty() {
+        DIGITS_COMPARISON.iter().map(|s| s.to_string()).collect()
+    } else {
+        a.models.clone()
+    };
+    for n in &names {
+        find(n)?;
+    }
+    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+    let mut results = Vec::new();
+    for name in &names {
+        let t = TrainArgs {
+            model: name.clone(),
+            hyper: a.hyper.clone(),
+            out: Some(a.out.join(name)),
+            resume: false,
+            save_dtype: StorageDtype::F32,
+            quiet: a.quiet,
+        };
+        let r = train(&t, &mut std::io::sink())?;
+        writeln!(out, "{:<40} test accuracy {:.4} ({:.1}s)", r.name, r.test_accuracy, r.seconds).map_err(io)?;
+        results.push(r);
+    }
+    let rows: Vec<(Row, &TrainResult)> =
+        results.iter().map(|r| (Row::from_info(&(find(&r.name).unwrap().info)()), r)).collect();
+    writeln!(out).map_err(io)?;
+    report::compare_table(&rows, out).map_err(io)?;
+    report::compare_csv(&rows, &a.out.join("compare.csv"))?;
+    report::compare_plot(&rows, &a.out, &a.hyper.data.to_string())?;
+    writeln!(
+        out,
+        "\nwrote {0}/compare.csv, {0}/compare.png and {0}/compare.svg",
+        a.out.display()
+    )
+    .map_err(io)?;
+    Ok(results)
+}

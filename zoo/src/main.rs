@@ -1,0 +1,4 @@
+//! The `spin` command: see `spin --help`.
+fn main() {
+    std::process::exit(zoo::cli::main());
+}
