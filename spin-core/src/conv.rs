@@ -13,6 +13,14 @@ use dfdx::prelude::*;
 use dfdx::tensor::{Storage, Tape};
 use rayon::prelude::*;
 
+/// A CPU tensor's values: one memcpy (dfdx's `as_vec` walks strided indices one by one).
+pub fn host<S: Shape, E: SpinDtype>(t: &Tensor<S, E, Cpu>) -> Vec<E> {
+    let t = t.clone().contiguous();
+    let mut v = vec![E::zero(); t.shape().num_elements()];
+    t.copy_into(&mut v);
+    v
+}
+
 /// Shape of a channels-last feature map `(B, H, W, C)` with runtime dims.
 pub type Nhwc = (usize, usize, usize, usize);
 
@@ -80,14 +88,14 @@ impl<E: SpinDtype> Kernels<E> for Cpu {
             geo.c
         );
         assert_eq!(w.shape().1, k * k, "dwconv: weight is not K·K per channel");
-        let xs = x.as_vec();
-        let wt = transpose(&w.as_vec(), geo.c, k * k);
-        let out = dw_forward(&geo, &xs, &wt, &b.as_vec());
+        let xs = host(&x);
+        let wt = transpose(&host(&w), geo.c, k * k);
+        let out = dw_forward(&geo, &xs, &wt, &host(&b));
         let y = x.device().tensor_from_vec(out, *x.shape());
         if T::OWNS_TAPE {
             let y_keep = y.clone();
             tape.add_backward_op(move |grads| {
-                let gy = grads.get(&y_keep).as_vec();
+                let gy = host(&grads.get(&y_keep));
                 let (gx, gw, gb) = dw_backward(&geo, &xs, &wt, &gy);
                 accumulate(grads.get_or_alloc_mut(&x)?, &gx);
                 accumulate(grads.get_or_alloc_mut(&w)?, &transpose(&gw, k * k, geo.c));
@@ -109,14 +117,14 @@ impl<E: SpinDtype> Kernels<E> for Cpu {
             "patchify: {h}×{w} is not divisible by {p}"
         );
         let idx = patch_index(bn, cin, h, w, p);
-        let xs = x.as_vec();
+        let xs = host(&x);
         let out: Vec<E> = idx.par_iter().map(|&i| xs[i]).collect();
         let shape = (bn * (h / p) * (w / p), cin * p * p);
         let y = x.device().tensor_from_vec(out, shape);
         if T::OWNS_TAPE {
             let y_keep = y.clone();
             tape.add_backward_op(move |grads| {
-                let gy = grads.get(&y_keep).as_vec();
+                let gy = host(&grads.get(&y_keep));
                 let gx = grads.get_or_alloc_mut(&x)?;
                 // Patches do not overlap: every input element has exactly one output slot.
                 for (o, &i) in idx.iter().enumerate() {
@@ -130,7 +138,7 @@ impl<E: SpinDtype> Kernels<E> for Cpu {
 
     fn gelu<S: Shape, T: Tape<E, Self>>(x: Tensor<S, E, Self, T>) -> Tensor<S, E, Self, T> {
         let (x, mut tape) = x.split_tape();
-        let xs = x.as_vec();
+        let xs = host(&x);
         let y: Vec<E> = xs
             .par_iter()
             .map(|&v| v.gelu_and_grad().0)
@@ -139,7 +147,7 @@ impl<E: SpinDtype> Kernels<E> for Cpu {
         if T::OWNS_TAPE {
             let y_keep = y.clone();
             tape.add_backward_op(move |grads| {
-                let gy = grads.get(&y_keep).as_vec();
+                let gy = host(&grads.get(&y_keep));
                 let gx = grads.get_or_alloc_mut(&x)?;
                 gx.par_iter_mut()
                     .zip(xs.par_iter().zip(gy.par_iter()))

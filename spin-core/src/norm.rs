@@ -4,6 +4,7 @@
 //! Each is one pass in and one out, split across cores, instead of the half-dozen single-threaded
 //! dfdx ops (broadcasts, reductions, elementwise) the composed forms in [`crate::layers`] take.
 //! Column sums use fixed row blocks added in order, so results do not depend on thread timing.
+use crate::conv::host;
 use crate::dtype::SpinDtype;
 use dfdx::prelude::*;
 use rayon::prelude::*;
@@ -30,6 +31,12 @@ fn col_sums(rows: usize, c: usize, f: impl Fn(usize, &mut [f64]) + Sync) -> Vec<
         }
     }
     out
+}
+
+fn add_row<E: SpinDtype>(acc: &mut [f64], row: &[E]) {
+    for (a, &v) in acc.iter_mut().zip(row) {
+        *a += v.as_f64();
+    }
 }
 
 fn cast<E: SpinDtype>(v: &[f64]) -> Vec<E> {
@@ -62,15 +69,11 @@ pub(crate) fn affine_bwd<E: SpinDtype>(x: &[E], s: &[E], gy: &[E]) -> (Vec<E>, V
         }
     });
     let gs = col_sums(rows, c, |r, acc| {
-        for j in 0..c {
-            acc[j] += (gy[r * c + j] * x[r * c + j]).as_f64();
+        for ((a, &g), &v) in acc.iter_mut().zip(&gy[r * c..][..c]).zip(&x[r * c..][..c]) {
+            *a += (g * v).as_f64();
         }
     });
-    let gt = col_sums(rows, c, |r, acc| {
-        for j in 0..c {
-            acc[j] += gy[r * c + j].as_f64();
-        }
-    });
+    let gt = col_sums(rows, c, |r, acc| add_row(acc, &gy[r * c..][..c]));
     (gx, cast(&gs), cast(&gt))
 }
 
@@ -87,16 +90,12 @@ pub(crate) fn batch_norm_fwd<E: SpinDtype>(x: &[E], g: &[E], b: &[E], eps: f64) 
     let c = g.len();
     let rows = x.len() / c;
     let n = rows as f64;
-    let mean = col_sums(rows, c, |r, acc| {
-        for j in 0..c {
-            acc[j] += x[r * c + j].as_f64();
-        }
-    });
+    let mean = col_sums(rows, c, |r, acc| add_row(acc, &x[r * c..][..c]));
     let mean: Vec<f64> = mean.iter().map(|s| s / n).collect();
     let var = col_sums(rows, c, |r, acc| {
-        for j in 0..c {
-            let d = x[r * c + j].as_f64() - mean[j];
-            acc[j] += d * d;
+        for ((a, &v), &m) in acc.iter_mut().zip(&x[r * c..][..c]).zip(&mean) {
+            let d = v.as_f64() - m;
+            *a += d * d;
         }
     });
     let var: Vec<f64> = var.iter().map(|s| s / n).collect();
@@ -119,24 +118,30 @@ pub(crate) fn batch_norm_bwd<E: SpinDtype>(
     let c = g.len();
     let rows = x.len() / c;
     let n = rows as f64;
-    let xhat = |r: usize, j: usize| (x[r * c + j].as_f64() - cache.mean[j].as_f64()) * cache.inv[j].as_f64();
-    let gb = col_sums(rows, c, |r, acc| {
-        for j in 0..c {
-            acc[j] += gy[r * c + j].as_f64();
-        }
-    });
+    let mean: Vec<f64> = cache.mean.iter().map(|v| v.as_f64()).collect();
+    let inv: Vec<f64> = cache.inv.iter().map(|v| v.as_f64()).collect();
+    let gb = col_sums(rows, c, |r, acc| add_row(acc, &gy[r * c..][..c]));
     let gg = col_sums(rows, c, |r, acc| {
+        let (xr, gr) = (&x[r * c..][..c], &gy[r * c..][..c]);
         for j in 0..c {
-            acc[j] += gy[r * c + j].as_f64() * xhat(r, j);
+            acc[j] += gr[j].as_f64() * (xr[j].as_f64() - mean[j]) * inv[j];
         }
     });
-    let k: Vec<f64> = (0..c).map(|j| g[j].as_f64() * cache.inv[j].as_f64() / n).collect();
+    // dx = a·dy + b·x + d per column, with a = γ/σ, b = −γ/σ·dγ/(σN), d = −γ/σ·(dβ − μ·dγ/σ)/N.
+    let a: Vec<E> = (0..c).map(|j| E::cast(g[j].as_f64() * inv[j])).collect();
+    let bx: Vec<E> = (0..c).map(|j| E::cast(-g[j].as_f64() * inv[j] * inv[j] * gg[j] / n)).collect();
+    let d: Vec<E> =
+        (0..c).map(|j| E::cast(-g[j].as_f64() * inv[j] * (gb[j] - mean[j] * inv[j] * gg[j]) / n)).collect();
     let mut gx = vec![E::zero(); x.len()];
-    gx.par_chunks_mut(c).enumerate().for_each(|(r, gr)| {
-        for j in 0..c {
-            gr[j] = E::cast(k[j] * (n * gy[r * c + j].as_f64() - gb[j] - xhat(r, j) * gg[j]));
-        }
-    });
+    gx.par_chunks_mut(c * BLOCK).zip(x.par_chunks(c * BLOCK)).zip(gy.par_chunks(c * BLOCK)).for_each(
+        |((ob, xb), gb_)| {
+            for ((or, xr), gr) in ob.chunks_mut(c).zip(xb.chunks(c)).zip(gb_.chunks(c)) {
+                for j in 0..c {
+                    or[j] = a[j] * gr[j] + bx[j] * xr[j] + d[j];
+                }
+            }
+        },
+    );
     (gx, cast(&gg), cast(&gb))
 }
 
@@ -183,15 +188,13 @@ pub(crate) fn layer_norm_bwd<E: SpinDtype>(
         }
     });
     let gg = col_sums(rows, c, |r, acc| {
+        let (xr, gr) = (&x[r * c..][..c], &gy[r * c..][..c]);
+        let (m, i) = (stats[2 * r], stats[2 * r + 1]);
         for j in 0..c {
-            acc[j] += gy[r * c + j].as_f64() * xhat(r, j);
+            acc[j] += gr[j].as_f64() * (xr[j].as_f64() - m) * i;
         }
     });
-    let gb = col_sums(rows, c, |r, acc| {
-        for j in 0..c {
-            acc[j] += gy[r * c + j].as_f64();
-        }
-    });
+    let gb = col_sums(rows, c, |r, acc| add_row(acc, &gy[r * c..][..c]));
     (gx, cast(&gg), cast(&gb))
 }
 
@@ -218,14 +221,14 @@ where
     let (g, tg) = g.split_tape();
     let (b, tb) = b.split_tape();
     let mut tape = tx.merge(tg).merge(tb);
-    let (xs, gs) = (x.as_vec(), g.as_vec());
-    let (y, cache) = fwd(&xs, &gs, &b.as_vec());
+    let (xs, gs) = (host(&x), host(&g));
+    let (y, cache) = fwd(&xs, &gs, &host(&b));
     let cache = std::sync::Arc::new(cache);
     let y = x.device().tensor_from_vec(y, *x.shape());
     if T::OWNS_TAPE {
         let (y_keep, cache) = (y.clone(), cache.clone());
         tape.add_backward_op(move |grads| {
-            let gy = grads.get(&y_keep).as_vec();
+            let gy = host(&grads.get(&y_keep));
             let (gx, gg, gb) = bwd(&xs, &gs, &cache, &gy);
             add_into(grads.get_or_alloc_mut(&x)?, &gx);
             add_into(grads.get_or_alloc_mut(&g)?, &gg);

@@ -221,12 +221,13 @@ fn draw<DB: DrawingBackend>(
         chart
             .configure_mesh()
             .x_desc(label)
+            .x_labels(5)
             .y_desc("test accuracy (%)")
             .x_label_formatter(&|v| human(*v))
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(e)?;
-        for (r, res) in rows {
+        for (i, (r, res)) in rows.iter().enumerate() {
             let p = (get(r), res.test_accuracy as f64 * 100.0);
             let color = match r.family.as_str() {
                 f if f == Family::ConvMixer.name() => RGBColor(31, 119, 180),
@@ -242,7 +243,8 @@ fn draw<DB: DrawingBackend>(
             chart
                 .draw_series(std::iter::once(Text::new(
                     short.to_string(),
-                    (p.0 * 1.04, p.1 + (y.end - y.start) * 0.015),
+                    // Staggered so labels of nearby points do not print over each other.
+                    (p.0 * 1.05, p.1 + (y.end - y.start) * (0.035 * ((i % 3) as f64 - 1.0) + 0.01)),
                     ("sans-serif", 12).into_font().color(&BLACK),
                 )))
                 .map_err(e)?;
