@@ -139,10 +139,7 @@ impl<E: SpinDtype> Kernels<E> for Cpu {
     fn gelu<S: Shape, T: Tape<E, Self>>(x: Tensor<S, E, Self, T>) -> Tensor<S, E, Self, T> {
         let (x, mut tape) = x.split_tape();
         let xs = host(&x);
-        let y: Vec<E> = xs
-            .par_iter()
-            .map(|&v| v.gelu_and_grad().0)
-            .collect();
+        let y: Vec<E> = xs.par_iter().map(|&v| v.gelu_and_grad().0).collect();
         let y = x.device().tensor_from_vec(y, *x.shape());
         if T::OWNS_TAPE {
             let y_keep = y.clone();
@@ -163,7 +160,14 @@ impl<E: SpinDtype> Kernels<E> for Cpu {
         s: Tensor<(usize,), E, Self, T>,
         t: Tensor<(usize,), E, Self, T>,
     ) -> Tensor<(usize, usize), E, Self, T> {
-        norm::fused3(x, s, t, |x, s, t| (norm::affine_fwd(x, s, t), ()), |x, s, _, gy| norm::affine_bwd(x, s, gy)).0
+        norm::fused3(
+            x,
+            s,
+            t,
+            |x, s, t| (norm::affine_fwd(x, s, t), ()),
+            |x, s, _, gy| norm::affine_bwd(x, s, gy),
+        )
+        .0
     }
 
     fn batch_norm_train<T: Tape<E, Self> + Merge<T>>(
@@ -350,9 +354,7 @@ fn transpose<E: Copy>(m: &[E], rows: usize, cols: usize) -> Vec<E> {
 }
 
 fn accumulate<E: SpinDtype>(dst: &mut [E], src: &[E]) {
-    dst.par_iter_mut()
-        .zip(src.par_iter())
-        .for_each(|(d, &s)| *d += s);
+    dst.par_iter_mut().zip(src.par_iter()).for_each(|(d, &s)| *d += s);
 }
 
 #[inline(always)]

@@ -26,11 +26,21 @@ impl DataConfig {
     pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
     pub fn imagenet(image: usize, crop_pct: f32) -> Self {
-        Self { image, mean: Self::IMAGENET_MEAN, std: Self::IMAGENET_STD, crop_pct }
+        Self {
+            image,
+            mean: Self::IMAGENET_MEAN,
+            std: Self::IMAGENET_STD,
+            crop_pct,
+        }
     }
     /// Centred to [-1, 1], no crop: spin's config for the small built-in data.
     pub fn centred(image: usize) -> Self {
-        Self { image, mean: [0.5; 3], std: [0.5; 3], crop_pct: 1.0 }
+        Self {
+            image,
+            mean: [0.5; 3],
+            std: [0.5; 3],
+            crop_pct: 1.0,
+        }
     }
 }
 
@@ -65,7 +75,11 @@ impl Dataset {
     }
     fn subset(&self, idx: &[usize]) -> Dataset {
         let (images, labels) = self.gather(idx);
-        Dataset { images, labels, ..self.meta() }
+        Dataset {
+            images,
+            labels,
+            ..self.meta()
+        }
     }
     fn meta(&self) -> Dataset {
         Dataset {
@@ -100,7 +114,9 @@ impl std::str::FromStr for DataSpec {
             None if s == "digits" => Ok(DataSpec::Digits),
             Some(("cifar10", dir)) if !dir.is_empty() => Ok(DataSpec::Cifar10(dir.into())),
             Some(("folder", dir)) if !dir.is_empty() => Ok(DataSpec::Folder(dir.into())),
-            _ => Err(Error::Invalid(format!("unknown data `{s}`: use digits, cifar10:DIR or folder:DIR"))),
+            _ => Err(Error::Invalid(format!(
+                "unknown data `{s}`: use digits, cifar10:DIR or folder:DIR"
+            ))),
         }
     }
 }
@@ -134,7 +150,10 @@ pub fn load(spec: &DataSpec, cfg: &DataConfig) -> Result<Split, Error> {
             }
             let mut test = Raw::empty(32, 10, cifar_names());
             read_cifar_batch(&dir.join("test_batch.bin"), &mut test)?;
-            Ok(Split { train: finish(train, cfg), test: finish(test, cfg) })
+            Ok(Split {
+                train: finish(train, cfg),
+                test: finish(test, cfg),
+            })
         }
         DataSpec::Folder(dir) => Ok(split(finish(read_folder(dir, cfg.image)?, cfg))),
     }
@@ -152,14 +171,31 @@ struct Raw {
 
 impl Raw {
     fn empty(size: usize, classes: usize, names: Vec<String>) -> Self {
-        Self { pixels: vec![], labels: vec![], size, classes, names }
+        Self {
+            pixels: vec![],
+            labels: vec![],
+            size,
+            classes,
+            names,
+        }
     }
 }
 
 fn cifar_names() -> Vec<String> {
-    ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-        .map(String::from)
-        .to_vec()
+    [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 fn split(all: Dataset) -> Split {
@@ -170,7 +206,10 @@ fn split(all: Dataset) -> Split {
     let (mut train, mut test) = (train.to_vec(), test.to_vec());
     train.sort_unstable();
     test.sort_unstable();
-    Split { train: all.subset(&train), test: all.subset(&test) }
+    Split {
+        train: all.subset(&train),
+        test: all.subset(&test),
+    }
 }
 
 /// Resizes (bilinear) to the model's size and normalises per channel.
@@ -180,12 +219,22 @@ fn finish(raw: Raw, cfg: &DataConfig) -> Dataset {
     let mut images = Vec::with_capacity(n * 3 * t * t);
     for i in 0..n {
         let img = &raw.pixels[i * 3 * s * s..(i + 1) * 3 * s * s];
-        let img = if s == t { img.to_vec() } else { resize_chw(img, s, t) };
+        let img = if s == t {
+            img.to_vec()
+        } else {
+            resize_chw(img, s, t)
+        };
         for (c, plane) in img.chunks(t * t).enumerate() {
             images.extend(plane.iter().map(|&v| (v - cfg.mean[c]) / cfg.std[c]));
         }
     }
-    Dataset { images, labels: raw.labels, image: t, classes: raw.classes, class_names: raw.names }
+    Dataset {
+        images,
+        labels: raw.labels,
+        image: t,
+        classes: raw.classes,
+        class_names: raw.names,
+    }
 }
 
 fn resize_chw(img: &[f32], from: usize, to: usize) -> Vec<f32> {
@@ -212,7 +261,11 @@ fn read_digits(path: &Path, gz: &[u8]) -> Result<Raw, Error> {
     let mut text = String::new();
     flate2::read::GzDecoder::new(gz)
         .read_to_string(&mut text)
-        .map_err(|e| Error::Data { path: path.into(), line: None, reason: format!("cannot decompress: {e}") })?;
+        .map_err(|e| Error::Data {
+            path: path.into(),
+            line: None,
+            reason: format!("cannot decompress: {e}"),
+        })?;
     parse_digits(path, &text)
 }
 
@@ -224,10 +277,17 @@ pub fn check_digits(text: &str) -> Result<usize, Error> {
 fn parse_digits(path: &Path, text: &str) -> Result<Raw, Error> {
     let mut raw = Raw::empty(8, 10, (0..10).map(|d| d.to_string()).collect());
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let bad = |reason: String| Error::Data { path: path.into(), line: Some(i + 1), reason };
+        let bad = |reason: String| Error::Data {
+            path: path.into(),
+            line: Some(i + 1),
+            reason,
+        };
         let values: Vec<&str> = line.split(',').map(str::trim).collect();
         if values.len() != 65 {
-            return Err(bad(format!("expected 65 comma-separated values (64 pixels and a label), found {}", values.len())));
+            return Err(bad(format!(
+                "expected 65 comma-separated values (64 pixels and a label), found {}",
+                values.len()
+            )));
         }
         let mut nums = [0u32; 65];
         for (j, v) in values.iter().enumerate() {
@@ -247,7 +307,11 @@ fn parse_digits(path: &Path, text: &str) -> Result<Raw, Error> {
         raw.labels.push(nums[64] as usize);
     }
     if raw.labels.is_empty() {
-        return Err(Error::Data { path: path.into(), line: None, reason: "no rows".into() });
+        return Err(Error::Data {
+            path: path.into(),
+            line: None,
+            reason: "no rows".into(),
+        });
     }
     Ok(raw)
 }
@@ -261,7 +325,7 @@ fn read_cifar_batch(path: &Path, out: &mut Raw) -> Result<(), Error> {
 const CIFAR_RECORD: usize = 1 + 3 * 32 * 32;
 
 fn parse_cifar_batch(path: &Path, bytes: &[u8], out: &mut Raw) -> Result<(), Error> {
-    if bytes.is_empty() || bytes.len() % CIFAR_RECORD != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(CIFAR_RECORD) {
         return Err(Error::Data {
             path: path.into(),
             line: None,
@@ -301,9 +365,16 @@ fn read_folder(dir: &Path, size: usize) -> Result<Raw, Error> {
         .collect();
     classes.sort();
     if classes.is_empty() {
-        return Err(Error::Data { path: dir.into(), line: None, reason: "no class sub-directories".into() });
+        return Err(Error::Data {
+            path: dir.into(),
+            line: None,
+            reason: "no class sub-directories".into(),
+        });
     }
-    let names = classes.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    let names = classes
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
     let mut raw = Raw::empty(size, classes.len(), names);
     for (label, class) in classes.iter().enumerate() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(class)
@@ -317,13 +388,22 @@ fn read_folder(dir: &Path, size: usize) -> Result<Raw, Error> {
         files.sort();
         for f in files {
             let img = decode(&f)?;
-            let img = image::imageops::resize(&img.to_rgb32f(), size as u32, size as u32, image::imageops::FilterType::Triangle);
+            let img = image::imageops::resize(
+                &img.to_rgb32f(),
+                size as u32,
+                size as u32,
+                image::imageops::FilterType::Triangle,
+            );
             raw.pixels.extend(hwc_to_chw(&img, size));
             raw.labels.push(label);
         }
     }
     if raw.labels.is_empty() {
-        return Err(Error::Data { path: dir.into(), line: None, reason: "no PNG or JPEG images found".into() });
+        return Err(Error::Data {
+            path: dir.into(),
+            line: None,
+            reason: "no PNG or JPEG images found".into(),
+        });
     }
     Ok(raw)
 }
@@ -341,7 +421,10 @@ fn hwc_to_chw(img: &image::Rgb32FImage, size: usize) -> Vec<f32> {
 /// Decodes a PNG or JPEG file.
 pub fn decode(path: &Path) -> Result<image::DynamicImage, Error> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    image::load_from_memory(&bytes).map_err(|e| Error::Image { path: path.into(), reason: e.to_string() })
+    image::load_from_memory(&bytes).map_err(|e| Error::Image {
+        path: path.into(),
+        reason: e.to_string(),
+    })
 }
 
 /// timm's eval transform for one image: resize the shorter side to image / crop_pct (bicubic),
@@ -350,7 +433,10 @@ pub fn preprocess(img: &image::DynamicImage, cfg: &DataConfig) -> Vec<f32> {
     let (w, h) = (img.width() as f32, img.height() as f32);
     let short = (cfg.image as f32 / cfg.crop_pct).floor().max(cfg.image as f32);
     let scale = short / w.min(h);
-    let (nw, nh) = (((w * scale).round() as u32).max(cfg.image as u32), ((h * scale).round() as u32).max(cfg.image as u32));
+    let (nw, nh) = (
+        ((w * scale).round() as u32).max(cfg.image as u32),
+        ((h * scale).round() as u32).max(cfg.image as u32),
+    );
     let resized = image::imageops::resize(&img.to_rgb32f(), nw, nh, image::imageops::FilterType::CatmullRom);
     let (x0, y0) = ((nw - cfg.image as u32) / 2, (nh - cfg.image as u32) / 2);
     let crop = image::imageops::crop_imm(&resized, x0, y0, cfg.image as u32, cfg.image as u32).to_image();
@@ -387,19 +473,28 @@ mod tests {
         let p = Path::new("d.csv");
         let good = vec!["0"; 64].join(",") + ",3";
         assert!(parse_digits(p, &good).is_ok());
-        let short = vec!["0"; 10].join(",");
-        let err = parse_digits(p, &format!("{good}\n{short}")).unwrap_err().to_string();
+        let short = ["0"; 10].join(",");
+        let err = parse_digits(p, &format!("{good}\n{short}"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("line 2") && err.contains("found 10"), "{err}");
-        let err = parse_digits(p, &(vec!["0"; 64].join(",") + ",12")).unwrap_err().to_string();
+        let err = parse_digits(p, &(vec!["0"; 64].join(",") + ",12"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("label 12"), "{err}");
-        let err = parse_digits(p, &(vec!["x"; 64].join(",") + ",1")).unwrap_err().to_string();
+        let err = parse_digits(p, &(vec!["x"; 64].join(",") + ",1"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`x`"), "{err}");
     }
 
     #[test]
     fn data_specs_parse() {
         assert_eq!("digits".parse::<DataSpec>().unwrap(), DataSpec::Digits);
-        assert_eq!("cifar10:/d".parse::<DataSpec>().unwrap(), DataSpec::Cifar10("/d".into()));
+        assert_eq!(
+            "cifar10:/d".parse::<DataSpec>().unwrap(),
+            DataSpec::Cifar10("/d".into())
+        );
         assert!("mnist".parse::<DataSpec>().is_err());
         assert!("folder:".parse::<DataSpec>().is_err());
     }

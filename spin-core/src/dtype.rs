@@ -14,7 +14,8 @@ pub trait SpinDtype: Dtype + num_traits::Float + std::fmt::Debug + Send + Sync +
     fn gelu_and_grad(self) -> (Self, Self) {
         let v = self.as_f64();
         let cdf = 0.5 * (1.0 + libm::erf(v * std::f64::consts::FRAC_1_SQRT_2));
-        let pdf = (-0.5 * v * v).exp() * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
+        let pdf =
+            (-0.5 * v * v).exp() * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2);
         (Self::cast(v * cdf), Self::cast(cdf + v * pdf))
     }
 }
@@ -28,7 +29,8 @@ impl SpinDtype for f32 {
         let e = fast_exp(-0.5 * x * x); // exp(-(x/√2)²) = √(2π)·φ(x)
         let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
         let t = 1.0 / (1.0 + 0.327_591_1 * z);
-        let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_8) * t - 0.284_496_72) * t + 0.254_829_6) * t;
+        let poly =
+            ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_8) * t - 0.284_496_72) * t + 0.254_829_6) * t;
         let erf_abs = 1.0 - poly * e;
         let cdf = 0.5 + 0.5 * erf_abs.copysign(x);
         let pdf = e * 0.398_942_3; // 1/√(2π)
@@ -45,10 +47,18 @@ fn fast_exp(x: f32) -> f32 {
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let y = p * r * r + r + 1.0;
     y * f32::from_bits(((k as i32 + 127) << 23) as u32)
 }
+
+impl SpinDtype for f64 {}
+impl SpinDtype for half::f16 {}
+
+/// A dfdx device with the ops spin needs: dfdx's own plus spin's convolution kernels
+/// ([`crate::conv::Kernels`]): hand-written on the CPU, dfdx-op fallbacks elsewhere.
+pub trait SpinDevice<E: SpinDtype>: Device<E> + crate::conv::Kernels<E> {}
+impl<E: SpinDtype, D: Device<E> + crate::conv::Kernels<E>> SpinDevice<E> for D {}
 
 #[cfg(test)]
 mod tests {
@@ -71,11 +81,3 @@ mod tests {
         }
     }
 }
-
-impl SpinDtype for f64 {}
-impl SpinDtype for half::f16 {}
-
-/// A dfdx device with the ops spin needs: dfdx's own plus spin's convolution kernels
-/// ([`crate::conv::Kernels`]): hand-written on the CPU, dfdx-op fallbacks elsewhere.
-pub trait SpinDevice<E: SpinDtype>: Device<E> + crate::conv::Kernels<E> {}
-impl<E: SpinDtype, D: Device<E> + crate::conv::Kernels<E>> SpinDevice<E> for D {}

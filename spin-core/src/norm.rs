@@ -47,13 +47,15 @@ fn cast<E: SpinDtype>(v: &[f64]) -> Vec<E> {
 pub(crate) fn affine_fwd<E: SpinDtype>(x: &[E], s: &[E], t: &[E]) -> Vec<E> {
     let c = s.len();
     let mut y = vec![E::zero(); x.len()];
-    y.par_chunks_mut(c * BLOCK).zip(x.par_chunks(c * BLOCK)).for_each(|(yb, xb)| {
-        for (yr, xr) in yb.chunks_mut(c).zip(xb.chunks(c)) {
-            for j in 0..c {
-                yr[j] = xr[j] * s[j] + t[j];
+    y.par_chunks_mut(c * BLOCK)
+        .zip(x.par_chunks(c * BLOCK))
+        .for_each(|(yb, xb)| {
+            for (yr, xr) in yb.chunks_mut(c).zip(xb.chunks(c)) {
+                for j in 0..c {
+                    yr[j] = xr[j] * s[j] + t[j];
+                }
             }
-        }
-    });
+        });
     y
 }
 
@@ -61,13 +63,15 @@ pub(crate) fn affine_bwd<E: SpinDtype>(x: &[E], s: &[E], gy: &[E]) -> (Vec<E>, V
     let c = s.len();
     let rows = x.len() / c;
     let mut gx = vec![E::zero(); x.len()];
-    gx.par_chunks_mut(c * BLOCK).zip(gy.par_chunks(c * BLOCK)).for_each(|(gb, yb)| {
-        for (gr, yr) in gb.chunks_mut(c).zip(yb.chunks(c)) {
-            for j in 0..c {
-                gr[j] = yr[j] * s[j];
+    gx.par_chunks_mut(c * BLOCK)
+        .zip(gy.par_chunks(c * BLOCK))
+        .for_each(|(gb, yb)| {
+            for (gr, yr) in gb.chunks_mut(c).zip(yb.chunks(c)) {
+                for j in 0..c {
+                    gr[j] = yr[j] * s[j];
+                }
             }
-        }
-    });
+        });
     let gs = col_sums(rows, c, |r, acc| {
         for ((a, &g), &v) in acc.iter_mut().zip(&gy[r * c..][..c]).zip(&x[r * c..][..c]) {
             *a += (g * v).as_f64();
@@ -102,9 +106,18 @@ pub(crate) fn batch_norm_fwd<E: SpinDtype>(x: &[E], g: &[E], b: &[E], eps: f64) 
     let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
     // y = x·(γ/σ) + (β − μ·γ/σ)
     let scale: Vec<E> = (0..c).map(|j| E::cast(g[j].as_f64() * inv[j])).collect();
-    let shift: Vec<E> = (0..c).map(|j| E::cast(b[j].as_f64() - mean[j] * g[j].as_f64() * inv[j])).collect();
+    let shift: Vec<E> = (0..c)
+        .map(|j| E::cast(b[j].as_f64() - mean[j] * g[j].as_f64() * inv[j]))
+        .collect();
     let y = affine_fwd(x, &scale, &shift);
-    (y, BnCache { mean: cast(&mean), var: cast(&var), inv: cast(&inv) })
+    (
+        y,
+        BnCache {
+            mean: cast(&mean),
+            var: cast(&var),
+            inv: cast(&inv),
+        },
+    )
 }
 
 /// Backward of [`batch_norm_fwd`]: with x̂ = (x − μ)/σ, dβ = Σ dy, dγ = Σ dy·x̂,
@@ -129,19 +142,23 @@ pub(crate) fn batch_norm_bwd<E: SpinDtype>(
     });
     // dx = a·dy + b·x + d per column, with a = γ/σ, b = −γ/σ·dγ/(σN), d = −γ/σ·(dβ − μ·dγ/σ)/N.
     let a: Vec<E> = (0..c).map(|j| E::cast(g[j].as_f64() * inv[j])).collect();
-    let bx: Vec<E> = (0..c).map(|j| E::cast(-g[j].as_f64() * inv[j] * inv[j] * gg[j] / n)).collect();
-    let d: Vec<E> =
-        (0..c).map(|j| E::cast(-g[j].as_f64() * inv[j] * (gb[j] - mean[j] * inv[j] * gg[j]) / n)).collect();
+    let bx: Vec<E> = (0..c)
+        .map(|j| E::cast(-g[j].as_f64() * inv[j] * inv[j] * gg[j] / n))
+        .collect();
+    let d: Vec<E> = (0..c)
+        .map(|j| E::cast(-g[j].as_f64() * inv[j] * (gb[j] - mean[j] * inv[j] * gg[j]) / n))
+        .collect();
     let mut gx = vec![E::zero(); x.len()];
-    gx.par_chunks_mut(c * BLOCK).zip(x.par_chunks(c * BLOCK)).zip(gy.par_chunks(c * BLOCK)).for_each(
-        |((ob, xb), gb_)| {
+    gx.par_chunks_mut(c * BLOCK)
+        .zip(x.par_chunks(c * BLOCK))
+        .zip(gy.par_chunks(c * BLOCK))
+        .for_each(|((ob, xb), gb_)| {
             for ((or, xr), gr) in ob.chunks_mut(c).zip(xb.chunks(c)).zip(gb_.chunks(c)) {
                 for j in 0..c {
                     or[j] = a[j] * gr[j] + bx[j] * xr[j] + d[j];
                 }
             }
-        },
-    );
+        });
     (gx, cast(&gg), cast(&gb))
 }
 
@@ -150,16 +167,19 @@ pub(crate) fn layer_norm_fwd<E: SpinDtype>(x: &[E], g: &[E], b: &[E], eps: f64) 
     let c = g.len();
     let mut y = vec![E::zero(); x.len()];
     let mut stats = vec![0.0; 2 * (x.len() / c)];
-    y.par_chunks_mut(c).zip(x.par_chunks(c)).zip(stats.par_chunks_mut(2)).for_each(|((yr, xr), st)| {
-        let mean = xr.iter().map(|v| v.as_f64()).sum::<f64>() / c as f64;
-        let var = xr.iter().map(|v| (v.as_f64() - mean).powi(2)).sum::<f64>() / c as f64;
-        let inv = 1.0 / (var + eps).sqrt();
-        for j in 0..c {
-            yr[j] = E::cast((xr[j].as_f64() - mean) * inv * g[j].as_f64() + b[j].as_f64());
-        }
-        st[0] = mean;
-        st[1] = inv;
-    });
+    y.par_chunks_mut(c)
+        .zip(x.par_chunks(c))
+        .zip(stats.par_chunks_mut(2))
+        .for_each(|((yr, xr), st)| {
+            let mean = xr.iter().map(|v| v.as_f64()).sum::<f64>() / c as f64;
+            let var = xr.iter().map(|v| (v.as_f64() - mean).powi(2)).sum::<f64>() / c as f64;
+            let inv = 1.0 / (var + eps).sqrt();
+            for j in 0..c {
+                yr[j] = E::cast((xr[j].as_f64() - mean) * inv * g[j].as_f64() + b[j].as_f64());
+            }
+            st[0] = mean;
+            st[1] = inv;
+        });
     (y, stats)
 }
 

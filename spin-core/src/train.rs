@@ -21,7 +21,9 @@ use rand::SeedableRng;
 use std::path::Path;
 
 /// A spin model with a runtime-shaped entry point (NCHW images in, logits out).
-pub trait SpinModel<E: SpinDtype, D: SpinDevice<E>>: TensorCollection<E, D> + TimmKeys<Elem = E> + Clone {
+pub trait SpinModel<E: SpinDtype, D: SpinDevice<E>>:
+    TensorCollection<E, D> + TimmKeys<Elem = E> + Clone
+{
     fn info(&self) -> ModelInfo;
     /// Inference logits.
     fn logits<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Nhwc, E, D, T>) -> Tensor<Mat, E, D, T>;
@@ -97,7 +99,11 @@ pub struct Runner<M> {
 
 impl<M: SpinModel<f32, Cpu>> Runner<M> {
     pub fn new(model: M, dev: Cpu) -> Self {
-        Self { model, grads: None, dev }
+        Self {
+            model,
+            grads: None,
+            dev,
+        }
     }
 }
 
@@ -137,7 +143,9 @@ impl<M: SpinModel<f32, Cpu> + Send + 'static> Classifier for Runner<M> {
     }
     fn predict(&self, images: &[f32], batch: usize) -> Vec<f32> {
         let img = self.model.info().image;
-        self.model.logits(images_tensor(&self.dev, images, batch, img)).as_vec()
+        self.model
+            .logits(images_tensor(&self.dev, images, batch, img))
+            .as_vec()
     }
     fn train_step(
         &mut self,
@@ -152,16 +160,25 @@ impl<M: SpinModel<f32, Cpu> + Send + 'static> Classifier for Runner<M> {
         let grads = self.grads.take().unwrap_or_else(|| self.model.alloc_grads());
         let logits = self.model.logits_mut(x.traced(grads));
         let correct = count_correct(&logits.as_vec(), labels);
-        let targets = self
-            .dev
-            .tensor_from_vec(smooth_targets(labels, info.classes, hp.label_smoothing), (batch, info.classes));
+        let targets = self.dev.tensor_from_vec(
+            smooth_targets(labels, info.classes, hp.label_smoothing),
+            (batch, info.classes),
+        );
         let loss = cross_entropy_with_logits_loss(logits, targets);
         let loss_value = loss.array();
         let mut grads = loss.backward();
-        let grad_norm = if loss_value.is_finite() { opt.step(&mut self.model, &grads, hp.lr, hp.clip) } else { f32::NAN };
+        let grad_norm = if loss_value.is_finite() {
+            opt.step(&mut self.model, &grads, hp.lr, hp.clip)
+        } else {
+            f32::NAN
+        };
         self.model.zero_grads(&mut grads);
         self.grads = Some(grads);
-        Ok(StepStats { loss: loss_value, correct, grad_norm })
+        Ok(StepStats {
+            loss: loss_value,
+            correct,
+            grad_norm,
+        })
     }
     fn load_timm(&mut self, path: &Path) -> Result<(), Error> {
         TimmCheckpoint::load_timm(&mut self.model, path)
@@ -175,7 +192,7 @@ impl<M: SpinModel<f32, Cpu> + Send + 'static> Classifier for Runner<M> {
 
 /// AdamW (decoupled weight decay, as PyTorch's `AdamW`), with optional clipping of the global
 /// gradient L2 norm. Weight decay skips 1-D tensors (biases and norm scales), as timm does.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct AdamW {
     pub betas: (f32, f32),
     pub eps: f32,
@@ -188,7 +205,14 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(weight_decay: f32) -> Self {
-        Self { betas: (0.9, 0.999), eps: 1e-8, weight_decay, t: 0, m: vec![], v: vec![] }
+        Self {
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay,
+            t: 0,
+            m: vec![],
+            v: vec![],
+        }
     }
 
     /// One update of every trainable tensor of `model` from `grads`; returns the gradient norm
@@ -201,9 +225,17 @@ impl AdamW {
         clip: Option<f32>,
     ) -> f32 {
         let mut gather = Gather { grads, out: vec![] };
-        let _ = M::iter_tensors(&mut RecursiveWalker { m: &*model, f: &mut gather });
+        let _ = M::iter_tensors(&mut RecursiveWalker {
+            m: &*model,
+            f: &mut gather,
+        });
         let g = gather.out;
-        let norm = g.iter().flat_map(|v| v.iter()).map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt() as f32;
+        let norm = g
+            .iter()
+            .flat_map(|v| v.iter())
+            .map(|&x| (x as f64) * (x as f64))
+            .sum::<f64>()
+            .sqrt() as f32;
         let scale = match clip {
             Some(c) if norm > c => c / (norm + 1e-6),
             _ => 1.0,
@@ -213,8 +245,17 @@ impl AdamW {
             self.v = self.m.clone();
         }
         self.t += 1;
-        let mut update = Update { opt: self, grads: &g, lr, scale, i: 0 };
-        let _ = M::iter_tensors(&mut RecursiveWalker { m: model, f: &mut update });
+        let mut update = Update {
+            opt: self,
+            grads: &g,
+            lr,
+            scale,
+            i: 0,
+        };
+        let _ = M::iter_tensors(&mut RecursiveWalker {
+            m: model,
+            f: &mut update,
+        });
         norm
     }
 
@@ -231,27 +272,43 @@ impl AdamW {
             .collect();
         let views = bytes
             .iter()
-            .map(|(k, b)| (k.clone(), TensorView::new(Dtype::F32, vec![b.len() / 4], b).unwrap()))
+            .map(|(k, b)| {
+                (
+                    k.clone(),
+                    TensorView::new(Dtype::F32, vec![b.len() / 4], b).unwrap(),
+                )
+            })
             .collect::<Vec<_>>();
         let mut md: std::collections::HashMap<String, String> =
             meta.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         md.insert("adamw.t".into(), self.t.to_string());
         md.insert("adamw.weight_decay".into(), self.weight_decay.to_string());
-        let data = safetensors::tensor::serialize(views, &Some(md))
-            .map_err(|e| Error::Safetensors { path: path.into(), reason: e.to_string() })?;
+        let data = safetensors::tensor::serialize(views, &Some(md)).map_err(|e| Error::Safetensors {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
         write_atomic(path, &data)
     }
 
     /// Restores state written by [`AdamW::save`]; returns its metadata.
     pub fn load(path: &Path) -> Result<(Self, std::collections::HashMap<String, String>), Error> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let bad = |reason: String| Error::Safetensors { path: path.into(), reason };
+        let bad = |reason: String| Error::Safetensors {
+            path: path.into(),
+            reason,
+        };
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
         let md = header.metadata().clone().unwrap_or_default();
         let tensors = crate::checkpoint::read_tensors(path, &bytes)?;
-        let get = |k: &str| md.get(k).cloned().ok_or_else(|| bad(format!("missing metadata `{k}`")));
+        let get = |k: &str| {
+            md.get(k)
+                .cloned()
+                .ok_or_else(|| bad(format!("missing metadata `{k}`")))
+        };
         let t = get("adamw.t")?.parse().map_err(|_| bad("bad `adamw.t`".into()))?;
-        let wd = get("adamw.weight_decay")?.parse().map_err(|_| bad("bad `adamw.weight_decay`".into()))?;
+        let wd = get("adamw.weight_decay")?
+            .parse()
+            .map_err(|_| bad("bad `adamw.weight_decay`".into()))?;
         let mut opt = AdamW::new(wd);
         opt.t = t;
         for (k, (_, v)) in tensors {
@@ -316,7 +373,11 @@ impl TensorVisitor<f32, Cpu> for Update<'_> {
         let (b1, b2) = o.betas;
         let bc1 = 1.0 - b1.powi(o.t as i32);
         let bc2 = 1.0 - b2.powi(o.t as i32);
-        let decay = if S::NUM_DIMS > 1 { 1.0 - self.lr * o.weight_decay } else { 1.0 };
+        let decay = if S::NUM_DIMS > 1 {
+            1.0 - self.lr * o.weight_decay
+        } else {
+            1.0
+        };
         let mut p = t.as_vec();
         let (m, v) = (&mut o.m[i], &mut o.v[i]);
         for (k, pk) in p.iter_mut().enumerate() {
@@ -343,7 +404,12 @@ impl OneCycle {
     pub fn at(&self, step: usize) -> f32 {
         let t = self.total_steps.max(1) as f32;
         let s = step as f32;
-        let pts = [(0.0, 0.0), (0.4 * t, self.lr), (0.8 * t, self.lr / 20.0), (t, 0.0)];
+        let pts = [
+            (0.0, 0.0),
+            (0.4 * t, self.lr),
+            (0.8 * t, self.lr / 20.0),
+            (t, 0.0),
+        ];
         for w in pts.windows(2) {
             let ((x0, y0), (x1, y1)) = (w[0], w[1]);
             if s <= x1 {
@@ -368,7 +434,15 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        Self { epochs: 10, batch: 64, lr: 2e-3, weight_decay: 0.05, label_smoothing: 0.1, clip: Some(1.0), seed: 0 }
+        Self {
+            epochs: 10,
+            batch: 64,
+            lr: 2e-3,
+            weight_decay: 0.05,
+            label_smoothing: 0.1,
+            clip: Some(1.0),
+            seed: 0,
+        }
     }
 }
 
@@ -384,7 +458,8 @@ pub struct PassStats {
 /// run sees exactly the batches the uninterrupted run would have.
 pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..n).collect();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9).wrapping_add(epoch as u64));
+    let mut rng =
+        rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9).wrapping_add(epoch as u64));
     idx.shuffle(&mut rng);
     idx
 }
@@ -406,21 +481,40 @@ pub fn train_epoch(
 ) -> Result<PassStats, Error> {
     let order = epoch_order(data.len(), cfg.seed, epoch);
     let per_epoch = steps_per_epoch(data.len(), cfg.batch);
-    let sched = OneCycle { lr: cfg.lr, total_steps: per_epoch * cfg.epochs };
+    let sched = OneCycle {
+        lr: cfg.lr,
+        total_steps: per_epoch * cfg.epochs,
+    };
     let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
     for (s, idx) in order.chunks(cfg.batch).enumerate() {
         let (x, y) = data.gather(idx);
-        let hp = StepParams { lr: sched.at(epoch * per_epoch + s), label_smoothing: cfg.label_smoothing, clip: cfg.clip };
+        let hp = StepParams {
+            lr: sched.at(epoch * per_epoch + s),
+            label_smoothing: cfg.label_smoothing,
+            clip: cfg.clip,
+        };
         let st = model.train_step(&x, &y, opt, &hp)?;
         if !st.loss.is_finite() {
-            return Err(Error::Diverged { epoch, step: s, loss: st.loss });
+            return Err(Error::Diverged {
+                epoch,
+                step: s,
+                loss: st.loss,
+            });
         }
         loss_sum += st.loss as f64 * y.len() as f64;
         correct += st.correct;
         seen += y.len();
-        progress(s + 1, (loss_sum / seen as f64) as f32, correct as f32 / seen as f32);
+        progress(
+            s + 1,
+            (loss_sum / seen as f64) as f32,
+            correct as f32 / seen as f32,
+        );
     }
-    Ok(PassStats { loss: (loss_sum / seen.max(1) as f64) as f32, accuracy: correct as f32 / seen.max(1) as f32, images: seen })
+    Ok(PassStats {
+        loss: (loss_sum / seen.max(1) as f64) as f32,
+        accuracy: correct as f32 / seen.max(1) as f32,
+        images: seen,
+    })
 }
 
 /// Loss (plain cross-entropy) and accuracy on a data set, in inference mode.
@@ -440,7 +534,11 @@ pub fn evaluate(model: &dyn Classifier, data: &Dataset, batch: usize) -> PassSta
         correct += count_correct(&logits, &y);
     }
     let n = data.len().max(1);
-    PassStats { loss: (loss_sum / n as f64) as f32, accuracy: correct as f32 / n as f32, images: data.len() }
+    PassStats {
+        loss: (loss_sum / n as f64) as f32,
+        accuracy: correct as f32 / n as f32,
+        images: data.len(),
+    }
 }
 
 #[cfg(test)]
@@ -449,7 +547,10 @@ mod tests {
 
     #[test]
     fn one_cycle_passes_through_its_points() {
-        let s = OneCycle { lr: 1.0, total_steps: 100 };
+        let s = OneCycle {
+            lr: 1.0,
+            total_steps: 100,
+        };
         assert_eq!(s.at(0), 0.0);
         assert!((s.at(40) - 1.0).abs() < 1e-6);
         assert!((s.at(20) - 0.5).abs() < 1e-6);

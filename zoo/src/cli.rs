@@ -12,7 +12,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(Parser, Debug)]
-#[command(name = "spin", version, about = "Weight-shared isotropic vision networks: list, train, evaluate, compare")]
+#[command(
+    name = "spin",
+    version,
+    about = "Weight-shared isotropic vision networks: list, train, evaluate, compare"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Cmd,
@@ -104,6 +108,10 @@ pub struct TrainArgs {
     /// Continue the run in --out from its last completed epoch.
     #[arg(long)]
     pub resume: bool,
+    /// Stop after this many epochs of the schedule (resume later with --resume): splits a run of
+    /// --epochs into sessions without changing its learning-rate schedule.
+    #[arg(long)]
+    pub stop_after: Option<usize>,
     /// Storage dtype of the saved checkpoint.
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     pub save_dtype: StorageDtype,
@@ -196,7 +204,11 @@ pub struct TrainResult {
 }
 
 fn progress(steps: usize, prefix: String, quiet: bool) -> ProgressBar {
-    let pb = if quiet { ProgressBar::hidden() } else { ProgressBar::new(steps as u64) };
+    let pb = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(steps as u64)
+    };
     pb.set_style(
         ProgressStyle::with_template("{prefix:>28} [{bar:24}] {pos:>3}/{len} {msg}")
             .unwrap()
@@ -221,8 +233,11 @@ pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<TrainResult, Error> {
     let cfg = a.hyper.config();
     let dir = a.out.clone().unwrap_or_else(|| Path::new("runs").join(info.name));
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let (ckpt, state, metrics) =
-        (dir.join("checkpoint.safetensors"), dir.join("optimizer.safetensors"), dir.join("metrics.csv"));
+    let (ckpt, state, metrics) = (
+        dir.join("checkpoint.safetensors"),
+        dir.join("optimizer.safetensors"),
+        dir.join("metrics.csv"),
+    );
     let mut model = (member.build)(cfg.seed);
     let mut opt = AdamW::new(cfg.weight_decay);
     let mut start = 0;
@@ -233,14 +248,20 @@ pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<TrainResult, Error> {
             .and_then(|e| e.parse().ok())
             .ok_or_else(|| Error::Invalid(format!("{}: no epoch recorded", state.display())))?;
         if meta.get("model").map(String::as_str) != Some(info.name) {
-            return Err(Error::Invalid(format!("{} was written for another model", state.display())));
+            return Err(Error::Invalid(format!(
+                "{} was written for another model",
+                state.display()
+            )));
         }
         model.load_timm(&ckpt)?;
         opt = o;
         start = done + 1;
     } else {
-        std::fs::write(&metrics, "epoch,lr_peak,train_loss,train_accuracy,test_loss,test_accuracy,seconds,images_per_s\n")
-            .map_err(|e| Error::io(&metrics, e))?;
+        std::fs::write(
+            &metrics,
+            "epoch,lr_peak,train_loss,train_accuracy,test_loss,test_accuracy,seconds,images_per_s\n",
+        )
+        .map_err(|e| Error::io(&metrics, e))?;
     }
     writeln!(
         out,
@@ -255,15 +276,27 @@ pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<TrainResult, Error> {
     .map_err(io)?;
     let t0 = Instant::now();
     let mut last = train::PassStats::default();
-    for epoch in start..cfg.epochs {
+    let end = a.stop_after.unwrap_or(cfg.epochs).min(cfg.epochs);
+    for epoch in start..end {
         let steps = train::steps_per_epoch(split.train.len(), cfg.batch);
-        let pb = progress(steps, format!("{} {}/{}", info.name, epoch + 1, cfg.epochs), a.quiet);
+        let pb = progress(
+            steps,
+            format!("{} {}/{}", info.name, epoch + 1, cfg.epochs),
+            a.quiet,
+        );
         let te = Instant::now();
-        let stats = train::train_epoch(model.as_mut(), &mut opt, &split.train, &cfg, epoch, &mut |s, loss, acc| {
-            pb.set_position(s as u64);
-            let ips = (s * cfg.batch) as f64 / te.elapsed().as_secs_f64().max(1e-9);
-            pb.set_message(format!("loss {loss:.3} acc {acc:.3} {ips:.0} img/s"));
-        });
+        let stats = train::train_epoch(
+            model.as_mut(),
+            &mut opt,
+            &split.train,
+            &cfg,
+            epoch,
+            &mut |s, loss, acc| {
+                pb.set_position(s as u64);
+                let ips = (s * cfg.batch) as f64 / te.elapsed().as_secs_f64().max(1e-9);
+                pb.set_message(format!("loss {loss:.3} acc {acc:.3} {ips:.0} img/s"));
+            },
+        );
         pb.finish_and_clear();
         let stats = match stats {
             Ok(s) => s,
@@ -282,7 +315,11 @@ pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<TrainResult, Error> {
         model.save_timm(&ckpt, a.save_dtype)?;
         opt.save(
             &state,
-            &[("epoch", epoch.to_string()), ("model", info.name.to_string()), ("seed", cfg.seed.to_string())],
+            &[
+                ("epoch", epoch.to_string()),
+                ("model", info.name.to_string()),
+                ("seed", cfg.seed.to_string()),
+            ],
         )?;
         let row = format!(
             "{},{},{:.6},{:.6},{:.6},{:.6},{:.3},{:.1}\n",
@@ -295,8 +332,10 @@ pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<TrainResult, Error> {
             secs,
             stats.images as f64 / secs
         );
-        let mut f =
-            std::fs::OpenOptions::new().append(true).open(&metrics).map_err(|e| Error::io(&metrics, e))?;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&metrics)
+            .map_err(|e| Error::io(&metrics, e))?;
         f.write_all(row.as_bytes()).map_err(|e| Error::io(&metrics, e))?;
         writeln!(
             out,
@@ -311,7 +350,7 @@ pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<TrainResult, Error> {
         )
         .map_err(io)?;
     }
-    if start >= cfg.epochs {
+    if start >= end {
         last = train::evaluate(model.as_ref(), &split.test, 256);
     }
     Ok(TrainResult {
@@ -321,7 +360,7 @@ pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<TrainResult, Error> {
         test_accuracy: last.accuracy,
         test_loss: last.loss,
         seconds: t0.elapsed().as_secs_f64(),
-        epochs_run: cfg.epochs.saturating_sub(start),
+        epochs_run: end.saturating_sub(start),
     })
 }
 
@@ -336,8 +375,12 @@ pub fn eval(a: &EvalArgs, out: &mut dyn Write) -> Result<(), Error> {
     let info = m.info();
     let split = data::load(&a.data, &data_config(&info))?;
     let s = train::evaluate(m.as_ref(), &split.test, a.batch);
-    writeln!(out, "{}: test accuracy {:.4}, loss {:.4} on {} images of {}", info.name, s.accuracy, s.loss, s.images, a.data)
-        .map_err(io)
+    writeln!(
+        out,
+        "{}: test accuracy {:.4}, loss {:.4} on {} images of {}",
+        info.name, s.accuracy, s.loss, s.images, a.data
+    )
+    .map_err(io)
 }
 
 pub fn predict(a: &PredictArgs, out: &mut dyn Write) -> Result<(), Error> {
@@ -350,8 +393,11 @@ pub fn predict(a: &PredictArgs, out: &mut dyn Write) -> Result<(), Error> {
         let z: f32 = logits.iter().map(|v| (v - max).exp()).sum();
         let mut ranked: Vec<(usize, f32)> = logits.iter().map(|v| (v - max).exp() / z).enumerate().collect();
         ranked.sort_by(|x, y| y.1.total_cmp(&x.1));
-        let top: Vec<String> =
-            ranked.iter().take(a.top.max(1)).map(|(c, p)| format!("class {c} ({:.1}%)", p * 100.0)).collect();
+        let top: Vec<String> = ranked
+            .iter()
+            .take(a.top.max(1))
+            .map(|(c, p)| format!("class {c} ({:.1}%)", p * 100.0))
+            .collect();
         writeln!(out, "{}: {}", path.display(), top.join(", ")).map_err(io)?;
     }
     Ok(())
@@ -376,15 +422,23 @@ pub fn compare(a: &CompareArgs, out: &mut dyn Write) -> Result<Vec<TrainResult>,
             hyper: a.hyper.clone(),
             out: Some(a.out.join(name)),
             resume: false,
+            stop_after: None,
             save_dtype: StorageDtype::F32,
             quiet: a.quiet,
         };
         let r = train(&t, &mut std::io::sink())?;
-        writeln!(out, "{:<40} test accuracy {:.4} ({:.1}s)", r.name, r.test_accuracy, r.seconds).map_err(io)?;
+        writeln!(
+            out,
+            "{:<40} test accuracy {:.4} ({:.1}s)",
+            r.name, r.test_accuracy, r.seconds
+        )
+        .map_err(io)?;
         results.push(r);
     }
-    let rows: Vec<(Row, &TrainResult)> =
-        results.iter().map(|r| (Row::from_info(&(find(&r.name).unwrap().info)()), r)).collect();
+    let rows: Vec<(Row, &TrainResult)> = results
+        .iter()
+        .map(|r| (Row::from_info(&(find(&r.name).unwrap().info)()), r))
+        .collect();
     writeln!(out).map_err(io)?;
     report::compare_table(&rows, out).map_err(io)?;
     report::compare_csv(&rows, &a.out.join("compare.csv"))?;

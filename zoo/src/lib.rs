@@ -212,10 +212,19 @@ pub fn find(name: &str) -> Result<&'static Member, Error> {
         return Ok(m);
     }
     let key = name.split('_').next().unwrap_or(name);
-    let near: Vec<&str> = MEMBERS.iter().map(|m| (m.info)().name).filter(|n| n.contains(key)).take(8).collect();
+    let near: Vec<&str> = MEMBERS
+        .iter()
+        .map(|m| (m.info)().name)
+        .filter(|n| n.contains(key))
+        .take(8)
+        .collect();
     Err(Error::Invalid(format!(
         "no zoo member `{name}`{}; `spin zoo` lists them all",
-        if near.is_empty() { String::new() } else { format!(" (similar: {})", near.join(", ")) }
+        if near.is_empty() {
+            String::new()
+        } else {
+            format!(" (similar: {})", near.join(", "))
+        }
     )))
 }
 

@@ -33,7 +33,11 @@ impl Row {
             macs: i.macs,
             depth: i.depth,
             groups: i.groups,
-            pattern: if i.share == "none" { "-".into() } else { i.pattern.clone() },
+            pattern: if i.share == "none" {
+                "-".into()
+            } else {
+                i.pattern.clone()
+            },
             share: i.share.into(),
             compression: i.compression(),
             size_f32_mb: i.size_bytes(4) as f64 / 1e6,
@@ -53,7 +57,11 @@ fn human(n: f64) -> String {
 
 fn table(markdown: bool) -> Table {
     let mut t = Table::new();
-    t.load_preset(if markdown { presets::ASCII_MARKDOWN } else { presets::UTF8_BORDERS_ONLY });
+    t.load_preset(if markdown {
+        presets::ASCII_MARKDOWN
+    } else {
+        presets::UTF8_BORDERS_ONLY
+    });
     t
 }
 
@@ -81,7 +89,16 @@ pub fn zoo_table(rows: &[Row], format: Format, out: &mut dyn Write) -> std::io::
         Format::Table | Format::Markdown => {
             let mut t = table(format == Format::Markdown);
             t.set_header([
-                "name", "family", "params", "MACs", "depth", "groups", "pattern", "share", "compression", "MB f32",
+                "name",
+                "family",
+                "params",
+                "MACs",
+                "depth",
+                "groups",
+                "pattern",
+                "share",
+                "compression",
+                "MB f32",
                 "MB f16",
             ]);
             for r in rows {
@@ -107,7 +124,15 @@ pub fn zoo_table(rows: &[Row], format: Format, out: &mut dyn Write) -> std::io::
 
 pub fn compare_table(rows: &[(Row, &TrainResult)], out: &mut dyn Write) -> std::io::Result<()> {
     let mut t = table(true);
-    t.set_header(["model", "params", "MACs", "groups/depth", "share", "test acc", "train s"]);
+    t.set_header([
+        "model",
+        "params",
+        "MACs",
+        "groups/depth",
+        "share",
+        "test acc",
+        "train s",
+    ]);
     for (r, res) in rows {
         t.add_row([
             r.name.clone(),
@@ -138,7 +163,8 @@ struct CompareRecord<'a> {
 }
 
 pub fn compare_csv(rows: &[(Row, &TrainResult)], path: &Path) -> Result<(), Error> {
-    let mut w = csv::Writer::from_path(path).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+    let mut w =
+        csv::Writer::from_path(path).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
     for (r, res) in rows {
         w.serialize(CompareRecord {
             name: &r.name,
@@ -197,7 +223,10 @@ fn draw<DB: DrawingBackend>(
     let e = |x: DrawingAreaErrorKind<DB::ErrorType>| x.to_string();
     root.fill(&WHITE).map_err(e)?;
     let root = root
-        .titled(&format!("Test accuracy on {data}: shared (▲) vs unshared (●)"), ("sans-serif", 22))
+        .titled(
+            &format!("Test accuracy on {data}: shared (▲) vs unshared (●)"),
+            ("sans-serif", 22),
+        )
         .map_err(e)?;
     let (left, right) = root.split_horizontally(600);
     let accs: Vec<f64> = rows.iter().map(|(_, r)| r.test_accuracy as f64 * 100.0).collect();
@@ -206,7 +235,11 @@ fn draw<DB: DrawingBackend>(
     let pad = ((hi - lo) * 0.15).max(1.0);
     let y = (lo - pad).max(0.0)..(hi + pad).min(100.5);
     for (area, label, get) in [
-        (&left, "parameters", (|r: &Row| r.params as f64) as fn(&Row) -> f64),
+        (
+            &left,
+            "parameters",
+            (|r: &Row| r.params as f64) as fn(&Row) -> f64,
+        ),
         (&right, "MACs per image", |r: &Row| r.macs as f64),
     ] {
         let xs: Vec<f64> = rows.iter().map(|(r, _)| get(r)).collect();
@@ -235,16 +268,23 @@ fn draw<DB: DrawingBackend>(
             };
             let shared = r.share != "none";
             if shared {
-                chart.draw_series(std::iter::once(TriangleMarker::new(p, 9, color.filled()))).map_err(e)?;
+                chart
+                    .draw_series(std::iter::once(TriangleMarker::new(p, 9, color.filled())))
+                    .map_err(e)?;
             } else {
-                chart.draw_series(std::iter::once(Circle::new(p, 7, color.filled()))).map_err(e)?;
+                chart
+                    .draw_series(std::iter::once(Circle::new(p, 7, color.filled())))
+                    .map_err(e)?;
             }
             let short = r.name.trim_start_matches("digits_");
             chart
                 .draw_series(std::iter::once(Text::new(
                     short.to_string(),
                     // Staggered so labels of nearby points do not print over each other.
-                    (p.0 * 1.05, p.1 + (y.end - y.start) * (0.035 * ((i % 3) as f64 - 1.0) + 0.01)),
+                    (
+                        p.0 * 1.05,
+                        p.1 + (y.end - y.start) * (0.035 * ((i % 3) as f64 - 1.0) + 0.01),
+                    ),
                     ("sans-serif", 12).into_font().color(&BLACK),
                 )))
                 .map_err(e)?;
