@@ -7,11 +7,16 @@ use crate::checkpoint::{push_slots, Slot, TimmKeys};
 use crate::conv::Nhwc;
 use crate::describe::{Family, ModelInfo};
 use crate::dtype::{SpinDevice, SpinDtype};
-use crate::layers::{Act, BatchNorm, BatchStats, DwConv, Linear, Mat, PatchConv, Pointwise};
+use crate::layers::{
+    depthwise, linear, Act, BatchNorm, BatchStats, DwConv, Linear, Mat, PatchConv, Pointwise,
+};
 use crate::sharing::{count, names, slot, users, vec_fields, ConvMixerShare};
 use dfdx::prelude::*;
 use dfdx::tensor::Tape;
 use std::marker::PhantomData;
+
+/// A fused (weight, bias) pair a fusion-aware model hands to [`ConvMixer::forward_fused`].
+pub type Fused<E, D, T> = (Tensor<Mat, E, D, T>, Tensor<(usize,), E, D, T>);
 
 /// Whether the pointwise part has a residual connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -220,7 +225,19 @@ impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>> ConvMixer<C, E, D> {
     fn trunk<T: Tape<E, D> + Merge<T>>(
         &self,
         x: Tensor<Nhwc, E, D, T>,
+        stats: Option<&mut Vec<(Bn, BatchStats<E>)>>,
+    ) -> Tensor<Mat, E, D, T> {
+        self.trunk_with(x, stats, None, None)
+    }
+
+    /// The trunk, with per-layer pointwise and depthwise (weight, bias) given from outside when
+    /// `pw` / `dw` are set (fusion-aware training) instead of the stored ones.
+    fn trunk_with<T: Tape<E, D> + Merge<T>>(
+        &self,
+        x: Tensor<Nhwc, E, D, T>,
         mut stats: Option<&mut Vec<(Bn, BatchStats<E>)>>,
+        pw: Option<&[Fused<E, D, T>]>,
+        dw: Option<&[Fused<E, D, T>]>,
     ) -> Tensor<Mat, E, D, T> {
         let (b, g) = (x.shape().0, C::Grid::SIZE);
         let (s, sched) = (C::SHARE, C::SCHEDULE);
@@ -233,10 +250,24 @@ impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>> ConvMixer<C, E, D> {
                 slot(s.pointwise(), sched, i),
             );
             let skip = x.with_empty_tape();
-            let y = C::ACT.apply(self.dw[jd].forward(x, (b, g, g)));
+            let y = match dw {
+                Some(f) => depthwise(
+                    x,
+                    f[i].0.with_empty_tape(),
+                    f[i].1.with_empty_tape(),
+                    (b, g, g),
+                    C::Kernel::SIZE,
+                ),
+                None => self.dw[jd].forward(x, (b, g, g)),
+            };
+            let y = C::ACT.apply(y);
             x = self.norm(Bn::One(jn), y, &mut stats) + skip;
             let skip = x.with_empty_tape();
-            let y = C::ACT.apply(self.pw[jp].forward(x));
+            let y = match pw {
+                Some(f) => linear(x, f[i].0.with_empty_tape(), f[i].1.with_empty_tape()),
+                None => self.pw[jp].forward(x),
+            };
+            let y = C::ACT.apply(y);
             let y = self.norm(Bn::Two(jn), y, &mut stats);
             x = match C::VARIANT {
                 Variant::Timm => y,
@@ -280,6 +311,33 @@ impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>> ConvMixer<C, E, D> {
         let b = x.shape().0;
         let mut stats = Vec::new();
         let y = self.pool_head(self.trunk(x, Some(&mut stats)), b);
+        self.apply_stats(stats);
+        y
+    }
+
+    /// Inference logits with per-layer convolution weights supplied (see [`crate::fusion`]).
+    pub fn forward_fused<T: Tape<E, D> + Merge<T>>(
+        &self,
+        x: Tensor<Nhwc, E, D, T>,
+        pw: Option<&[Fused<E, D, T>]>,
+        dw: Option<&[Fused<E, D, T>]>,
+    ) -> Tensor<Mat, E, D, T> {
+        check_input::<C>(x.shape());
+        let b = x.shape().0;
+        self.pool_head(self.trunk_with(x, None, pw, dw), b)
+    }
+
+    /// Training logits with per-layer convolution weights supplied (see [`crate::fusion`]).
+    pub fn forward_fused_mut<T: Tape<E, D> + Merge<T>>(
+        &mut self,
+        x: Tensor<Nhwc, E, D, T>,
+        pw: Option<&[Fused<E, D, T>]>,
+        dw: Option<&[Fused<E, D, T>]>,
+    ) -> Tensor<Mat, E, D, T> {
+        check_input::<C>(x.shape());
+        let b = x.shape().0;
+        let mut stats = Vec::new();
+        let y = self.pool_head(self.trunk_with(x, Some(&mut stats), pw, dw), b);
         self.apply_stats(stats);
         y
     }

@@ -170,6 +170,20 @@ pub fn gelu_fallback<S: Shape, E: SpinDtype, D: Device<E>, T: Tape<E, D>>(
     x.with_empty_tape() * c + x * q - xq
 }
 
+/// Depthwise K×K 'same' convolution of `(B·H·W, C)` features with weight `(C, K·K)`, bias `(C,)`.
+pub fn depthwise<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
+    x: Tensor<Mat, E, D, T>,
+    w: Tensor<Mat, E, D, T>,
+    bias: Tensor<(usize,), E, D, T>,
+    (b, h, wd): (usize, usize, usize),
+    k: usize,
+) -> Tensor<Mat, E, D, T> {
+    let (rows, c) = *x.shape();
+    D::dwconv(x.reshape_like(&(b, h, wd, c)), w, bias, k)
+        .unwrap()
+        .reshape_like(&(rows, c))
+}
+
 /// `x · Wᵀ + b` with PyTorch's `(out, in)` weight.
 pub fn linear<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
     x: Tensor<Mat, E, D, T>,
@@ -406,12 +420,14 @@ impl<C: ConstDim, K: ConstDim, E: SpinDtype, D: SpinDevice<E>> DwConv<C, K, E, D
         x: Tensor<Mat, E, D, T>,
         (b, h, w): (usize, usize, usize),
     ) -> Tensor<Mat, E, D, T> {
-        let (rows, c) = *x.shape();
-        let x = x.reshape_like(&(b, h, w, c));
         let k = K::SIZE;
-        D::dwconv(x, param2(&self.weight, c, k * k), param1(&self.bias), k)
-            .unwrap()
-            .reshape_like(&(rows, c))
+        depthwise(
+            x,
+            param2(&self.weight, C::SIZE, k * k),
+            param1(&self.bias),
+            (b, h, w),
+            k,
+        )
     }
 }
 

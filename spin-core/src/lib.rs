@@ -17,6 +17,7 @@ pub mod data;
 pub mod describe;
 pub mod dtype;
 pub mod error;
+pub mod fusion;
 pub mod layers;
 pub mod norm;
 pub mod schedule;

@@ -10,6 +10,7 @@ use crate::convmixer::{ConvMixer, ConvMixerConfig};
 use crate::data::Dataset;
 use crate::describe::ModelInfo;
 use crate::dtype::{SpinDevice, SpinDtype};
+use crate::fusion::{fuse_into, FusionReport, Reduction, TensorMap};
 use crate::layers::Mat;
 use crate::vit::{Vit, VitConfig};
 use crate::Error;
@@ -29,6 +30,11 @@ pub trait SpinModel<E: SpinDtype, D: SpinDevice<E>>:
     fn logits<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Nhwc, E, D, T>) -> Tensor<Mat, E, D, T>;
     /// Training logits (BatchNorm uses and updates batch statistics).
     fn logits_mut<T: Tape<E, D> + Merge<T>>(&mut self, x: Tensor<Nhwc, E, D, T>) -> Tensor<Mat, E, D, T>;
+    /// Saves the model one deploys: the model itself, or for a training-time wrapper (fusion-aware
+    /// training) the plain model it exports.
+    fn save_deployable(&self, path: &Path, dtype: StorageDtype) -> Result<(), Error> {
+        TimmCheckpoint::save_timm_as(self, path, dtype)
+    }
 }
 
 impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>> SpinModel<E, D> for ConvMixer<C, E, D> {
@@ -78,8 +84,12 @@ pub trait Classifier: Send {
         opt: &mut AdamW,
         hp: &StepParams,
     ) -> Result<StepStats, Error>;
+    /// Loads a timm checkpoint (for a fusion-aware model: the unshared model to start from).
     fn load_timm(&mut self, path: &Path) -> Result<(), Error>;
+    /// Saves the deployable model (for a fusion-aware model: the exported shared model).
     fn save_timm(&self, path: &Path, dtype: StorageDtype) -> Result<(), Error>;
+    /// Fills this (shared) model from an unshared model's tensors by weight fusion.
+    fn fuse_from(&mut self, source: &TensorMap, reduction: Reduction) -> Result<FusionReport, Error>;
 }
 
 /// Per-step hyper-parameters.
@@ -184,7 +194,10 @@ impl<M: SpinModel<f32, Cpu> + Send + 'static> Classifier for Runner<M> {
         TimmCheckpoint::load_timm(&mut self.model, path)
     }
     fn save_timm(&self, path: &Path, dtype: StorageDtype) -> Result<(), Error> {
-        TimmCheckpoint::save_timm_as(&self.model, path, dtype)
+        self.model.save_deployable(path, dtype)
+    }
+    fn fuse_from(&mut self, source: &TensorMap, reduction: Reduction) -> Result<FusionReport, Error> {
+        fuse_into(&mut self.model, source, reduction, &|_, _| None)
     }
 }
 

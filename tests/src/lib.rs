@@ -1,4 +1,7 @@
 //! Helpers shared by spin's integration tests (the tests themselves live in `tests/`).
+//!
+//! The README is included below so that its Rust examples compile and run as doc tests.
+#![doc = include_str!("../../README.md")]
 use spin_core::checkpoint::read_tensors;
 use std::path::{Path, PathBuf};
 

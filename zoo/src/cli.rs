@@ -5,6 +5,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use spin_core::checkpoint::StorageDtype;
 use spin_core::data::{self, DataSpec};
+use spin_core::fusion::{read_checkpoint, Reduction};
 use spin_core::train::{self, AdamW, Classifier, TrainConfig};
 use spin_core::Error;
 use std::io::Write;
@@ -34,6 +35,30 @@ pub enum Cmd {
     Predict(PredictArgs),
     /// Train several members and plot accuracy against parameters and MACs.
     Compare(CompareArgs),
+    /// Make a shared model from a trained unshared checkpoint by weight fusion.
+    Fuse(FuseArgs),
+}
+
+fn parse_reduction(s: &str) -> Result<Reduction, String> {
+    s.parse().map_err(|e: Error| e.to_string())
+}
+
+#[derive(Args, Debug)]
+pub struct FuseArgs {
+    /// The trained unshared checkpoint (timm layout).
+    #[arg(long)]
+    pub from: PathBuf,
+    /// The shared zoo member to make.
+    #[arg(long)]
+    pub model: String,
+    /// mean, choose_first, scalar_weighted_mean or channel_weighted_mean (the weighted ones start
+    /// from coefficients of one, i.e. the mean, until trained with `spin train --fusion`).
+    #[arg(long, default_value = "mean", value_parser = parse_reduction)]
+    pub reduction: Reduction,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    pub save_dtype: StorageDtype,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -115,6 +140,14 @@ pub struct TrainArgs {
     /// Storage dtype of the saved checkpoint.
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     pub save_dtype: StorageDtype,
+    /// Start a shared model from this trained unshared checkpoint (weight fusion, mean unless
+    /// --fusion says otherwise).
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
+    /// Fusion-aware training (SPIN's WFWS) with this reduction: all D original tensors and the
+    /// coefficients train, fused every step; checkpoints hold the exported shared model.
+    #[arg(long, value_parser = parse_reduction)]
+    pub fusion: Option<Reduction>,
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -179,6 +212,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), Error> {
         Cmd::Eval(a) => eval(&a, out),
         Cmd::Predict(a) => predict(&a, out),
         Cmd::Compare(a) => compare(&a, out).map(|_| ()),
+        Cmd::Fuse(a) => fuse(&a, out),
     }
 }
 
@@ -199,6 +233,8 @@ pub struct TrainResult {
     pub macs: u64,
     pub test_accuracy: f32,
     pub test_loss: f32,
+    /// Test accuracy before the first epoch (absent when resuming).
+    pub initial_accuracy: Option<f32>,
     pub seconds: f64,
     pub epochs_run: usize,
 }
@@ -238,7 +274,36 @@ pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<TrainResult, Error> {
         dir.join("optimizer.safetensors"),
         dir.join("metrics.csv"),
     );
-    let mut model = (member.build)(cfg.seed);
+    let mut model = match (a.fusion, &a.init_from) {
+        (Some(_), None) => {
+            return Err(Error::Invalid("--fusion needs --init-from CKPT, the trained unshared model".into()))
+        }
+        (Some(_), Some(_)) if a.resume => {
+            return Err(Error::Invalid(
+                "--resume does not apply to fusion-aware training: its checkpoints hold the exported shared \
+                 model; continue with `spin train --init-from` on the unshared model, or train the exported one"
+                    .into(),
+            ))
+        }
+        (Some(r), Some(init)) => {
+            let build = member.fusion.ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{} has no fusion-aware trainer: it exists for the shared ConvMixer members",
+                    info.name
+                ))
+            })?;
+            let mut m = build(cfg.seed, r);
+            m.load_timm(init)?;
+            m
+        }
+        (None, init) => {
+            let mut m = (member.build)(cfg.seed);
+            if let (Some(init), false) = (init, a.resume) {
+                m.fuse_from(&read_checkpoint(init)?, Reduction::Mean)?;
+            }
+            m
+        }
+    };
     let mut opt = AdamW::new(cfg.weight_decay);
     let mut start = 0;
     if a.resume {
@@ -275,6 +340,18 @@ pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<TrainResult, Error> {
     )
     .map_err(io)?;
     let t0 = Instant::now();
+    let initial = if start == 0 {
+        let s = train::evaluate(model.as_ref(), &split.test, 256);
+        writeln!(
+            out,
+            "before training: test loss {:.4} acc {:.4}",
+            s.loss, s.accuracy
+        )
+        .map_err(io)?;
+        Some(s.accuracy)
+    } else {
+        None
+    };
     let mut last = train::PassStats::default();
     let end = a.stop_after.unwrap_or(cfg.epochs).min(cfg.epochs);
     for epoch in start..end {
@@ -359,6 +436,7 @@ pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<TrainResult, Error> {
         macs: info.macs,
         test_accuracy: last.accuracy,
         test_loss: last.loss,
+        initial_accuracy: initial,
         seconds: t0.elapsed().as_secs_f64(),
         epochs_run: end.saturating_sub(start),
     })
@@ -403,6 +481,23 @@ pub fn predict(a: &PredictArgs, out: &mut dyn Write) -> Result<(), Error> {
     Ok(())
 }
 
+/// `spin fuse`: a shared member from a trained unshared checkpoint.
+pub fn fuse(a: &FuseArgs, out: &mut dyn Write) -> Result<(), Error> {
+    let mut m = crate::build(&a.model, 0)?;
+    let report = m.fuse_from(&read_checkpoint(&a.from)?, a.reduction)?;
+    m.save_timm(&a.out, a.save_dtype)?;
+    writeln!(
+        out,
+        "{}: {} tensors fused from their groups, {} copied; {} params; wrote {}",
+        a.model,
+        report.fused,
+        report.copied,
+        m.num_params(),
+        a.out.display()
+    )
+    .map_err(io)
+}
+
 /// `spin compare`: trains each member with the same settings, then writes `compare.csv`,
 /// `compare.png` and `compare.svg` and prints the table.
 pub fn compare(a: &CompareArgs, out: &mut dyn Write) -> Result<Vec<TrainResult>, Error> {
@@ -423,6 +518,8 @@ pub fn compare(a: &CompareArgs, out: &mut dyn Write) -> Result<Vec<TrainResult>,
             out: Some(a.out.join(name)),
             resume: false,
             stop_after: None,
+            init_from: None,
+            fusion: None,
             save_dtype: StorageDtype::F32,
             quiet: a.quiet,
         };

@@ -6,8 +6,10 @@
 //! Shared members are named `<base>_ws<r>_<pattern>`: r = depth / groups layers per shared tensor.
 //! ConvMixers share their pointwise conv (SPIN's choice); DeiTs share attention and MLP with
 //! LayerNorms per layer, and `_ws12_all` shares everything (ALBERT).
+use spin_core::convmixer::ConvMixerConfig;
 use spin_core::data::DataConfig;
 use spin_core::dfdx::prelude::*;
+use spin_core::fusion::{Fusion, Reduction};
 use spin_core::train::{Classifier, Runner, SpinModel};
 use spin_core::{Describe, Error, Family, ModelInfo};
 
@@ -16,10 +18,26 @@ pub use spin_core::prelude::{convmixer, shared_blocks, vit};
 pub mod cli;
 pub mod report;
 
+/// Builds a fusion-aware trainer with a reduction.
+pub type FusionBuilder = fn(u64, Reduction) -> Box<dyn Classifier>;
+
 /// A zoo member: its description and how to build it.
 pub struct Member {
     pub info: fn() -> ModelInfo,
     pub build: fn(u64) -> Box<dyn Classifier>,
+    /// For a shared ConvMixer declared `shared <- base`: its fusion-aware trainer, which keeps the
+    /// base model's D tensors and fuses them every forward pass (SPIN's WFWS).
+    pub fusion: Option<FusionBuilder>,
+}
+
+fn build_fusion<B: ConvMixerConfig, S: ConvMixerConfig>(
+    seed: u64,
+    reduction: Reduction,
+) -> Box<dyn Classifier> {
+    let dev = Cpu::seed_from_u64(seed);
+    let mut model = dev.build_module::<Fusion<B, S>, f32>();
+    model.reduction = reduction;
+    Box::new(Runner::new(model, dev))
 }
 
 fn build_member<X>(seed: u64) -> Box<dyn Classifier>
@@ -34,14 +52,20 @@ where
 
 /// Declares the members and generates [`MEMBERS`] from the same list.
 macro_rules! zoo {
-    ($( $(#[$attr:meta])+ $name:ident; )+) => {
+    ($( $(#[$attr:meta])+ $name:ident $(<- $base:ident)?; )+) => {
         $( $(#[$attr])+ #[allow(non_camel_case_types)] pub struct $name; )+
 
         /// Every member of the zoo, in declaration order.
         pub static MEMBERS: &[Member] = &[
-            $( Member { info: <$name as Describe>::info, build: build_member::<$name> }, )+
+            $( Member {
+                info: <$name as Describe>::info,
+                build: build_member::<$name>,
+                fusion: zoo!(@fusion $name $($base)?),
+            }, )+
         ];
     };
+    (@fusion $name:ident $base:ident) => { Some(build_fusion::<$base, $name>) };
+    (@fusion $name:ident) => { None };
 }
 
 zoo! {
@@ -51,76 +75,76 @@ zoo! {
     convmixer_1536_20;
     #[convmixer(dim = 1536, kernel = 9, patch = 7, image = 224, classes = 1000, act = gelu)]
     #[shared_blocks(depth = 20, groups = 10, pattern = sequential)]
-    convmixer_1536_20_ws2_sequential;
+    convmixer_1536_20_ws2_sequential <- convmixer_1536_20;
     #[convmixer(dim = 1536, kernel = 9, patch = 7, image = 224, classes = 1000, act = gelu)]
     #[shared_blocks(depth = 20, groups = 10, pattern = strided)]
-    convmixer_1536_20_ws2_strided;
+    convmixer_1536_20_ws2_strided <- convmixer_1536_20;
     #[convmixer(dim = 1536, kernel = 9, patch = 7, image = 224, classes = 1000, act = gelu)]
     #[shared_blocks(depth = 20, groups = 5, pattern = sequential)]
-    convmixer_1536_20_ws4_sequential;
+    convmixer_1536_20_ws4_sequential <- convmixer_1536_20;
     #[convmixer(dim = 1536, kernel = 9, patch = 7, image = 224, classes = 1000, act = gelu)]
     #[shared_blocks(depth = 20, groups = 5, pattern = strided)]
-    convmixer_1536_20_ws4_strided;
+    convmixer_1536_20_ws4_strided <- convmixer_1536_20;
     /// ConvMixer-768/32, timm `convmixer_768_32` (k7, p7, ReLU).
     #[convmixer(dim = 768, kernel = 7, patch = 7, image = 224, classes = 1000, act = relu, depth = 32)]
     convmixer_768_32;
     #[convmixer(dim = 768, kernel = 7, patch = 7, image = 224, classes = 1000, act = relu)]
     #[shared_blocks(depth = 32, groups = 16, pattern = sequential)]
-    convmixer_768_32_ws2_sequential;
+    convmixer_768_32_ws2_sequential <- convmixer_768_32;
     #[convmixer(dim = 768, kernel = 7, patch = 7, image = 224, classes = 1000, act = relu)]
     #[shared_blocks(depth = 32, groups = 16, pattern = strided)]
-    convmixer_768_32_ws2_strided;
+    convmixer_768_32_ws2_strided <- convmixer_768_32;
     #[convmixer(dim = 768, kernel = 7, patch = 7, image = 224, classes = 1000, act = relu)]
     #[shared_blocks(depth = 32, groups = 8, pattern = sequential)]
-    convmixer_768_32_ws4_sequential;
+    convmixer_768_32_ws4_sequential <- convmixer_768_32;
     #[convmixer(dim = 768, kernel = 7, patch = 7, image = 224, classes = 1000, act = relu)]
     #[shared_blocks(depth = 32, groups = 8, pattern = strided)]
-    convmixer_768_32_ws4_strided;
+    convmixer_768_32_ws4_strided <- convmixer_768_32;
     /// ConvMixer-1024/20, timm `convmixer_1024_20_ks9_p14`.
     #[convmixer(dim = 1024, kernel = 9, patch = 14, image = 224, classes = 1000, act = gelu, depth = 20)]
     convmixer_1024_20_ks9_p14;
     #[convmixer(dim = 1024, kernel = 9, patch = 14, image = 224, classes = 1000, act = gelu)]
     #[shared_blocks(depth = 20, groups = 10, pattern = sequential)]
-    convmixer_1024_20_ks9_p14_ws2_sequential;
+    convmixer_1024_20_ks9_p14_ws2_sequential <- convmixer_1024_20_ks9_p14;
     #[convmixer(dim = 1024, kernel = 9, patch = 14, image = 224, classes = 1000, act = gelu)]
     #[shared_blocks(depth = 20, groups = 10, pattern = strided)]
-    convmixer_1024_20_ks9_p14_ws2_strided;
+    convmixer_1024_20_ks9_p14_ws2_strided <- convmixer_1024_20_ks9_p14;
     #[convmixer(dim = 1024, kernel = 9, patch = 14, image = 224, classes = 1000, act = gelu)]
     #[shared_blocks(depth = 20, groups = 5, pattern = sequential)]
-    convmixer_1024_20_ks9_p14_ws4_sequential;
+    convmixer_1024_20_ks9_p14_ws4_sequential <- convmixer_1024_20_ks9_p14;
     #[convmixer(dim = 1024, kernel = 9, patch = 14, image = 224, classes = 1000, act = gelu)]
     #[shared_blocks(depth = 20, groups = 5, pattern = strided)]
-    convmixer_1024_20_ks9_p14_ws4_strided;
+    convmixer_1024_20_ks9_p14_ws4_strided <- convmixer_1024_20_ks9_p14;
     /// SPIN's ConvMixer-768/32 (p14, k3, ReLU) with a residual around the pointwise part.
     #[convmixer(dim = 768, kernel = 3, patch = 14, image = 224, classes = 1000, act = relu, variant = spin, depth = 32)]
     convmixer_768_32_p14_k3;
     #[convmixer(dim = 768, kernel = 3, patch = 14, image = 224, classes = 1000, act = relu, variant = spin)]
     #[shared_blocks(depth = 32, groups = 16, pattern = sequential)]
-    convmixer_768_32_p14_k3_ws2_sequential;
+    convmixer_768_32_p14_k3_ws2_sequential <- convmixer_768_32_p14_k3;
     #[convmixer(dim = 768, kernel = 3, patch = 14, image = 224, classes = 1000, act = relu, variant = spin)]
     #[shared_blocks(depth = 32, groups = 16, pattern = strided)]
-    convmixer_768_32_p14_k3_ws2_strided;
+    convmixer_768_32_p14_k3_ws2_strided <- convmixer_768_32_p14_k3;
     #[convmixer(dim = 768, kernel = 3, patch = 14, image = 224, classes = 1000, act = relu, variant = spin)]
     #[shared_blocks(depth = 32, groups = 8, pattern = sequential)]
-    convmixer_768_32_p14_k3_ws4_sequential;
+    convmixer_768_32_p14_k3_ws4_sequential <- convmixer_768_32_p14_k3;
     #[convmixer(dim = 768, kernel = 3, patch = 14, image = 224, classes = 1000, act = relu, variant = spin)]
     #[shared_blocks(depth = 32, groups = 8, pattern = strided)]
-    convmixer_768_32_p14_k3_ws4_strided;
+    convmixer_768_32_p14_k3_ws4_strided <- convmixer_768_32_p14_k3;
     /// ConvMixer-256/8 for 32×32 inputs (k9, p2, GELU, 10 classes).
     #[convmixer(dim = 256, kernel = 9, patch = 2, image = 32, classes = 10, act = gelu, depth = 8)]
     convmixer_256_8_ks9_p2;
     #[convmixer(dim = 256, kernel = 9, patch = 2, image = 32, classes = 10, act = gelu)]
     #[shared_blocks(depth = 8, groups = 4, pattern = sequential)]
-    convmixer_256_8_ks9_p2_ws2_sequential;
+    convmixer_256_8_ks9_p2_ws2_sequential <- convmixer_256_8_ks9_p2;
     #[convmixer(dim = 256, kernel = 9, patch = 2, image = 32, classes = 10, act = gelu)]
     #[shared_blocks(depth = 8, groups = 4, pattern = strided)]
-    convmixer_256_8_ks9_p2_ws2_strided;
+    convmixer_256_8_ks9_p2_ws2_strided <- convmixer_256_8_ks9_p2;
     #[convmixer(dim = 256, kernel = 9, patch = 2, image = 32, classes = 10, act = gelu)]
     #[shared_blocks(depth = 8, groups = 2, pattern = sequential)]
-    convmixer_256_8_ks9_p2_ws4_sequential;
+    convmixer_256_8_ks9_p2_ws4_sequential <- convmixer_256_8_ks9_p2;
     #[convmixer(dim = 256, kernel = 9, patch = 2, image = 32, classes = 10, act = gelu)]
     #[shared_blocks(depth = 8, groups = 2, pattern = strided)]
-    convmixer_256_8_ks9_p2_ws4_strided;
+    convmixer_256_8_ks9_p2_ws4_strided <- convmixer_256_8_ks9_p2;
     // ---- DeiT: attention and MLP shared (SPIN), or everything shared (ALBERT) ----
     /// timm `deit_tiny_patch16_224`.
     #[vit(dim = 192, heads = 3, patch = 16, image = 224, classes = 1000, depth = 12)]
@@ -182,16 +206,16 @@ zoo! {
     digits_convmixer_64_8;
     #[convmixer(dim = 64, kernel = 3, patch = 1, image = 8, classes = 10, act = gelu)]
     #[shared_blocks(depth = 8, groups = 4, pattern = sequential)]
-    digits_convmixer_64_8_ws2_sequential;
+    digits_convmixer_64_8_ws2_sequential <- digits_convmixer_64_8;
     #[convmixer(dim = 64, kernel = 3, patch = 1, image = 8, classes = 10, act = gelu)]
     #[shared_blocks(depth = 8, groups = 4, pattern = strided)]
-    digits_convmixer_64_8_ws2_strided;
+    digits_convmixer_64_8_ws2_strided <- digits_convmixer_64_8;
     #[convmixer(dim = 64, kernel = 3, patch = 1, image = 8, classes = 10, act = gelu)]
     #[shared_blocks(depth = 8, groups = 2, pattern = sequential)]
-    digits_convmixer_64_8_ws4_sequential;
+    digits_convmixer_64_8_ws4_sequential <- digits_convmixer_64_8;
     #[convmixer(dim = 64, kernel = 3, patch = 1, image = 8, classes = 10, act = gelu)]
     #[shared_blocks(depth = 8, groups = 2, pattern = strided)]
-    digits_convmixer_64_8_ws4_strided;
+    digits_convmixer_64_8_ws4_strided <- digits_convmixer_64_8;
     /// A ViT-64/6 on 8×8 digits, 2×2 patches.
     #[vit(dim = 64, heads = 4, patch = 2, image = 8, classes = 10, depth = 6)]
     digits_vit_64_6;
