@@ -37,6 +37,30 @@ pub enum Cmd {
     Compare(CompareArgs),
     /// Make a shared model from a trained unshared checkpoint by weight fusion.
     Fuse(FuseArgs),
+    /// Time a forward pass (or with --train a training step) after warm-up.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[arg(long)]
+    pub model: String,
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Time a full training step (forward, cross-entropy, backward, AdamW) instead of a forward pass.
+    #[arg(long)]
+    pub train: bool,
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Compute dtype: f32, or f16 (forward only, for the members listed in `spin bench --help`).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Print one JSON object instead of a line of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn parse_reduction(s: &str) -> Result<Reduction, String> {
@@ -213,6 +237,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), Error> {
         Cmd::Predict(a) => predict(&a, out),
         Cmd::Compare(a) => compare(&a, out).map(|_| ()),
         Cmd::Fuse(a) => fuse(&a, out),
+        Cmd::Bench(a) => bench(&a, out),
     }
 }
 
@@ -479,6 +504,32 @@ pub fn predict(a: &PredictArgs, out: &mut dyn Write) -> Result<(), Error> {
         writeln!(out, "{}: {}", path.display(), top.join(", ")).map_err(io)?;
     }
     Ok(())
+}
+
+/// `spin bench`.
+pub fn bench(a: &BenchArgs, out: &mut dyn Write) -> Result<(), Error> {
+    if let Some(t) = a.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()
+            .map_err(|e| Error::Invalid(format!("cannot set {t} threads: {e}")))?;
+    }
+    let r = match (a.dtype.as_str(), a.train) {
+        ("f32", train) => crate::bench::bench(&a.model, a.batch, train, a.iters)?,
+        ("f16", false) => crate::bench::bench_f16(&a.model, a.batch, a.iters)?,
+        ("f16", true) => return Err(Error::Invalid("f16 benchmarks time the forward pass only".into())),
+        (d, _) => return Err(Error::Invalid(format!("unknown dtype `{d}`: use f32 or f16"))),
+    };
+    if a.json {
+        writeln!(out, "{}", serde_json::to_string(&r).map_err(|e| Error::Invalid(e.to_string()))?).map_err(io)
+    } else {
+        writeln!(
+            out,
+            "{} batch {} {} {} on {} threads: median {:.2} ms, min {:.2} ms, {:.1} images/s, peak RSS {:.0} MB",
+            r.model, r.batch, r.mode, r.dtype, r.threads, r.median_ms, r.min_ms, r.images_per_s, r.peak_rss_mb
+        )
+        .map_err(io)
+    }
 }
 
 /// `spin fuse`: a shared member from a trained unshared checkpoint.

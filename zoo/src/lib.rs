@@ -15,6 +15,7 @@ use spin_core::{Describe, Error, Family, ModelInfo};
 
 pub use spin_core::prelude::{convmixer, shared_blocks, vit};
 
+pub mod bench;
 pub mod cli;
 pub mod report;
 

@@ -1,0 +1,120 @@
+//! `spin bench`: wall-clock timing of a forward pass (or a full training step) after warm-up,
+//! with peak resident memory. Numbers go to the README; no test asserts a duration.
+use crate::{build, find};
+use serde::Serialize;
+use spin_core::dfdx::prelude::*;
+use spin_core::train::{AdamW, StepParams};
+use spin_core::Error;
+use std::time::Instant;
+
+/// One measurement, as `--json` prints it.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchResult {
+    pub model: String,
+    pub batch: usize,
+    pub mode: String,
+    pub dtype: String,
+    pub threads: usize,
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub images_per_s: f64,
+    pub peak_rss_mb: f64,
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), in MB; 0 where unavailable.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn time(iters: usize, warmup: usize, mut f: impl FnMut() -> Result<(), Error>) -> Result<(f64, f64), Error> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut ms = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        let t = Instant::now();
+        f()?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    Ok((ms[ms.len() / 2], ms[0]))
+}
+
+/// Times `model` in f32 on the CPU.
+pub fn bench(name: &str, batch: usize, train: bool, iters: usize) -> Result<BenchResult, Error> {
+    let info = (find(name)?.info)();
+    let mut model = build(name, 0)?;
+    let dev = Cpu::seed_from_u64(1);
+    let n = batch * 3 * info.image * info.image;
+    let x: Tensor<(usize,), f32, Cpu> = dev.sample_normal_like(&(n,));
+    let x = x.as_vec();
+    let labels: Vec<usize> = (0..batch).map(|i| i % info.classes).collect();
+    let mut opt = AdamW::new(0.05);
+    let hp = StepParams { lr: 1e-4, label_smoothing: 0.1, clip: Some(1.0) };
+    let (median, min) = if train {
+        time(iters, 2, || model.train_step(&x, &labels, &mut opt, &hp).map(|_| ()))?
+    } else {
+        time(iters, 2, || {
+            std::hint::black_box(model.predict(&x, batch));
+            Ok(())
+        })?
+    };
+    Ok(result(name, batch, train, "f32", median, min))
+}
+
+fn result(name: &str, batch: usize, train: bool, dtype: &str, median: f64, min: f64) -> BenchResult {
+    BenchResult {
+        model: name.to_string(),
+        batch,
+        mode: if train { "train" } else { "forward" }.into(),
+        dtype: dtype.into(),
+        threads: rayon::current_num_threads(),
+        median_ms: median,
+        min_ms: min,
+        images_per_s: batch as f64 / (median / 1e3),
+        peak_rss_mb: peak_rss_mb(),
+    }
+}
+
+/// Times an f16 forward pass. dfdx has an f16 CPU device but the registry builds f32 models, so
+/// the members with an f16 path are listed here.
+pub fn bench_f16(name: &str, batch: usize, iters: usize) -> Result<BenchResult, Error> {
+    use spin_core::dfdx::dtypes::f16;
+    use spin_core::train::SpinModel;
+    fn run<X>(batch: usize, iters: usize) -> Result<(f64, f64), Error>
+    where
+        X: BuildOnDevice<Cpu, f16> + spin_core::Describe,
+        X::Built: SpinModel<f16, Cpu>,
+    {
+        let info = X::info();
+        let dev = Cpu::seed_from_u64(0);
+        let m = dev.build_module::<X, f16>();
+        let x: Tensor<(usize, usize, usize, usize), f32, Cpu> =
+            dev.sample_normal_like(&(batch, 3, info.image, info.image));
+        let x = x.to_dtype::<f16>();
+        time(iters, 2, || {
+            std::hint::black_box(m.logits(x.clone()));
+            Ok(())
+        })
+    }
+    let (median, min) = match name {
+        "convmixer_256_8_ks9_p2" => run::<crate::convmixer_256_8_ks9_p2>(batch, iters)?,
+        "deit_tiny_patch16_224" => run::<crate::deit_tiny_patch16_224>(batch, iters)?,
+        "digits_convmixer_64_8" => run::<crate::digits_convmixer_64_8>(batch, iters)?,
+        _ => {
+            return Err(Error::Invalid(format!(
+                "no f16 path for `{name}`: f16 benchmarks cover convmixer_256_8_ks9_p2, deit_tiny_patch16_224 and digits_convmixer_64_8"
+            )))
+        }
+    };
+    Ok(result(name, batch, false, "f16", median, min))
+}
