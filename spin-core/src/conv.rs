@@ -139,16 +139,26 @@ impl<E: SpinDtype> Kernels<E> for Cpu {
     fn gelu<S: Shape, T: Tape<E, Self>>(x: Tensor<S, E, Self, T>) -> Tensor<S, E, Self, T> {
         let (x, mut tape) = x.split_tape();
         let xs = host(&x);
-        let y: Vec<E> = xs.par_iter().map(|&v| v.gelu_and_grad().0).collect();
+        // Plain loops over chunks (not a per-element rayon map) so the compiler vectorises them.
+        let mut y = vec![E::zero(); xs.len()];
+        y.par_chunks_mut(ELEMWISE_CHUNK).zip(xs.par_chunks(ELEMWISE_CHUNK)).for_each(|(yo, xi)| {
+            for (o, &v) in yo.iter_mut().zip(xi) {
+                *o = v.gelu_and_grad().0;
+            }
+        });
         let y = x.device().tensor_from_vec(y, *x.shape());
         if T::OWNS_TAPE {
             let y_keep = y.clone();
             tape.add_backward_op(move |grads| {
                 let gy = host(&grads.get(&y_keep));
                 let gx = grads.get_or_alloc_mut(&x)?;
-                gx.par_iter_mut()
-                    .zip(xs.par_iter().zip(gy.par_iter()))
-                    .for_each(|(a, (&v, &g))| *a += g * v.gelu_and_grad().1);
+                gx.par_chunks_mut(ELEMWISE_CHUNK)
+                    .zip(xs.par_chunks(ELEMWISE_CHUNK).zip(gy.par_chunks(ELEMWISE_CHUNK)))
+                    .for_each(|(a, (xi, gi))| {
+                        for ((a, &v), &g) in a.iter_mut().zip(xi).zip(gi) {
+                            *a += g * v.gelu_and_grad().1;
+                        }
+                    });
                 Ok(())
             });
         }
@@ -364,27 +374,53 @@ fn fma_row<E: SpinDtype>(out: &mut [E], x: &[E], w: &[E]) {
     }
 }
 
-/// Forward: one rayon task per output row (b, h); the innermost loop runs over contiguous channels,
-/// which the compiler vectorises. `wt` is the weight transposed to `(K·K, C)`.
+/// Elements per rayon task of elementwise kernels.
+const ELEMWISE_CHUNK: usize = 16 * 1024;
+
+/// Channels per register block of the forward kernel: 64 f32 lanes = 4 AVX-512 registers.
+const CH: usize = 64;
+
+/// Forward: one rayon task per output row (b, h). For each output pixel and block of CH channels
+/// the K×K taps accumulate in a fixed-size array the compiler keeps in vector registers, so each
+/// input value is loaded once per tap and each output written once. `wt` is `(K·K, C)`.
 fn dw_forward<E: SpinDtype>(g: &DwGeometry, x: &[E], wt: &[E], bias: &[E]) -> Vec<E> {
     let (h, w, c, k, p) = (g.h, g.w, g.c, g.k, g.p);
     let mut out = vec![E::zero(); g.b * h * w * c];
     out.par_chunks_mut(w * c).enumerate().for_each(|(row, o)| {
         let (bi, hi) = (row / h, row % h);
-        for px in o.chunks_mut(c) {
-            px.copy_from_slice(bias);
-        }
-        for ky in 0..k {
-            let Some(hh) = (hi + ky).checked_sub(p).filter(|&hh| hh < h) else {
-                continue;
-            };
-            let xrow = &x[(bi * h + hh) * w * c..][..w * c];
-            for kx in 0..k {
-                let wk = &wt[(ky * k + kx) * c..][..c];
-                for wi in g.out_cols(kx) {
-                    let xi = wi + kx - p;
-                    fma_row(&mut o[wi * c..][..c], &xrow[xi * c..][..c], wk);
+        let rows: Vec<(usize, &[E])> = (0..k)
+            .filter_map(|ky| {
+                let hh = (hi + ky).checked_sub(p).filter(|&hh| hh < h)?;
+                Some((ky, &x[(bi * h + hh) * w * c..][..w * c]))
+            })
+            .collect();
+        for wi in 0..w {
+            let kx0 = p.saturating_sub(wi);
+            let kx1 = (w + p - wi).min(k);
+            let mut c0 = 0;
+            while c0 < c {
+                let n = CH.min(c - c0);
+                let mut acc = [E::zero(); CH];
+                acc[..n].copy_from_slice(&bias[c0..c0 + n]);
+                for &(ky, xrow) in &rows {
+                    for kx in kx0..kx1 {
+                        let xi = wi + kx - p;
+                        let xs = &xrow[xi * c + c0..][..n];
+                        let ws = &wt[(ky * k + kx) * c + c0..][..n];
+                        if n == CH {
+                            let (xs, ws): (&[E; CH], &[E; CH]) = (xs.try_into().unwrap(), ws.try_into().unwrap());
+                            for j in 0..CH {
+                                acc[j] += xs[j] * ws[j];
+                            }
+                        } else {
+                            for j in 0..n {
+                                acc[j] += xs[j] * ws[j];
+                            }
+                        }
+                    }
                 }
+                o[wi * c + c0..][..n].copy_from_slice(&acc[..n]);
+                c0 += n;
             }
         }
     });

@@ -42,7 +42,10 @@ impl SpinDtype for f32 {
 #[inline(always)]
 fn fast_exp(x: f32) -> f32 {
     let x = x.max(-87.0);
-    let k = (x * std::f32::consts::LOG2_E).round_ties_even();
+    // Round to nearest with the 1.5·2^23 trick: a plain add the compiler vectorises (a call to
+    // `round` would not), exact for |x·log2 e| < 2^22, which x ≥ -87 guarantees.
+    const SHIFTER: f32 = 12_582_912.0;
+    let k = (x * std::f32::consts::LOG2_E + SHIFTER) - SHIFTER;
     let r = x - k * 0.693_359_4 + k * 2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
