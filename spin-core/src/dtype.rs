@@ -39,26 +39,29 @@ impl SpinDtype for f32 {
 }
 
 /// exp for x ≤ 0 (as GELU needs), Cephes' polynomial after range reduction; relative error ~1e-7.
+/// Branch- and conversion-free so that loops over it vectorise.
 #[inline(always)]
 fn fast_exp(x: f32) -> f32 {
     let x = x.max(-87.0);
-    // Round to nearest with the 1.5·2^23 trick: a plain add the compiler vectorises (a call to
-    // `round` would not), exact for |x·log2 e| < 2^22, which x ≥ -87 guarantees.
-    const SHIFTER: f32 = 12_582_912.0;
-    let k = (x * std::f32::consts::LOG2_E + SHIFTER) - SHIFTER;
+    // Adding 1.5·2^23 + 127 rounds x·log2 e to an integer k (a plain add, unlike `round`) and
+    // leaves k + 127, the biased exponent of 2^k, in the low mantissa bits: shifting them into the
+    // exponent field builds 2^k without a float-to-int conversion. Exact for |k| < 2^22.
+    const SHIFTER: f32 = 12_583_039.0; // 1.5·2^23 + 127
+    let t = x * std::f32::consts::LOG2_E + SHIFTER;
+    let k = t - SHIFTER;
     let r = x - k * 0.693_359_4 + k * 2.121_944_4e-4;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
         + 0.5;
     let y = p * r * r + r + 1.0;
-    y * f32::from_bits(((k as i32 + 127) << 23) as u32)
+    y * f32::from_bits(t.to_bits() << 23)
 }
 
 impl SpinDtype for f64 {}
 impl SpinDtype for half::f16 {}
 
-/// A dfdx device with the ops spin needs: dfdx's own plus spin's convolution kernels
+/// A dfdx device with the ops spin needs: dfdx's own plus spin's kernels
 /// ([`crate::conv::Kernels`]): hand-written on the CPU, dfdx-op fallbacks elsewhere.
 pub trait SpinDevice<E: SpinDtype>: Device<E> + crate::conv::Kernels<E> {}
 impl<E: SpinDtype, D: Device<E> + crate::conv::Kernels<E>> SpinDevice<E> for D {}
