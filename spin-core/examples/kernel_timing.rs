@@ -21,10 +21,19 @@ fn main() {
     let bias: Tensor<(usize,), f32, _> = dev.sample_normal_like(&(c,));
     let m: Tensor<(usize, usize), f32, _> = dev.sample_normal_like(&(b * h * h, c));
     let pw: Tensor<(usize, usize), f32, _> = dev.sample_normal_like(&(c, c));
-    println!("dwconv k9      {:.2} ms", ms(|| drop(Cpu::dwconv(x.clone(), w.clone(), bias.clone(), k).unwrap())));
+    println!(
+        "dwconv k9      {:.2} ms",
+        ms(|| drop(Cpu::dwconv(x.clone(), w.clone(), bias.clone(), k).unwrap()))
+    );
     println!("gelu           {:.2} ms", ms(|| drop(Cpu::gelu(m.clone()))));
-    println!("affine (BN)    {:.2} ms", ms(|| drop(Cpu::channel_affine(m.clone(), bias.clone(), bias.clone()))));
-    println!("pointwise mm   {:.2} ms", ms(|| drop(m.clone().matmul(pw.clone().permute()))));
+    println!(
+        "affine (BN)    {:.2} ms",
+        ms(|| drop(Cpu::channel_affine(m.clone(), bias.clone(), bias.clone())))
+    );
+    println!(
+        "pointwise mm   {:.2} ms",
+        ms(|| drop(m.clone().matmul(pw.clone().permute())))
+    );
     println!("residual add   {:.2} ms", ms(|| drop(m.clone() + m.clone())));
     println!("host copy      {:.2} ms", ms(|| drop(spin_core::conv::host(&m))));
 }

@@ -141,11 +141,13 @@ impl<E: SpinDtype> Kernels<E> for Cpu {
         let xs = host(&x);
         // Plain loops over chunks (not a per-element rayon map) so the compiler vectorises them.
         let mut y = vec![E::zero(); xs.len()];
-        y.par_chunks_mut(ELEMWISE_CHUNK).zip(xs.par_chunks(ELEMWISE_CHUNK)).for_each(|(yo, xi)| {
-            for (o, &v) in yo.iter_mut().zip(xi) {
-                *o = v.gelu_and_grad().0;
-            }
-        });
+        y.par_chunks_mut(ELEMWISE_CHUNK)
+            .zip(xs.par_chunks(ELEMWISE_CHUNK))
+            .for_each(|(yo, xi)| {
+                for (o, &v) in yo.iter_mut().zip(xi) {
+                    *o = v.gelu_and_grad().0;
+                }
+            });
         let y = x.device().tensor_from_vec(y, *x.shape());
         if T::OWNS_TAPE {
             let y_keep = y.clone();
@@ -408,7 +410,8 @@ fn dw_forward<E: SpinDtype>(g: &DwGeometry, x: &[E], wt: &[E], bias: &[E]) -> Ve
                         let xs = &xrow[xi * c + c0..][..n];
                         let ws = &wt[(ky * k + kx) * c + c0..][..n];
                         if n == CH {
-                            let (xs, ws): (&[E; CH], &[E; CH]) = (xs.try_into().unwrap(), ws.try_into().unwrap());
+                            let (xs, ws): (&[E; CH], &[E; CH]) =
+                                (xs.try_into().unwrap(), ws.try_into().unwrap());
                             for j in 0..CH {
                                 acc[j] += xs[j] * ws[j];
                             }

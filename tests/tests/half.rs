@@ -22,16 +22,26 @@ fn storage_dtypes_round_trip_within_their_rounding() {
     let dir = scratch("half-roundtrip");
     let reference = values(&fixture("convmixer_small.safetensors"));
     // (dtype, relative rounding: half an ulp of the format's mantissa)
-    for (dtype, rel) in [(StorageDtype::F32, 0.0), (StorageDtype::F16, 2f64.powi(-11)), (StorageDtype::BF16, 2f64.powi(-8))] {
+    for (dtype, rel) in [
+        (StorageDtype::F32, 0.0),
+        (StorageDtype::F16, 2f64.powi(-11)),
+        (StorageDtype::BF16, 2f64.powi(-8)),
+    ] {
         let path = dir.join(format!("{dtype:?}.safetensors"));
         m.save_timm_as(&path, dtype).unwrap();
         let mut back = dev.build_module::<SmallMixer, f32>();
         back.load_timm(&path).unwrap(); // F16 and BF16 files load into an f32 model
         let saved = values(&path);
-        for (k, (_, want)) in reference.iter().filter(|(k, _)| !k.ends_with("num_batches_tracked")) {
+        for (k, (_, want)) in reference
+            .iter()
+            .filter(|(k, _)| !k.ends_with("num_batches_tracked"))
+        {
             for (a, b) in saved[k].1.iter().zip(want) {
                 // f16 subnormals round to a fixed step of 2^-24.
-                assert!((a - b).abs() <= rel * b.abs() + if rel > 0.0 { 6e-8 } else { 0.0 }, "{dtype:?} {k}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= rel * b.abs() + if rel > 0.0 { 6e-8 } else { 0.0 },
+                    "{dtype:?} {k}: {a} vs {b}"
+                );
             }
         }
         if dtype == StorageDtype::F32 {
@@ -55,7 +65,10 @@ fn values_that_overflow_f16_are_an_error_naming_the_key() {
     m.head.weight.copy_from(&w);
     let path = scratch("half-overflow").join("m.safetensors");
     let err = m.save_timm_as(&path, StorageDtype::F16).unwrap_err();
-    assert!(matches!(&err, spin_core::Error::Overflow { key, .. } if key == "head.weight"), "{err}");
+    assert!(
+        matches!(&err, spin_core::Error::Overflow { key, .. } if key == "head.weight"),
+        "{err}"
+    );
     assert!(!path.exists(), "nothing is written on error");
     // bf16 has f32's range.
     m.save_timm_as(&path, StorageDtype::BF16).unwrap();
@@ -87,7 +100,8 @@ fn f16_inference_tracks_timm_on_the_fixtures() {
     let mut v = dev.build_module::<SmallVit, f16>();
     v.load_timm(fixture("vit_small.safetensors")).unwrap();
     let (_, x) = tensor("vit_small_io.safetensors", "input");
-    let x: Tensor<Rank4<2, 3, 16, 16>, f16, _> = dev.tensor(x.iter().map(|&v| f16::from_f64(v)).collect::<Vec<_>>());
+    let x: Tensor<Rank4<2, 3, 16, 16>, f16, _> =
+        dev.tensor(x.iter().map(|&v| f16::from_f64(v)).collect::<Vec<_>>());
     let got: Vec<f64> = v.forward(x).as_vec().iter().map(|v| v.to_f64()).collect();
     let (_, want) = tensor("vit_small_io.safetensors", "logits");
     let err = rel_err(&got, &want);

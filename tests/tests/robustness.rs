@@ -19,7 +19,11 @@ fn valid_checkpoint() -> Vec<u8> {
 
 fn load_bytes(bytes: &[u8]) -> Result<(), spin_core::Error> {
     // Through the file path users take.
-    let path = std::env::temp_dir().join(format!("spin-prop-{}-{:?}.safetensors", std::process::id(), std::thread::current().id()));
+    let path = std::env::temp_dir().join(format!(
+        "spin-prop-{}-{:?}.safetensors",
+        std::process::id(),
+        std::thread::current().id()
+    ));
     std::fs::write(&path, bytes).unwrap();
     let dev = Cpu::default();
     let mut m = dev.build_module::<Tiny, f32>();
@@ -93,5 +97,8 @@ fn wrong_dtype_is_named() {
     let view = TensorView::new(Dtype::I32, vec![4, 3, 2, 2], &data).unwrap();
     let bytes = safetensors::tensor::serialize([("stem.0.weight".to_string(), view)], &None).unwrap();
     let err = load_bytes(&bytes).unwrap_err();
-    assert!(matches!(&err, spin_core::Error::Dtype { key, dtype, .. } if key == "stem.0.weight" && dtype == "I32"), "{err}");
+    assert!(
+        matches!(&err, spin_core::Error::Dtype { key, dtype, .. } if key == "stem.0.weight" && dtype == "I32"),
+        "{err}"
+    );
 }

@@ -59,9 +59,15 @@ pub fn bench(name: &str, batch: usize, train: bool, iters: usize) -> Result<Benc
     let x = x.as_vec();
     let labels: Vec<usize> = (0..batch).map(|i| i % info.classes).collect();
     let mut opt = AdamW::new(0.05);
-    let hp = StepParams { lr: 1e-4, label_smoothing: 0.1, clip: Some(1.0) };
+    let hp = StepParams {
+        lr: 1e-4,
+        label_smoothing: 0.1,
+        clip: Some(1.0),
+    };
     let (median, min) = if train {
-        time(iters, 2, || model.train_step(&x, &labels, &mut opt, &hp).map(|_| ()))?
+        time(iters, 2, || {
+            model.train_step(&x, &labels, &mut opt, &hp).map(|_| ())
+        })?
     } else {
         time(iters, 2, || {
             std::hint::black_box(model.predict(&x, batch));

@@ -521,7 +521,12 @@ pub fn bench(a: &BenchArgs, out: &mut dyn Write) -> Result<(), Error> {
         (d, _) => return Err(Error::Invalid(format!("unknown dtype `{d}`: use f32 or f16"))),
     };
     if a.json {
-        writeln!(out, "{}", serde_json::to_string(&r).map_err(|e| Error::Invalid(e.to_string()))?).map_err(io)
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string(&r).map_err(|e| Error::Invalid(e.to_string()))?
+        )
+        .map_err(io)
     } else {
         writeln!(
             out,
