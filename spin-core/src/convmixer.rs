@@ -365,52 +365,7 @@ fn check_input<C: ConvMixerConfig>(&(_, c, h, w): &Nhwc) {
     );
 }
 
-impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>, B: Dim, T: Tape<E, D> + Merge<T>>
-    Module<Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>> for ConvMixer<C, E, D>
-{
-    type Output = Tensor<(B, C::Classes), E, D, T>;
-    type Error = D::Err;
-    fn try_forward(
-        &self,
-        x: Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>,
-    ) -> Result<Self::Output, D::Err> {
-        let b = x.shape().0;
-        let img = C::Image::SIZE;
-        let y = self.forward_dyn(x.reshape_like(&(b.size(), 3, img, img)));
-        Ok(y.reshape_like(&(b, Default::default())))
-    }
-}
-
-impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>
-    Module<Tensor<(Const<3>, C::Image, C::Image), E, D, T>> for ConvMixer<C, E, D>
-{
-    type Output = Tensor<(C::Classes,), E, D, T>;
-    type Error = D::Err;
-    fn try_forward(
-        &self,
-        x: Tensor<(Const<3>, C::Image, C::Image), E, D, T>,
-    ) -> Result<Self::Output, D::Err> {
-        let img = C::Image::SIZE;
-        let y = self.forward_dyn(x.reshape_like(&(1, 3, img, img)));
-        Ok(y.reshape_like(&(Default::default(),)))
-    }
-}
-
-impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>, B: Dim, T: Tape<E, D> + Merge<T>>
-    ModuleMut<Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>> for ConvMixer<C, E, D>
-{
-    type Output = Tensor<(B, C::Classes), E, D, T>;
-    type Error = D::Err;
-    fn try_forward_mut(
-        &mut self,
-        x: Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>,
-    ) -> Result<Self::Output, D::Err> {
-        let b = x.shape().0;
-        let img = C::Image::SIZE;
-        let y = self.forward_dyn_mut(x.reshape_like(&(b.size(), 3, img, img)));
-        Ok(y.reshape_like(&(b, Default::default())))
-    }
-}
+typed_surface!(ConvMixer, ConvMixerConfig, convmixer);
 
 impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>> TimmKeys for ConvMixer<C, E, D> {
     type Elem = E;

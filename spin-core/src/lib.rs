@@ -10,6 +10,76 @@
 #![allow(clippy::type_complexity)]
 extern crate self as spin_core;
 
+/// The typed surface both families share: `forward` on a batch `(B, 3, IMG, IMG)` (any `B: Dim`)
+/// and on a single image `(3, IMG, IMG)`, `forward_mut` on a batch, and [`train::SpinModel`]. All
+/// of it converts to the runtime-shaped `forward_dyn` / `forward_dyn_mut` and back, so the model
+/// logic is written once per family.
+macro_rules! typed_surface {
+    ($model:ident, $config:ident, $module:ident) => {
+        impl<C: $config, E: SpinDtype, D: SpinDevice<E>, B: Dim, T: Tape<E, D> + Merge<T>>
+            Module<Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>> for $model<C, E, D>
+        {
+            type Output = Tensor<(B, C::Classes), E, D, T>;
+            type Error = D::Err;
+            fn try_forward(
+                &self,
+                x: Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>,
+            ) -> Result<Self::Output, D::Err> {
+                let b = x.shape().0;
+                let img = C::Image::SIZE;
+                let y = self.forward_dyn(x.reshape_like(&(b.size(), 3, img, img)));
+                Ok(y.reshape_like(&(b, Default::default())))
+            }
+        }
+
+        impl<C: $config, E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>
+            Module<Tensor<(Const<3>, C::Image, C::Image), E, D, T>> for $model<C, E, D>
+        {
+            type Output = Tensor<(C::Classes,), E, D, T>;
+            type Error = D::Err;
+            fn try_forward(
+                &self,
+                x: Tensor<(Const<3>, C::Image, C::Image), E, D, T>,
+            ) -> Result<Self::Output, D::Err> {
+                let img = C::Image::SIZE;
+                let y = self.forward_dyn(x.reshape_like(&(1, 3, img, img)));
+                Ok(y.reshape_like(&(Default::default(),)))
+            }
+        }
+
+        impl<C: $config, E: SpinDtype, D: SpinDevice<E>, B: Dim, T: Tape<E, D> + Merge<T>>
+            ModuleMut<Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>> for $model<C, E, D>
+        {
+            type Output = Tensor<(B, C::Classes), E, D, T>;
+            type Error = D::Err;
+            fn try_forward_mut(
+                &mut self,
+                x: Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>,
+            ) -> Result<Self::Output, D::Err> {
+                let b = x.shape().0;
+                let img = C::Image::SIZE;
+                let y = self.forward_dyn_mut(x.reshape_like(&(b.size(), 3, img, img)));
+                Ok(y.reshape_like(&(b, Default::default())))
+            }
+        }
+
+        impl<C: $config, E: SpinDtype, D: SpinDevice<E>> crate::train::SpinModel<E, D> for $model<C, E, D> {
+            fn info(&self) -> crate::describe::ModelInfo {
+                crate::$module::info::<C>()
+            }
+            fn logits<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Nhwc, E, D, T>) -> Tensor<Mat, E, D, T> {
+                self.forward_dyn(x)
+            }
+            fn logits_mut<T: Tape<E, D> + Merge<T>>(
+                &mut self,
+                x: Tensor<Nhwc, E, D, T>,
+            ) -> Tensor<Mat, E, D, T> {
+                self.forward_dyn_mut(x)
+            }
+        }
+    };
+}
+
 pub mod checkpoint;
 pub mod conv;
 pub mod convmixer;

@@ -6,13 +6,11 @@
 //! needs them saved and restored exactly.
 use crate::checkpoint::{write_atomic, StorageDtype, TimmCheckpoint, TimmKeys};
 use crate::conv::Nhwc;
-use crate::convmixer::{ConvMixer, ConvMixerConfig};
 use crate::data::Dataset;
 use crate::describe::ModelInfo;
 use crate::dtype::{SpinDevice, SpinDtype};
 use crate::fusion::{fuse_into, FusionReport, Reduction, TensorMap};
 use crate::layers::Mat;
-use crate::vit::{Vit, VitConfig};
 use crate::Error;
 use dfdx::nn::tensor_collection::{RecursiveWalker, TensorVisitor, ViewTensorMut, ViewTensorRef};
 use dfdx::prelude::*;
@@ -34,30 +32,6 @@ pub trait SpinModel<E: SpinDtype, D: SpinDevice<E>>:
     /// training) the plain model it exports.
     fn save_deployable(&self, path: &Path, dtype: StorageDtype) -> Result<(), Error> {
         TimmCheckpoint::save_timm_as(self, path, dtype)
-    }
-}
-
-impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>> SpinModel<E, D> for ConvMixer<C, E, D> {
-    fn info(&self) -> ModelInfo {
-        crate::convmixer::info::<C>()
-    }
-    fn logits<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Nhwc, E, D, T>) -> Tensor<Mat, E, D, T> {
-        self.forward_dyn(x)
-    }
-    fn logits_mut<T: Tape<E, D> + Merge<T>>(&mut self, x: Tensor<Nhwc, E, D, T>) -> Tensor<Mat, E, D, T> {
-        self.forward_dyn_mut(x)
-    }
-}
-
-impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> SpinModel<E, D> for Vit<C, E, D> {
-    fn info(&self) -> ModelInfo {
-        crate::vit::info::<C>()
-    }
-    fn logits<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Nhwc, E, D, T>) -> Tensor<Mat, E, D, T> {
-        self.forward_dyn(x)
-    }
-    fn logits_mut<T: Tape<E, D> + Merge<T>>(&mut self, x: Tensor<Nhwc, E, D, T>) -> Tensor<Mat, E, D, T> {
-        self.forward_dyn(x)
     }
 }
 

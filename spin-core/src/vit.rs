@@ -241,6 +241,14 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> Vit<C, E, D> {
         self.head.forward(cls)
     }
 
+    /// A ViT has no BatchNorm and no dropout: training and inference forwards are the same.
+    pub fn forward_dyn_mut<T: Tape<E, D> + Merge<T>>(
+        &mut self,
+        x: Tensor<Nhwc, E, D, T>,
+    ) -> Tensor<Mat, E, D, T> {
+        self.forward_dyn(x)
+    }
+
     /// timm's `forward_features`: normalised tokens, cls first, shape in the type.
     pub fn forward_features<B: Dim, T: Tape<E, D> + Merge<T>>(
         &self,
@@ -255,50 +263,7 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> Vit<C, E, D> {
     }
 }
 
-impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, B: Dim, T: Tape<E, D> + Merge<T>>
-    Module<Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>> for Vit<C, E, D>
-{
-    type Output = Tensor<(B, C::Classes), E, D, T>;
-    type Error = D::Err;
-    fn try_forward(
-        &self,
-        x: Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>,
-    ) -> Result<Self::Output, D::Err> {
-        let b = x.shape().0;
-        let img = C::Image::SIZE;
-        let y = self.forward_dyn(x.reshape_like(&(b.size(), 3, img, img)));
-        Ok(y.reshape_like(&(b, Default::default())))
-    }
-}
-
-impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>
-    Module<Tensor<(Const<3>, C::Image, C::Image), E, D, T>> for Vit<C, E, D>
-{
-    type Output = Tensor<(C::Classes,), E, D, T>;
-    type Error = D::Err;
-    fn try_forward(
-        &self,
-        x: Tensor<(Const<3>, C::Image, C::Image), E, D, T>,
-    ) -> Result<Self::Output, D::Err> {
-        let img = C::Image::SIZE;
-        let y = self.forward_dyn(x.reshape_like(&(1, 3, img, img)));
-        Ok(y.reshape_like(&(Default::default(),)))
-    }
-}
-
-/// A ViT has no BatchNorm and no dropout: training and inference forwards are the same.
-impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, B: Dim, T: Tape<E, D> + Merge<T>>
-    ModuleMut<Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>> for Vit<C, E, D>
-{
-    type Output = Tensor<(B, C::Classes), E, D, T>;
-    type Error = D::Err;
-    fn try_forward_mut(
-        &mut self,
-        x: Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>,
-    ) -> Result<Self::Output, D::Err> {
-        self.try_forward(x)
-    }
-}
+typed_surface!(Vit, VitConfig, vit);
 
 impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> TimmKeys for Vit<C, E, D> {
     type Elem = E;
