@@ -87,6 +87,7 @@ pub mod data;
 pub mod describe;
 pub mod dtype;
 pub mod error;
+pub mod fips;
 pub mod fusion;
 pub mod layers;
 pub mod norm;
