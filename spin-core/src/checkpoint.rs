@@ -113,7 +113,7 @@ impl<M: TimmKeys + Clone> TimmCheckpoint for M {
                     key: key.clone(),
                     expected: dims.clone(),
                 })?;
-                if !same_shape(found, &dims) {
+                if *found != dims {
                     return Err(Error::Shape {
                         path: path.into(),
                         key: key.clone(),
@@ -221,11 +221,6 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
         let _ = std::fs::remove_file(&tmp);
     }
     result.map_err(|e| Error::io(path, e))
-}
-
-/// PyTorch stores a 0-d tensor with shape `[]`; a model's 1-element tensor may be `[1]`.
-fn same_shape(found: &[usize], want: &[usize]) -> bool {
-    found == want
 }
 
 /// Every tensor of a safetensors file as (shape, values in f64).

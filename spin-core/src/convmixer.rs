@@ -222,14 +222,6 @@ impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>> ConvMixer<C, E, D> {
 
     /// Stem and blocks on NCHW images; returns `(B·G·G, C)` channels-last features. With `stats`,
     /// BatchNorm uses batch statistics and reports them (training); without, running ones.
-    fn trunk<T: Tape<E, D> + Merge<T>>(
-        &self,
-        x: Tensor<Nhwc, E, D, T>,
-        stats: Option<&mut Vec<(Bn, BatchStats<E>)>>,
-    ) -> Tensor<Mat, E, D, T> {
-        self.trunk_with(x, stats, None, None)
-    }
-
     /// The trunk, with per-layer pointwise and depthwise (weight, bias) given from outside when
     /// `pw` / `dw` are set (fusion-aware training) instead of the stored ones.
     fn trunk_with<T: Tape<E, D> + Merge<T>>(
@@ -297,9 +289,7 @@ impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>> ConvMixer<C, E, D> {
     /// Logits for a batch with a runtime shape `(B, 3, H, W)` — the entry point of the run-time
     /// registry. Panics if H or W differ from the declared image size.
     pub fn forward_dyn<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Nhwc, E, D, T>) -> Tensor<Mat, E, D, T> {
-        check_input::<C>(x.shape());
-        let b = x.shape().0;
-        self.pool_head(self.trunk(x, None), b)
+        self.forward_fused(x, None, None)
     }
 
     /// Training-mode logits for a runtime-shaped batch (batch statistics, running stats updated).
@@ -307,12 +297,7 @@ impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>> ConvMixer<C, E, D> {
         &mut self,
         x: Tensor<Nhwc, E, D, T>,
     ) -> Tensor<Mat, E, D, T> {
-        check_input::<C>(x.shape());
-        let b = x.shape().0;
-        let mut stats = Vec::new();
-        let y = self.pool_head(self.trunk(x, Some(&mut stats)), b);
-        self.apply_stats(stats);
-        y
+        self.forward_fused_mut(x, None, None)
     }
 
     /// Inference logits with per-layer convolution weights supplied (see [`crate::fusion`]).
@@ -349,7 +334,7 @@ impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>> ConvMixer<C, E, D> {
     ) -> Tensor<(B, C::Dim, C::Grid, C::Grid), E, D, T> {
         let b = x.shape().0;
         let (img, g, c) = (C::Image::SIZE, C::Grid::SIZE, C::Dim::SIZE);
-        let y = self.trunk(x.reshape_like(&(b.size(), 3, img, img)), None);
+        let y = self.trunk_with(x.reshape_like(&(b.size(), 3, img, img)), None, None, None);
         y.reshape_like(&(b.size(), g, g, c))
             .permute::<_, Axes4<0, 3, 1, 2>>()
             .reshape_like(&(b, Default::default(), Default::default(), Default::default()))

@@ -137,37 +137,21 @@ pub fn gelu<S: Shape, E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D>>(
     D::gelu(x)
 }
 
-/// Φ(v) and v·φ(v): GELU is v·Φ(v) and its derivative Φ(v) + v·φ(v).
-#[inline]
-pub(crate) fn gelu_parts(v: f64) -> (f64, f64) {
-    let cdf = 0.5 * (1.0 + libm::erf(v * std::f64::consts::FRAC_1_SQRT_2));
-    let vpdf = v * (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt();
-    (cdf, vpdf)
-}
-
-/// GELU from dfdx ops for devices without spin's kernel: with Φ(x) and x·φ(x) computed as
-/// constants, `x⊙Φ + (x⊙xφ − [x⊙xφ])` has GELU's value and GELU's derivative.
+/// GELU from dfdx ops for devices without spin's kernel: with g = GELU(x) and g' = GELU'(x)
+/// computed as constants (by [`SpinDtype::gelu_and_grad`]), `x⊙g' + (g − x⊙g')` has GELU's value
+/// and GELU's derivative.
 pub fn gelu_fallback<S: Shape, E: SpinDtype, D: Device<E>, T: Tape<E, D>>(
     x: Tensor<S, E, D, T>,
 ) -> Tensor<S, E, D, T> {
     let dev = x.device().clone();
     let shape = *x.shape();
-    let xs = x.as_vec();
-    let (mut c, mut q, mut xq) = (
-        Vec::with_capacity(xs.len()),
-        Vec::with_capacity(xs.len()),
-        Vec::with_capacity(xs.len()),
-    );
-    for &v in &xs {
-        let (cdf, vpdf) = gelu_parts(v.as_f64());
-        c.push(E::cast(cdf));
-        q.push(E::cast(vpdf));
-        xq.push(E::cast(v.as_f64() * vpdf));
+    let (mut slope, mut shift) = (Vec::new(), Vec::new());
+    for v in x.as_vec() {
+        let (g, dg) = v.gelu_and_grad();
+        slope.push(dg);
+        shift.push(g - v * dg);
     }
-    let c = dev.tensor_from_vec(c, shape);
-    let q = dev.tensor_from_vec(q, shape);
-    let xq = dev.tensor_from_vec(xq, shape);
-    x.with_empty_tape() * c + x * q - xq
+    x * dev.tensor_from_vec(slope, shape) + dev.tensor_from_vec(shift, shape)
 }
 
 /// Depthwise K×K 'same' convolution of `(B·H·W, C)` features with weight `(C, K·K)`, bias `(C,)`.
