@@ -40,6 +40,11 @@ pub struct Slot<'a, E> {
 pub trait TimmKeys {
     type Elem: SpinDtype;
     fn timm_slots(&mut self) -> Vec<Slot<'_, Self::Elem>>;
+    /// Checks what keys and shapes cannot (FiPS masks, group indices); called on a loaded copy
+    /// before the model is replaced by it.
+    fn check_loaded(&self) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// Appends the slots of one part entry: `names` are the part's tensors (`weight`, `bias`, …),
@@ -100,7 +105,7 @@ impl<M: TimmKeys + Clone> TimmCheckpoint for M {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let values = read_tensors(path, &bytes)?;
-        let mut slots = self.timm_slots();
+        let slots = self.timm_slots();
         let mut updates = Vec::with_capacity(slots.len());
         let mut known = BTreeSet::new();
         for slot in slots.iter() {
@@ -153,11 +158,16 @@ impl<M: TimmKeys + Clone> TimmCheckpoint for M {
                 shape: shape.clone(),
             });
         }
-        for (slot, data) in slots.iter_mut().zip(updates) {
+        drop(slots);
+        // Written into a copy (tensor storage is copy-on-write), kept only if it checks out.
+        let mut loaded = self.clone();
+        for (slot, data) in loaded.timm_slots().iter_mut().zip(updates) {
             if !slot.keys.is_empty() {
                 slot.tensor.write(&data);
             }
         }
+        loaded.check_loaded()?;
+        *self = loaded;
         Ok(())
     }
 

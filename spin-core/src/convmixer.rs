@@ -350,7 +350,7 @@ fn check_input<C: ConvMixerConfig>(&(_, c, h, w): &Nhwc) {
     );
 }
 
-typed_surface!(ConvMixer, ConvMixerConfig, convmixer);
+typed_surface!(ConvMixer, ConvMixerConfig);
 
 impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>> TimmKeys for ConvMixer<C, E, D> {
     type Elem = E;

@@ -54,4 +54,8 @@ impl ModelInfo {
 /// Implemented by every declared model type.
 pub trait Describe {
     fn info() -> ModelInfo;
+    /// FiPS compression of this model, for dense ViTs (`spin fips`).
+    fn fips() -> Option<crate::fips::FipsRunner> {
+        None
+    }
 }

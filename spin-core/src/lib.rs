@@ -15,9 +15,9 @@ extern crate self as spin_core;
 /// of it converts to the runtime-shaped `forward_dyn` / `forward_dyn_mut` and back, so the model
 /// logic is written once per family.
 macro_rules! typed_surface {
-    ($model:ident, $config:ident, $module:ident) => {
-        impl<C: $config, E: SpinDtype, D: SpinDevice<E>, B: Dim, T: Tape<E, D> + Merge<T>>
-            Module<Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>> for $model<C, E, D>
+    ($model:ident, $config:ident $(, $m:ident : $mb:ident)?) => {
+        impl<C: $config, E: SpinDtype, D: SpinDevice<E>, B: Dim, T: Tape<E, D> + Merge<T> $(, $m: $mb<C, E, D>)?>
+            Module<Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>> for $model<C, E, D $(, $m)?>
         {
             type Output = Tensor<(B, C::Classes), E, D, T>;
             type Error = D::Err;
@@ -32,8 +32,8 @@ macro_rules! typed_surface {
             }
         }
 
-        impl<C: $config, E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>
-            Module<Tensor<(Const<3>, C::Image, C::Image), E, D, T>> for $model<C, E, D>
+        impl<C: $config, E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T> $(, $m: $mb<C, E, D>)?>
+            Module<Tensor<(Const<3>, C::Image, C::Image), E, D, T>> for $model<C, E, D $(, $m)?>
         {
             type Output = Tensor<(C::Classes,), E, D, T>;
             type Error = D::Err;
@@ -47,8 +47,8 @@ macro_rules! typed_surface {
             }
         }
 
-        impl<C: $config, E: SpinDtype, D: SpinDevice<E>, B: Dim, T: Tape<E, D> + Merge<T>>
-            ModuleMut<Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>> for $model<C, E, D>
+        impl<C: $config, E: SpinDtype, D: SpinDevice<E>, B: Dim, T: Tape<E, D> + Merge<T> $(, $m: $mb<C, E, D>)?>
+            ModuleMut<Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>> for $model<C, E, D $(, $m)?>
         {
             type Output = Tensor<(B, C::Classes), E, D, T>;
             type Error = D::Err;
@@ -63,9 +63,11 @@ macro_rules! typed_surface {
             }
         }
 
-        impl<C: $config, E: SpinDtype, D: SpinDevice<E>> crate::train::SpinModel<E, D> for $model<C, E, D> {
+        impl<C: $config, E: SpinDtype, D: SpinDevice<E> $(, $m: $mb<C, E, D>)?> crate::train::SpinModel<E, D>
+            for $model<C, E, D $(, $m)?>
+        {
             fn info(&self) -> crate::describe::ModelInfo {
-                crate::$module::info::<C>()
+                $model::info(self)
             }
             fn logits<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Nhwc, E, D, T>) -> Tensor<Mat, E, D, T> {
                 self.forward_dyn(x)

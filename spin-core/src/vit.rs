@@ -6,11 +6,13 @@ use crate::checkpoint::{push_slots, ParamSlot, Slot, TimmKeys};
 use crate::conv::Nhwc;
 use crate::describe::{Family, ModelInfo};
 use crate::dtype::{SpinDevice, SpinDtype};
+use crate::fips::FipsDecl;
 use crate::layers::{param2, reset_trunc_normal, Attention, LayerNorm, Mat, Mlp, PatchConv, VitLinear};
 use crate::sharing::{count, names, slot, users, vec_fields, VitShare};
 use dfdx::prelude::*;
 use dfdx::tensor::Tape;
 use std::marker::PhantomData;
+use std::ops::{Deref, DerefMut};
 
 /// A ViT declaration, as `#[vit(...)]` generates it. `Grid` is `Image / Patch`, `Tokens` is
 /// `Grid² + 1`, `Qkv` is `3·Dim`, `Hidden` is `mlp_ratio·Dim`.
@@ -30,6 +32,8 @@ pub trait VitConfig: 'static + Clone + Copy + std::fmt::Debug + Default + Send +
     const PATTERN: &'static str;
     const SCHEDULE: &'static [usize];
     const SHARE: VitShare;
+    /// The FiPS compression a `#[fips(...)]` declaration asks for (`None` for a dense ViT).
+    const FIPS: Option<FipsDecl> = None;
 }
 
 /// Unique trainable parameters of a ViT.
@@ -47,7 +51,7 @@ pub const fn params(
     let tokens = (image / patch) * (image / patch) + 1;
     let embed = dim * 3 * patch * patch + dim + dim + tokens * dim;
     let attn = 3 * dim * dim + 3 * dim + dim * dim + dim;
-    let mlp = hidden * dim + hidden + dim * hidden + dim;
+    let mlp = mlp_params(dim, hidden);
     let norms = 4 * dim;
     let head = 2 * dim + dim * classes + classes;
     embed
@@ -55,6 +59,11 @@ pub const fn params(
         + count(share.mlp(), depth, groups) * mlp
         + count(share.norms(), depth, groups) * norms
         + head
+}
+
+/// Weights and biases of one timm MLP block.
+pub const fn mlp_params(dim: usize, hidden: usize) -> usize {
+    hidden * dim + hidden + dim * hidden + dim
 }
 
 /// Multiply-accumulates per image: patch embedding, qkv, q·kᵀ, attn·v, proj, fc1, fc2, head
@@ -106,22 +115,100 @@ pub fn info<C: VitConfig>() -> ModelInfo {
     }
 }
 
-/// A built ViT; block parts are stored per group or per layer (see [`crate::sharing`]).
+/// How a ViT stores its blocks' MLPs: timm's dense MLPs under SPIN's schedule ([`DenseMlps`]) or
+/// FiPS factors ([`crate::fips::FipsMlps`]).
+pub trait VitMlps<C: VitConfig, E: SpinDtype, D: SpinDevice<E>>:
+    TensorCollection<E, D> + Clone + std::fmt::Debug
+{
+    /// Block `layer`'s MLP on its normalised tokens `(rows, Dim)`.
+    fn forward<T: Tape<E, D> + Merge<T>>(
+        &self,
+        layer: usize,
+        x: Tensor<Mat, E, D, T>,
+    ) -> Tensor<Mat, E, D, T>;
+    /// The MLP tensors under their checkpoint keys.
+    fn slots(&mut self) -> Vec<Slot<'_, E>>;
+    /// Corrects a dense ViT's description for this storage (parameter count, sharing).
+    fn describe(&self, _info: &mut ModelInfo) {}
+    /// Checks a loaded checkpoint beyond keys and shapes.
+    fn check(&self) -> Result<(), crate::Error> {
+        Ok(())
+    }
+}
+
+/// timm's MLPs, one per group of SPIN's schedule (or per layer when unshared).
 #[derive(Debug)]
-pub struct Vit<C: VitConfig, E: Dtype, D: Storage<E>> {
+pub struct DenseMlps<C: VitConfig, E: Dtype, D: Storage<E>>(pub Vec<Mlp<C::Dim, C::Hidden, E, D>>);
+
+impl<C: VitConfig, E: Dtype, D: Storage<E>> Clone for DenseMlps<C, E, D> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<C: VitConfig, E: Dtype, D: Storage<E>> Deref for DenseMlps<C, E, D> {
+    type Target = Vec<Mlp<C::Dim, C::Hidden, E, D>>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl<C: VitConfig, E: Dtype, D: Storage<E>> DerefMut for DenseMlps<C, E, D> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> TensorCollection<E, D> for DenseMlps<C, E, D> {
+    type To<E2: Dtype, D2: Device<E2>> = DenseMlps<C, E2, D2>;
+    fn iter_tensors<V: ModuleVisitor<Self, E, D>>(
+        visitor: &mut V,
+    ) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
+        let n: Vec<String> = (0..count(C::SHARE.mlp(), C::DEPTH, C::GROUPS))
+            .map(|j| j.to_string())
+            .collect();
+        visitor.visit_fields(vec_fields::<Self, _, E, D>(&n, |s| &s.0, |s| &mut s.0), DenseMlps)
+    }
+}
+
+impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> VitMlps<C, E, D> for DenseMlps<C, E, D> {
+    fn forward<T: Tape<E, D> + Merge<T>>(
+        &self,
+        layer: usize,
+        x: Tensor<Mat, E, D, T>,
+    ) -> Tensor<Mat, E, D, T> {
+        self.0[slot(C::SHARE.mlp(), C::SCHEDULE, layer)].forward(x)
+    }
+    fn slots(&mut self) -> Vec<Slot<'_, E>> {
+        let mut out = Vec::new();
+        for (j, m) in self.0.iter_mut().enumerate() {
+            let prefixes: Vec<String> = users(C::SHARE.mlp(), C::SCHEDULE, j)
+                .into_iter()
+                .map(|i| format!("blocks.{i}.mlp"))
+                .collect();
+            push_slots(&mut out, &prefixes, m.slots());
+        }
+        out
+    }
+}
+
+/// A built ViT; block parts are stored per group or per layer (see [`crate::sharing`]), the MLPs
+/// as `M` says.
+#[derive(Debug)]
+pub struct Vit<C: VitConfig, E: Dtype, D: Storage<E>, M = DenseMlps<C, E, D>> {
     pub patch_embed: PatchConv<C::Dim, C::Patch, E, D>,
     pub cls_token: Tensor<(Const<1>, Const<1>, C::Dim), E, D>,
     pub pos_embed: Tensor<(Const<1>, C::Tokens, C::Dim), E, D>,
     pub norm1: Vec<LayerNorm<C::Dim, E, D>>,
     pub attn: Vec<Attention<C::Dim, C::Qkv, E, D>>,
     pub norm2: Vec<LayerNorm<C::Dim, E, D>>,
-    pub mlp: Vec<Mlp<C::Dim, C::Hidden, E, D>>,
+    pub mlp: M,
     pub norm: LayerNorm<C::Dim, E, D>,
     pub head: VitLinear<C::Dim, C::Classes, E, D>,
     _config: PhantomData<C>,
 }
 
-impl<C: VitConfig, E: Dtype, D: Storage<E>> Clone for Vit<C, E, D> {
+impl<C: VitConfig, E: Dtype, D: Storage<E>, M: Clone> Clone for Vit<C, E, D, M> {
     fn clone(&self) -> Self {
         Self {
             patch_embed: self.patch_embed.clone(),
@@ -138,8 +225,10 @@ impl<C: VitConfig, E: Dtype, D: Storage<E>> Clone for Vit<C, E, D> {
     }
 }
 
-impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> TensorCollection<E, D> for Vit<C, E, D> {
-    type To<E2: Dtype, D2: Device<E2>> = Vit<C, E2, D2>;
+impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: TensorCollection<E, D>> TensorCollection<E, D>
+    for Vit<C, E, D, M>
+{
+    type To<E2: Dtype, D2: Device<E2>> = Vit<C, E2, D2, M::To<E2, D2>>;
 
     fn iter_tensors<V: ModuleVisitor<Self, E, D>>(
         visitor: &mut V,
@@ -149,7 +238,6 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> TensorCollection<E, D> for Vi
         let n1 = names("norm1", count(s.norms(), dn, gn));
         let at = names("attn", count(s.attn(), dn, gn));
         let n2 = names("norm2", count(s.norms(), dn, gn));
-        let ml = names("mlp", count(s.mlp(), dn, gn));
         visitor.visit_fields(
             (
                 (
@@ -170,13 +258,13 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> TensorCollection<E, D> for Vi
                 vec_fields::<Self, _, E, D>(&n1, |s| &s.norm1, |s| &mut s.norm1),
                 vec_fields::<Self, _, E, D>(&at, |s| &s.attn, |s| &mut s.attn),
                 vec_fields::<Self, _, E, D>(&n2, |s| &s.norm2, |s| &mut s.norm2),
-                vec_fields::<Self, _, E, D>(&ml, |s| &s.mlp, |s| &mut s.mlp),
                 (
+                    Self::module("mlp", |s| &s.mlp, |s| &mut s.mlp),
                     Self::module("norm", |s| &s.norm, |s| &mut s.norm),
                     Self::module("head", |s| &s.head, |s| &mut s.head),
                 ),
             ),
-            |((patch_embed, cls_token, pos_embed), norm1, attn, norm2, mlp, (norm, head))| Vit {
+            |((patch_embed, cls_token, pos_embed), norm1, attn, norm2, (mlp, norm, head))| Vit {
                 patch_embed,
                 cls_token,
                 pos_embed,
@@ -192,13 +280,48 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> TensorCollection<E, D> for Vi
     }
 }
 
-impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> Vit<C, E, D> {
+impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> Vit<C, E, D, M> {
     pub fn info(&self) -> ModelInfo {
-        info::<C>()
+        let mut i = info::<C>();
+        self.mlp.describe(&mut i);
+        i
     }
 
-    /// Embedding and blocks (no final norm) on NCHW images: `(B·N, D)` token features.
-    fn blocks<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Nhwc, E, D, T>) -> Tensor<Mat, E, D, T> {
+    /// The same model with other MLP storage (e.g. FiPS factors made from these MLPs).
+    pub fn with_mlps<M2>(self, mlp: M2) -> Vit<C, E, D, M2> {
+        Vit {
+            patch_embed: self.patch_embed,
+            cls_token: self.cls_token,
+            pos_embed: self.pos_embed,
+            norm1: self.norm1,
+            attn: self.attn,
+            norm2: self.norm2,
+            mlp,
+            norm: self.norm,
+            head: self.head,
+            _config: PhantomData,
+        }
+    }
+
+    /// Each block's MLP input (its normalised tokens) and MLP output, on NCHW images: what FiPS's
+    /// block-wise reconstruction matches (attention is untouched, so matching the MLP output is
+    /// matching the block output).
+    pub fn mlp_io(&self, x: Tensor<Nhwc, E, D>) -> Vec<(Tensor<Mat, E, D>, Tensor<Mat, E, D>)> {
+        let mut out = Vec::with_capacity(C::DEPTH);
+        self.blocks(
+            x,
+            Some(&mut |_, z: &Tensor<Mat, E, D>, y: &Tensor<Mat, E, D>| out.push((z.clone(), y.clone()))),
+        );
+        out
+    }
+
+    /// Embedding and blocks (no final norm) on NCHW images: `(B·N, D)` token features. `observe`
+    /// sees each block's MLP input and output.
+    fn blocks<T: Tape<E, D> + Merge<T>>(
+        &self,
+        x: Tensor<Nhwc, E, D, T>,
+        mut observe: Option<&mut dyn FnMut(usize, &Tensor<Mat, E, D>, &Tensor<Mat, E, D>)>,
+    ) -> Tensor<Mat, E, D, T> {
         let b = x.shape().0;
         let (d, n) = (C::Dim::SIZE, C::Tokens::SIZE);
         let patches = self.patch_embed.forward(x).reshape_like(&(b, n - 1, d));
@@ -210,15 +333,17 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> Vit<C, E, D> {
         let mut x = (tokens + pos).reshape_like(&(b * n, d));
         let (s, sched) = (C::SHARE, C::SCHEDULE);
         for i in 0..C::DEPTH {
-            let (jn, ja, jm) = (
-                slot(s.norms(), sched, i),
-                slot(s.attn(), sched, i),
-                slot(s.mlp(), sched, i),
-            );
+            let (jn, ja) = (slot(s.norms(), sched, i), slot(s.attn(), sched, i));
             let skip = x.with_empty_tape();
             x = self.attn[ja].forward(self.norm1[jn].forward(x), b, C::HEADS) + skip;
             let skip = x.with_empty_tape();
-            x = self.mlp[jm].forward(self.norm2[jn].forward(x)) + skip;
+            let z = self.norm2[jn].forward(x);
+            let z_seen = observe.as_ref().map(|_| z.retaped::<NoneTape>());
+            let y = self.mlp.forward(i, z);
+            if let (Some(f), Some(z)) = (observe.as_mut(), z_seen) {
+                f(i, &z, &y.retaped::<NoneTape>());
+            }
+            x = y + skip;
         }
         x
     }
@@ -233,7 +358,7 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> Vit<C, E, D> {
             C::NAME
         );
         let (d, n) = (C::Dim::SIZE, C::Tokens::SIZE);
-        let x = self.norm.forward(self.blocks(x));
+        let x = self.norm.forward(self.blocks(x, None));
         let cls = x
             .reshape_like(&(b, n, d))
             .slice((.., 0..1, ..))
@@ -258,14 +383,14 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> Vit<C, E, D> {
         let img = C::Image::SIZE;
         let y = self
             .norm
-            .forward(self.blocks(x.reshape_like(&(b.size(), 3, img, img))));
+            .forward(self.blocks(x.reshape_like(&(b.size(), 3, img, img)), None));
         y.reshape_like(&(b, Default::default(), Default::default()))
     }
 }
 
-typed_surface!(Vit, VitConfig, vit);
+typed_surface!(Vit, VitConfig, M: VitMlps);
 
-impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> TimmKeys for Vit<C, E, D> {
+impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> TimmKeys for Vit<C, E, D, M> {
     type Elem = E;
     fn timm_slots(&mut self) -> Vec<Slot<'_, E>> {
         let (s, sched) = (C::SHARE, C::SCHEDULE);
@@ -294,11 +419,12 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> TimmKeys for Vit<C, E, D> {
         for (j, m) in self.norm2.iter_mut().enumerate() {
             push_slots(&mut out, &layers(s.norms(), j, "norm2"), m.slots());
         }
-        for (j, m) in self.mlp.iter_mut().enumerate() {
-            push_slots(&mut out, &layers(s.mlp(), j, "mlp"), m.slots());
-        }
+        out.extend(self.mlp.slots());
         push_slots(&mut out, &["norm".into()], self.norm.slots());
         push_slots(&mut out, &["head".into()], self.head.slots());
         out
+    }
+    fn check_loaded(&self) -> Result<(), crate::Error> {
+        self.mlp.check()
     }
 }

@@ -69,6 +69,15 @@ pub struct SharedArgs {
     pub share: Option<Arg<String>>,
 }
 
+/// `#[fips(groups = [[0, 1], [2, 3]], budget = 0.5, sparsity = 0.75)]`.
+#[derive(Clone, Debug)]
+pub struct FipsArgs {
+    pub span: Span,
+    pub groups: Option<Arg<Vec<Vec<usize>>>>,
+    pub budget: Option<Arg<f64>>,
+    pub sparsity: Option<Arg<f64>>,
+}
+
 fn set<T>(slot: &mut Option<Arg<T>>, meta: &ParseNestedMeta, value: Arg<T>) -> syn::Result<()> {
     if slot.is_some() {
         return Err(meta.error("this argument is given twice"));
@@ -90,6 +99,24 @@ fn ident(meta: &ParseNestedMeta) -> syn::Result<Arg<String>> {
     Ok(Arg {
         value: id.to_string(),
         span: id.span(),
+    })
+}
+
+fn number(meta: &ParseNestedMeta, name: &str) -> syn::Result<Arg<f64>> {
+    let lit: Lit = meta.value()?.parse()?;
+    let value = match &lit {
+        Lit::Int(i) => i.base10_parse::<u64>()? as f64,
+        Lit::Float(f) => f.base10_parse::<f64>()?,
+        _ => {
+            return Err(syn::Error::new(
+                lit.span(),
+                format!("{name} takes a number, e.g. `{name} = 0.5`"),
+            ))
+        }
+    };
+    Ok(Arg {
+        value,
+        span: lit.span(),
     })
 }
 
@@ -135,27 +162,7 @@ pub fn parse_family(kind: FamilyKind, args: TokenStream) -> syn::Result<FamilyAr
             (ConvMixer, "act") => set(&mut a.act, &meta, ident(&meta)?),
             (ConvMixer, "variant") => set(&mut a.variant, &meta, ident(&meta)?),
             (Vit, "heads") => set(&mut a.heads, &meta, int(&meta)?),
-            (Vit, "mlp_ratio") => {
-                let lit: Lit = meta.value()?.parse()?;
-                let value = match &lit {
-                    Lit::Int(i) => i.base10_parse::<u64>()? as f64,
-                    Lit::Float(f) => f.base10_parse::<f64>()?,
-                    _ => {
-                        return Err(syn::Error::new(
-                            lit.span(),
-                            "mlp_ratio takes a number, e.g. `mlp_ratio = 4`",
-                        ))
-                    }
-                };
-                set(
-                    &mut a.mlp_ratio,
-                    &meta,
-                    Arg {
-                        value,
-                        span: lit.span(),
-                    },
-                )
-            }
+            (Vit, "mlp_ratio") => set(&mut a.mlp_ratio, &meta, number(&meta, "mlp_ratio")?),
             (_, other) => Err(meta.error(format!(
                 "unknown argument `{other}` for #[{}]; valid arguments are: {}",
                 kind.attr(),
@@ -223,6 +230,50 @@ pub fn parse_shared(args: TokenStream, span: Span) -> syn::Result<SharedArgs> {
             "unknown argument `{other}` for #[shared_blocks]; valid arguments are: depth, groups, pattern, share"
         ))),
     }
+    });
+    parser.parse2(args)?;
+    Ok(a)
+}
+
+pub fn parse_fips(args: TokenStream, span: Span) -> syn::Result<FipsArgs> {
+    let mut a = FipsArgs {
+        span,
+        groups: None,
+        budget: None,
+        sparsity: None,
+    };
+    let parser = syn::meta::parser(|meta| match key(&meta).as_str() {
+        "budget" => set(&mut a.budget, &meta, number(&meta, "budget")?),
+        "sparsity" => set(&mut a.sparsity, &meta, number(&meta, "sparsity")?),
+        "groups" => {
+            let input = meta.value()?;
+            let content;
+            let outer = syn::bracketed!(content in input);
+            let groups = content.parse_terminated(
+                |p| {
+                    let inner;
+                    syn::bracketed!(inner in p);
+                    let items = inner.parse_terminated(|q| q.parse::<LitInt>(), Token![,])?;
+                    items
+                        .iter()
+                        .map(|l| l.base10_parse())
+                        .collect::<syn::Result<Vec<usize>>>()
+                },
+                Token![,],
+            )?;
+            let value = groups.into_iter().collect();
+            set(
+                &mut a.groups,
+                &meta,
+                Arg {
+                    value,
+                    span: outer.span.join(),
+                },
+            )
+        }
+        other => Err(meta.error(format!(
+            "unknown argument `{other}` for #[fips]; valid arguments are: groups, budget, sparsity"
+        ))),
     });
     parser.parse2(args)?;
     Ok(a)

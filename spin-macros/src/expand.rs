@@ -1,7 +1,7 @@
 //! Writing the expansion. It only names spin-core items: the config trait impl that fixes the
 //! shapes, inherent consts (`PARAMS`, `MACS`, `SCHEDULE`, …, evaluated by spin-core's `const fn`s),
 //! the builder impl, and the description.
-use crate::ast::{self, FamilyKind, PatternArg, SharedArgs};
+use crate::ast::{self, FamilyKind, FipsArgs, PatternArg, SharedArgs};
 use crate::valid::{self, Model};
 use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote};
@@ -42,10 +42,10 @@ fn unit_struct(item: TokenStream, what: &str) -> syn::Result<ItemStruct> {
     Ok(s)
 }
 
-/// `#[convmixer(...)]` / `#[vit(...)]`, with an optional `#[shared_blocks(...)]` among the item's
-/// attributes.
+/// `#[convmixer(...)]` / `#[vit(...)]`, with an optional `#[shared_blocks(...)]` or `#[fips(...)]`
+/// among the item's attributes.
 pub fn family(kind: FamilyKind, args: TokenStream, item: TokenStream) -> TokenStream {
-    family_inner(kind, args, item, None).unwrap_or_else(syn::Error::into_compile_error)
+    family_inner(kind, args, item, None, None).unwrap_or_else(syn::Error::into_compile_error)
 }
 
 fn family_inner(
@@ -53,10 +53,11 @@ fn family_inner(
     args: TokenStream,
     item: TokenStream,
     shared_outer: Option<SharedArgs>,
+    fips_outer: Option<FipsArgs>,
 ) -> syn::Result<TokenStream> {
     let fam = ast::parse_family(kind, args)?;
     let mut s = unit_struct(item, kind.attr())?;
-    let mut shared = shared_outer;
+    let (mut shared, mut fips) = (shared_outer, fips_outer);
     let mut kept = Vec::new();
     for a in s.attrs.drain(..) {
         if attr_is(&a, "shared_blocks") {
@@ -64,13 +65,50 @@ fn family_inner(
                 return Err(syn::Error::new(a.span(), "#[shared_blocks] is given twice"));
             }
             shared = Some(ast::parse_shared(attr_args(&a)?, a.span())?);
+        } else if attr_is(&a, "fips") {
+            if fips.is_some() {
+                return Err(syn::Error::new(a.span(), "#[fips] is given twice"));
+            }
+            fips = Some(ast::parse_fips(attr_args(&a)?, a.span())?);
         } else {
             kept.push(a);
         }
     }
     s.attrs = kept;
     let model = valid::model(&fam, shared.as_ref(), &s.ident)?;
-    Ok(model_tokens(&s, &model))
+    let fips = fips.map(|f| valid::fips(&f, &model)).transpose()?;
+    Ok(model_tokens(&s, &model, fips.as_ref()))
+}
+
+/// The family attribute among an item's attributes, removed, with its kind.
+fn take_family(s: &mut ItemStruct) -> Option<(FamilyKind, Attribute)> {
+    let pos = s
+        .attrs
+        .iter()
+        .position(|a| attr_is(a, "convmixer") || attr_is(a, "vit"))?;
+    let fam = s.attrs.remove(pos);
+    let kind = if attr_is(&fam, "convmixer") {
+        FamilyKind::ConvMixer
+    } else {
+        FamilyKind::Vit
+    };
+    Some((kind, fam))
+}
+
+/// `#[fips(...)]` written above the family attribute: hands over to it.
+pub fn fips(args: TokenStream, item: TokenStream) -> TokenStream {
+    (|| {
+        let f = ast::parse_fips(args, Span::call_site())?;
+        let mut s: ItemStruct = syn::parse2(item)?;
+        let Some((kind, fam)) = take_family(&mut s) else {
+            return Err(syn::Error::new(
+                s.ident.span(),
+                "#[fips(...)] compresses a declared ViT: add #[vit(...)] to this struct",
+            ));
+        };
+        family_inner(kind, attr_args(&fam)?, quote!(#s), None, Some(f))
+    })()
+    .unwrap_or_else(syn::Error::into_compile_error)
 }
 
 /// `#[shared_blocks(...)]`: on a family declaration it hands over to the family macro; alone it
@@ -82,18 +120,8 @@ pub fn shared_blocks(args: TokenStream, item: TokenStream) -> TokenStream {
 fn shared_inner(args: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
     let shared = ast::parse_shared(args, Span::call_site())?;
     let mut s: ItemStruct = syn::parse2(item.clone())?;
-    if let Some(pos) = s
-        .attrs
-        .iter()
-        .position(|a| attr_is(a, "convmixer") || attr_is(a, "vit"))
-    {
-        let fam = s.attrs.remove(pos);
-        let kind = if attr_is(&fam, "convmixer") {
-            FamilyKind::ConvMixer
-        } else {
-            FamilyKind::Vit
-        };
-        return family_inner(kind, attr_args(&fam)?, quote!(#s), Some(shared));
+    if let Some((kind, fam)) = take_family(&mut s) {
+        return family_inner(kind, attr_args(&fam)?, quote!(#s), Some(shared), None);
     }
     // A trunk: `struct Trunk(Block);`
     let block = match &s.fields {
@@ -155,7 +183,7 @@ fn schedule_tokens(depth: usize, groups: usize, pattern: &PatternArg) -> TokenSt
     quote!(::spin_core::schedule::make::<#depth>(#groups, ::spin_core::schedule::Builtin::#builtin))
 }
 
-fn model_tokens(s: &ItemStruct, m: &Model) -> TokenStream {
+fn model_tokens(s: &ItemStruct, m: &Model, fips: Option<&valid::Fips>) -> TokenStream {
     let ident = &s.ident;
     let vis = &s.vis;
     let attrs = &s.attrs;
@@ -172,16 +200,30 @@ fn model_tokens(s: &ItemStruct, m: &Model) -> TokenStream {
         #[derive(Clone, Copy, Debug, Default)]
         #vis struct #ident;
     };
-    let module = match m.kind {
-        FamilyKind::ConvMixer => quote!(convmixer),
-        FamilyKind::Vit => quote!(vit),
+    let describe = match (m.kind, fips) {
+        (FamilyKind::ConvMixer, _) => quote! {
+            fn info() -> ::spin_core::ModelInfo {
+                ::spin_core::convmixer::info::<#ident>()
+            }
+        },
+        (FamilyKind::Vit, None) => quote! {
+            fn info() -> ::spin_core::ModelInfo {
+                ::spin_core::vit::info::<#ident>()
+            }
+            fn fips() -> ::core::option::Option<::spin_core::fips::FipsRunner> {
+                ::core::option::Option::Some(::spin_core::fips::run::<#ident>)
+            }
+        },
+        (FamilyKind::Vit, Some(_)) => quote! {
+            fn info() -> ::spin_core::ModelInfo {
+                ::spin_core::fips::model::info::<#ident>()
+            }
+        },
     };
     let common = quote! {
         #common
         impl ::spin_core::Describe for #ident {
-            fn info() -> ::spin_core::ModelInfo {
-                ::spin_core::#module::info::<#ident>()
-            }
+            #describe
         }
     };
     match m.kind {
@@ -232,6 +274,36 @@ fn model_tokens(s: &ItemStruct, m: &Model) -> TokenStream {
             let tokens = grid * grid + 1;
             let qkv = 3 * dim;
             let share = quote!(::spin_core::sharing::VitShare::#share);
+            let vit_params = quote!(::spin_core::vit::params(#dim, #patch, #image, #hidden, #classes, #depth, #groups, #share));
+            let (fips_const, fips_items, params, built) = match fips {
+                None => (
+                    quote!(),
+                    quote!(),
+                    vit_params,
+                    quote!(::spin_core::vit::Vit<#ident, E, D>),
+                ),
+                Some(f) => {
+                    let (budget, sparsity) = (f.budget, f.sparsity);
+                    let n = f.groups.first().map_or(1, Vec::len);
+                    let groups = f.groups.iter().map(|g| quote!(&[#(#g),*]));
+                    (
+                        quote!(const FIPS: ::core::option::Option<::spin_core::fips::FipsDecl> =
+                            ::core::option::Option::Some(#ident::FIPS);),
+                        quote! {
+                            /// Rank of every group's basis, from the budget and sparsity.
+                            pub const RANK: usize = ::spin_core::fips::rank(#dim, #n, #budget, #sparsity);
+                            pub const FIPS: ::spin_core::fips::FipsDecl = ::spin_core::fips::FipsDecl {
+                                groups: &[#(#groups),*],
+                                budget: #budget,
+                                sparsity: #sparsity,
+                                rank: #ident::RANK,
+                            };
+                        },
+                        quote!(::spin_core::fips::model::params(#vit_params, #dim, #hidden, #depth, &#ident::FIPS)),
+                        quote!(::spin_core::vit::Vit<#ident, E, D, ::spin_core::fips::FipsMlps<#ident, E, D>>),
+                    )
+                }
+            };
             quote! {
                 #common
 
@@ -251,6 +323,7 @@ fn model_tokens(s: &ItemStruct, m: &Model) -> TokenStream {
                     const PATTERN: &'static str = #pattern_name;
                     const SCHEDULE: &'static [usize] = &#ident::SCHEDULE;
                     const SHARE: ::spin_core::sharing::VitShare = #share;
+                    #fips_const
                 }
 
                 impl #ident {
@@ -258,15 +331,15 @@ fn model_tokens(s: &ItemStruct, m: &Model) -> TokenStream {
                     pub const DEPTH: usize = #depth;
                     pub const GROUPS: usize = #groups;
                     pub const SCHEDULE: [usize; #depth] = #schedule;
-                    pub const PARAMS: usize =
-                        ::spin_core::vit::params(#dim, #patch, #image, #hidden, #classes, #depth, #groups, #share);
+                    pub const PARAMS: usize = #params;
                     pub const MACS: u64 = ::spin_core::vit::macs(#dim, #patch, #image, #hidden, #classes, #depth);
+                    #fips_items
                 }
 
                 impl<E: ::spin_core::SpinDtype, D: ::spin_core::SpinDevice<E>>
                     ::spin_core::dfdx::nn::BuildOnDevice<D, E> for #ident
                 {
-                    type Built = ::spin_core::vit::Vit<#ident, E, D>;
+                    type Built = #built;
                 }
             }
         }

@@ -38,3 +38,12 @@ pub fn vit(args: TokenStream, item: TokenStream) -> TokenStream {
 pub fn shared_blocks(args: TokenStream, item: TokenStream) -> TokenStream {
     expand::shared_blocks(args.into(), item.into()).into()
 }
+
+/// `#[fips(groups = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]], budget = 0.5, sparsity = 0.75)]`
+/// on a `#[vit(...)]` declaration: the FiPS-compressed ViT, whose MLPs are one basis per group and
+/// sparse per-layer factors at the rank the budget allows (`RANK`, `PARAMS` count each basis
+/// once and the factors' non-zeros).
+#[proc_macro_attribute]
+pub fn fips(args: TokenStream, item: TokenStream) -> TokenStream {
+    expand::fips(args.into(), item.into()).into()
+}

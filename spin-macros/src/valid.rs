@@ -1,6 +1,6 @@
 //! Checking parsed arguments. Every error points at the argument at fault and says what would be
 //! valid; all errors of a declaration are reported together.
-use crate::ast::{Arg, FamilyArgs, FamilyKind, PatternArg, SharedArgs};
+use crate::ast::{Arg, FamilyArgs, FamilyKind, FipsArgs, PatternArg, SharedArgs};
 use proc_macro2::Span;
 
 /// A checked model declaration: every number the expansion needs.
@@ -369,4 +369,110 @@ pub fn trunk(s: &SharedArgs) -> syn::Result<(usize, usize, PatternArg)> {
     }
     let out = schedule(&mut errs, s, &s.depth);
     errs.finish(|| out.unwrap())
+}
+
+/// A checked `#[fips(...)]`.
+#[derive(Clone, Debug)]
+pub struct Fips {
+    pub groups: Vec<Vec<usize>>,
+    pub budget: f64,
+    pub sparsity: f64,
+}
+
+/// Checks a `#[fips(...)]` against the model it compresses: a ViT without SPIN sharing, groups
+/// that cover every block once with one size, a budget in (0, 1], a sparsity in [0, 1), and a
+/// non-zero rank.
+pub fn fips(a: &FipsArgs, m: &Model) -> syn::Result<Fips> {
+    let mut errs = Errors::default();
+    if m.kind != FamilyKind::Vit {
+        errs.push(a.span, "#[fips] compresses a ViT's MLPs: use it with #[vit(...)]");
+    }
+    if m.sharing.groups != m.sharing.depth {
+        errs.push(
+            a.span,
+            "#[fips] starts from a ViT whose blocks share nothing: remove #[shared_blocks] (FiPS shares its own bases)",
+        );
+    }
+    let depth = m.sharing.depth;
+    let groups = match &a.groups {
+        None => {
+            errs.push(
+                a.span,
+                "missing argument `groups` in #[fips(...)], e.g. `groups = [[0, 1], [2, 3]]`",
+            );
+            vec![]
+        }
+        Some(g) => {
+            let mut seen = vec![false; depth];
+            for &b in g.value.iter().flatten() {
+                if b >= depth {
+                    errs.push(
+                        g.span,
+                        format!("block {b} does not exist: the model has blocks 0..{depth}"),
+                    );
+                } else if std::mem::replace(&mut seen[b], true) {
+                    errs.push(g.span, format!("block {b} is in two groups"));
+                }
+            }
+            let missing: Vec<String> = (0..depth).filter(|&b| !seen[b]).map(|b| b.to_string()).collect();
+            if !missing.is_empty() {
+                errs.push(
+                    g.span,
+                    format!("every block must be in a group; missing: {}", missing.join(", ")),
+                );
+            }
+            let n = g.value.first().map_or(0, Vec::len);
+            if g.value.iter().any(|x| x.len() != n) {
+                errs.push(
+                    g.span,
+                    "groups must all have the same number of blocks (the rank follows from it)",
+                );
+            }
+            g.value.clone()
+        }
+    };
+    let budget = match &a.budget {
+        Some(b) if !(b.value > 0.0 && b.value <= 1.0) => {
+            errs.push(
+                b.span,
+                format!(
+                    "budget is the fraction of MLP weights kept: it must lie in (0, 1], got {}",
+                    b.value
+                ),
+            );
+            0.5
+        }
+        Some(b) => b.value,
+        None => {
+            errs.push(
+                a.span,
+                "missing argument `budget` in #[fips(...)], e.g. `budget = 0.5`",
+            );
+            0.5
+        }
+    };
+    let sparsity = match &a.sparsity {
+        Some(s) if !(0.0..1.0).contains(&s.value) => {
+            errs.push(s.span, format!("sparsity must lie in [0, 1), got {}", s.value));
+            0.0
+        }
+        Some(s) => s.value,
+        None => 0.0,
+    };
+    // spin_core::fips::rank's formula, evaluated here only to point at the budget when it leaves
+    // no rank (the expansion uses spin-core's const fn for the value).
+    let (d, n) = (m.dim as f64, groups.first().map_or(1, Vec::len) as f64);
+    let rank = (8.0 * n * d * d * budget / (8.0 * n * d * (1.0 - sparsity) + d)) as usize;
+    if rank == 0 {
+        let span = a.budget.as_ref().map_or(a.span, |b| b.span);
+        errs.push(
+            span,
+            "this budget leaves rank 0: raise the budget or the sparsity",
+        );
+    }
+    errs.finish(|| Fips {
+        groups,
+        budget,
+        sparsity,
+    })
 }

@@ -91,13 +91,27 @@ fn zoo_lists_every_member_with_params_equal_to_the_type_consts() {
         params("deit_base_patch16_224_ws12_all"),
         zoo::deit_base_patch16_224_ws12_all::PARAMS
     );
+    // FiPS's DeiT-B example: rank 1365, and the MLPs at half their parameters (plus biases).
+    assert_eq!(zoo::deit_base_patch16_224_fips::RANK, 1365);
+    assert_eq!(
+        params("deit_base_patch16_224_fips"),
+        zoo::deit_base_patch16_224_fips::PARAMS
+    );
+    let dense_mlp = 12 * spin_core::vit::mlp_params(768, 3072);
+    let saved = zoo::deit_base_patch16_224::PARAMS - zoo::deit_base_patch16_224_fips::PARAMS;
+    assert!((saved as f64 / dense_mlp as f64 - 0.5).abs() < 0.01, "{saved}");
     // Built at run time by name, the small members count the same parameters.
     for name in zoo::DIGITS_COMPARISON {
         assert_eq!(zoo::build(name, 0).unwrap().num_params(), params(name), "{name}");
     }
     for m in zoo::MEMBERS {
         let i = (m.info)();
-        assert!(i.name.contains("_ws") == (i.share != "none"), "{}", i.name);
+        assert!(
+            i.name.contains("_ws") == !["none", "fips"].contains(&i.share),
+            "{}",
+            i.name
+        );
+        assert!(i.name.ends_with("_fips") == (i.share == "fips"), "{}", i.name);
     }
     // The other formats carry the same members.
     let json = run(&["zoo", "--format", "json"]).unwrap();
@@ -345,4 +359,76 @@ fn command_line_errors_are_one_line_and_typed() {
     assert!(matches!(err, Error::Io { .. }));
     use clap::Parser;
     assert!(Cli::try_parse_from(["spin", "train", "--model", "x", "--data", "mnist"]).is_err());
+}
+
+#[test]
+fn fips_compresses_a_digits_vit_into_the_declared_fips_member() {
+    let dir = scratch("cli-fips");
+    let dense = dir.join("dense.safetensors");
+    zoo::build("digits_vit_64_6", 1)
+        .unwrap()
+        .save_timm(&dense, Default::default())
+        .unwrap();
+    let out = dir.join("fips.safetensors");
+    let (d, o) = (dense.to_str().unwrap(), out.to_str().unwrap());
+    let json = run(&[
+        "fips",
+        "--from",
+        d,
+        "--model",
+        "digits_vit_64_6",
+        "--budget",
+        "0.5",
+        "--sparsity",
+        "0.5",
+        "--calib-images",
+        "32",
+        "--steps",
+        "20",
+        "--rows",
+        "64",
+        "--finetune-epochs",
+        "1",
+        "--out",
+        o,
+        "--json",
+    ])
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["rank"], 59);
+    assert_eq!(v["groups"], serde_json::json!([[0, 1, 2], [3, 4, 5]]));
+    assert_eq!(v["fips_params"], zoo::digits_vit_64_6_fips::PARAMS);
+    assert_eq!(v["init_block_mse"].as_array().unwrap().len(), 6);
+    assert!(v["finetuned_accuracy"].is_number());
+    assert!(out.with_extension("png").exists());
+    // The result loads into the member declared with the same plan.
+    let eval = run(&["eval", "--model", "digits_vit_64_6_fips", "--weights", o]).unwrap();
+    assert!(eval.contains("test accuracy"), "{eval}");
+    // Only dense ViTs can be compressed.
+    let err = run(&[
+        "fips",
+        "--from",
+        d,
+        "--model",
+        "digits_convmixer_64_8",
+        "--out",
+        o,
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("needs a dense ViT"), "{err}");
+    let err = run(&[
+        "fips",
+        "--from",
+        d,
+        "--model",
+        "digits_vit_64_6",
+        "--groups",
+        "0,1;2,x",
+        "--out",
+        o,
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("`x` is not one"), "{err}");
 }

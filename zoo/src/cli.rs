@@ -39,6 +39,65 @@ pub enum Cmd {
     Fuse(FuseArgs),
     /// Time a forward pass (or with --train a training step) after warm-up.
     Bench(BenchArgs),
+    /// Compress a trained ViT's MLPs with FiPS (shared SVD bases, sparse factors, block-wise
+    /// reconstruction on calibration images).
+    Fips(FipsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FipsArgs {
+    /// The trained dense ViT's checkpoint (timm layout).
+    #[arg(long)]
+    pub from: PathBuf,
+    /// The dense ViT zoo member the checkpoint holds.
+    #[arg(long)]
+    pub model: String,
+    /// Fraction of the MLP weights kept (sets the rank together with --sparsity).
+    #[arg(long, default_value_t = 0.5)]
+    pub budget: f64,
+    /// Fraction of the sparse factors' entries pruned.
+    #[arg(long, default_value_t = 0.75)]
+    pub sparsity: f64,
+    /// Calibration data, its training split (test accuracy is measured on its test split):
+    /// `digits`, `cifar10:DIR` or `folder:DIR`.
+    #[arg(long, default_value = "digits", value_parser = parse_data)]
+    pub calib: DataSpec,
+    /// How many calibration images to use.
+    #[arg(long, default_value_t = 256)]
+    pub calib_images: usize,
+    /// Consecutive blocks per group (default: 4 if it divides the depth, else the largest of 3, 2, 1 that does).
+    #[arg(long)]
+    pub group_size: Option<usize>,
+    /// Explicit groups instead, e.g. `0,1,2,3;4,5,6,7;8,9,10,11`.
+    #[arg(long, conflicts_with = "group_size")]
+    pub groups: Option<String>,
+    /// Block-wise reconstruction steps (AdamW, cosine decay; the sparsity is reached by the cubic
+    /// schedule over the first half).
+    #[arg(long, default_value_t = 300)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f32,
+    /// Token rows per block per step.
+    #[arg(long, default_value_t = 256)]
+    pub rows: usize,
+    /// End-to-end fine-tuning epochs on the calibration data after reconstruction (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub finetune_epochs: usize,
+    #[arg(long, default_value_t = 2e-4)]
+    pub finetune_lr: f32,
+    /// The FiPS checkpoint to write; a plot of the loss and per-block errors goes beside it (.png).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    pub save_dtype: StorageDtype,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(Args, Debug)]
@@ -238,6 +297,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), Error> {
         Cmd::Compare(a) => compare(&a, out).map(|_| ()),
         Cmd::Fuse(a) => fuse(&a, out),
         Cmd::Bench(a) => bench(&a, out),
+        Cmd::Fips(a) => fips(&a, out).map(|_| ()),
     }
 }
 
@@ -603,4 +663,174 @@ pub fn compare(a: &CompareArgs, out: &mut dyn Write) -> Result<Vec<TrainResult>,
     )
     .map_err(io)?;
     Ok(results)
+}
+
+/// `--groups 0,1;2,3` as lists of blocks.
+fn parse_groups(s: &str) -> Result<Vec<Vec<usize>>, Error> {
+    s.split(';')
+        .map(|g| {
+            g.split(',')
+                .map(|b| {
+                    b.trim().parse::<usize>().map_err(|_| {
+                        Error::Invalid(format!(
+                            "--groups takes block numbers, e.g. `0,1,2,3;4,5,6,7`; `{}` is not one",
+                            b.trim()
+                        ))
+                    })
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// What `spin fips` measured, as `--json` prints it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FipsResult {
+    pub model: String,
+    pub groups: Vec<Vec<usize>>,
+    pub rank: usize,
+    pub budget: f64,
+    pub sparsity: f64,
+    pub dense_params: usize,
+    pub fips_params: usize,
+    pub dense_mlp_params: usize,
+    pub fips_mlp_params: usize,
+    pub init_block_mse: Vec<f64>,
+    pub final_block_mse: Vec<f64>,
+    pub dense_accuracy: f32,
+    pub one_shot_accuracy: f32,
+    pub reconstructed_accuracy: f32,
+    pub finetuned_accuracy: Option<f32>,
+    pub seconds: f64,
+}
+
+/// `spin fips`: loads the dense ViT, compresses its MLPs (SVD init, gradual pruning, block-wise
+/// reconstruction), optionally fine-tunes end to end, reports, and saves the FiPS checkpoint.
+pub fn fips(a: &FipsArgs, out: &mut dyn Write) -> Result<FipsResult, Error> {
+    let start = Instant::now();
+    let member = find(&a.model)?;
+    let info = (member.info)();
+    let runner = (member.fips)().ok_or_else(|| {
+        Error::Invalid(format!(
+            "{} cannot be compressed by FiPS: it needs a dense ViT (FiPS shares MLP weights of ViT blocks)",
+            info.name
+        ))
+    })?;
+    let split = data::load(&a.calib, &data_config(&info))?;
+    let mut dense = crate::build(&a.model, 0)?;
+    dense.load_timm(&a.from)?;
+    let n = a.calib_images.min(split.train.len()).max(1);
+    let (calib, _) = split.train.gather(&(0..n).collect::<Vec<_>>());
+    let group_size = a.group_size.unwrap_or_else(|| {
+        [4, 3, 2, 1]
+            .into_iter()
+            .find(|g| info.depth % g == 0)
+            .unwrap_or(1)
+    });
+    let groups = a.groups.as_deref().map(parse_groups).transpose()?;
+    let job = spin_core::fips::FipsJob {
+        checkpoint: &a.from,
+        groups,
+        group_size,
+        budget: a.budget,
+        sparsity: a.sparsity,
+        calib: &calib,
+        calib_n: n,
+        recon: spin_core::fips::ReconConfig {
+            steps: a.steps,
+            lr: a.lr,
+            rows: a.rows,
+            seed: a.seed,
+            ..Default::default()
+        },
+    };
+    let pb = progress(a.steps, format!("{} FiPS", info.name), a.quiet || a.json);
+    let outcome = runner(&job, &mut |_, loss| {
+        pb.inc(1);
+        pb.set_message(format!("Σ block MSE {loss:.3e}"));
+    })?;
+    pb.finish_and_clear();
+    let batch = 128;
+    let acc = |m: &dyn Classifier| train::evaluate(m, &split.test, batch).accuracy;
+    let (dense_acc, one_shot_acc) = (acc(dense.as_ref()), acc(outcome.init.as_ref()));
+    let mut model = outcome.model;
+    let reconstructed_acc = acc(model.as_ref());
+    let mut finetuned = None;
+    if a.finetune_epochs > 0 {
+        let cfg = TrainConfig {
+            epochs: a.finetune_epochs,
+            batch: 64,
+            lr: a.finetune_lr,
+            weight_decay: 0.0,
+            label_smoothing: 0.1,
+            clip: Some(1.0),
+            seed: a.seed,
+        };
+        let mut opt = AdamW::new(cfg.weight_decay);
+        let steps = train::steps_per_epoch(split.train.len(), cfg.batch);
+        for epoch in 0..cfg.epochs {
+            let pb = progress(
+                steps,
+                format!("fine-tune {}/{}", epoch + 1, cfg.epochs),
+                a.quiet || a.json,
+            );
+            train::train_epoch(
+                model.as_mut(),
+                &mut opt,
+                &split.train,
+                &cfg,
+                epoch,
+                &mut |_, _, _| pb.inc(1),
+            )?;
+            pb.finish_and_clear();
+        }
+        finetuned = Some(acc(model.as_ref()));
+    }
+    if let Some(dir) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    model.save_timm(&a.out, a.save_dtype)?;
+    let r = &outcome.report;
+    report::fips_plot(
+        &r.losses,
+        &r.init_errors,
+        &r.final_errors,
+        &a.out.with_extension("png"),
+    )?;
+    let result = FipsResult {
+        model: info.name.into(),
+        groups: r.plan.groups.clone(),
+        rank: r.plan.rank,
+        budget: r.plan.budget,
+        sparsity: r.sparsity,
+        dense_params: info.params,
+        fips_params: model.info().params,
+        dense_mlp_params: r.dense_mlp_params,
+        fips_mlp_params: r.fips_mlp_params,
+        init_block_mse: r.init_errors.clone(),
+        final_block_mse: r.final_errors.clone(),
+        dense_accuracy: dense_acc,
+        one_shot_accuracy: one_shot_acc,
+        reconstructed_accuracy: reconstructed_acc,
+        finetuned_accuracy: finetuned,
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    if a.json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string(&result).map_err(|e| Error::Invalid(e.to_string()))?
+        )
+        .map_err(io)?;
+    } else {
+        report::fips_table(&result, r.calib_rows, out).map_err(io)?;
+        writeln!(
+            out,
+            "wrote {} and {}",
+            a.out.display(),
+            a.out.with_extension("png").display()
+        )
+        .map_err(io)?;
+    }
+    Ok(result)
 }

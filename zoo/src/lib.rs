@@ -13,7 +13,7 @@ use spin_core::fusion::{Fusion, Reduction};
 use spin_core::train::{Classifier, Runner, SpinModel};
 use spin_core::{Describe, Error, Family, ModelInfo};
 
-pub use spin_core::prelude::{convmixer, shared_blocks, vit};
+pub use spin_core::prelude::{convmixer, fips, shared_blocks, vit};
 
 pub mod bench;
 pub mod cli;
@@ -29,6 +29,8 @@ pub struct Member {
     /// For a shared ConvMixer declared `shared <- base`: its fusion-aware trainer, which keeps the
     /// base model's D tensors and fuses them every forward pass (SPIN's WFWS).
     pub fusion: Option<FusionBuilder>,
+    /// For a dense ViT: its FiPS compression pipeline (`spin fips`).
+    pub fips: fn() -> Option<spin_core::fips::FipsRunner>,
 }
 
 fn build_fusion<B: ConvMixerConfig, S: ConvMixerConfig>(
@@ -62,6 +64,7 @@ macro_rules! zoo {
                 info: <$name as Describe>::info,
                 build: build_member::<$name>,
                 fusion: zoo!(@fusion $name $($base)?),
+                fips: <$name as Describe>::fips,
             }, )+
         ];
     };
@@ -201,6 +204,10 @@ zoo! {
     #[vit(dim = 768, heads = 12, patch = 16, image = 224, classes = 1000)]
     #[shared_blocks(depth = 12, groups = 1, pattern = sequential, share = all)]
     deit_base_patch16_224_ws12_all;
+    /// FiPS's DeiT-B example: MLPs compressed to half, bases shared by 4 blocks, rank 1365.
+    #[vit(dim = 768, heads = 12, patch = 16, image = 224, classes = 1000, depth = 12)]
+    #[fips(groups = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]], budget = 0.5, sparsity = 0.75)]
+    deit_base_patch16_224_fips;
     // ---- Small members for the built-in 8×8 digits: each trains in well under a minute ----
     /// ConvMixer-64/8 on 8×8 digits, 1×1 patches.
     #[convmixer(dim = 64, kernel = 3, patch = 1, image = 8, classes = 10, act = gelu, depth = 8)]
@@ -229,6 +236,10 @@ zoo! {
     #[vit(dim = 64, heads = 4, patch = 2, image = 8, classes = 10)]
     #[shared_blocks(depth = 6, groups = 1, pattern = sequential, share = all)]
     digits_vit_64_6_ws6_all;
+    /// What `spin fips --model digits_vit_64_6 --budget 0.5 --sparsity 0.5` makes (groups of 3).
+    #[vit(dim = 64, heads = 4, patch = 2, image = 8, classes = 10, depth = 6)]
+    #[fips(groups = [[0, 1, 2], [3, 4, 5]], budget = 0.5, sparsity = 0.5)]
+    digits_vit_64_6_fips;
 }
 
 /// The member called `name`, or an error listing near matches.

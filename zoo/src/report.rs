@@ -292,3 +292,134 @@ fn draw<DB: DrawingBackend>(
     }
     Ok(())
 }
+
+/// `spin fips`'s report: the plan, parameters, per-block errors and accuracies.
+pub fn fips_table(r: &crate::cli::FipsResult, calib_rows: usize, out: &mut dyn Write) -> std::io::Result<()> {
+    let groups: Vec<String> = r.groups.iter().map(|g| format!("{g:?}")).collect();
+    writeln!(
+        out,
+        "{}: FiPS over groups {} — rank {}, sparsity {:.2}, budget {:.2}",
+        r.model,
+        groups.join(" "),
+        r.rank,
+        r.sparsity,
+        r.budget
+    )?;
+    writeln!(
+        out,
+        "MLP parameters {} → {} ({:.1} %); model parameters {} → {}",
+        human(r.dense_mlp_params as f64),
+        human(r.fips_mlp_params as f64),
+        100.0 * r.fips_mlp_params as f64 / r.dense_mlp_params as f64,
+        human(r.dense_params as f64),
+        human(r.fips_params as f64)
+    )?;
+    let mut t = table(false);
+    t.set_header(vec!["block", "MSE one-shot (SVD + prune)", "MSE reconstructed"]);
+    for (i, (a, b)) in r.init_block_mse.iter().zip(&r.final_block_mse).enumerate() {
+        t.add_row(vec![i.to_string(), format!("{a:.3e}"), format!("{b:.3e}")]);
+    }
+    right_align(&mut t, 0);
+    writeln!(out, "{t}")?;
+    writeln!(
+        out,
+        "(mean squared error of each block's output on {calib_rows} calibration tokens)"
+    )?;
+    write!(
+        out,
+        "test accuracy: dense {:.4}, one-shot {:.4}, reconstructed {:.4}",
+        r.dense_accuracy, r.one_shot_accuracy, r.reconstructed_accuracy
+    )?;
+    if let Some(f) = r.finetuned_accuracy {
+        write!(out, ", fine-tuned {f:.4}")?;
+    }
+    writeln!(out, " ({:.1} s)", r.seconds)
+}
+
+/// The reconstruction loss per step (left) and each block's error before and after (right), log scale.
+pub fn fips_plot(losses: &[f32], before: &[f64], after: &[f64], path: &Path) -> Result<(), Error> {
+    register_font();
+    let err = |e: String| Error::Invalid(format!("{}: cannot draw the plot: {e}", path.display()));
+    let root = BitMapBackend::new(path, (1000, 420)).into_drawing_area();
+    draw_fips(&root, losses, before, after).map_err(err)?;
+    root.present().map_err(|e| err(e.to_string()))
+}
+
+fn draw_fips<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    losses: &[f32],
+    before: &[f64],
+    after: &[f64],
+) -> Result<(), String> {
+    let e = |x: DrawingAreaErrorKind<DB::ErrorType>| x.to_string();
+    root.fill(&WHITE).map_err(e)?;
+    let (left, right) = root.split_horizontally(500);
+    let positive = |v: f64| v.max(1e-12);
+    let range = |vals: &mut dyn Iterator<Item = f64>| {
+        let (lo, hi) = vals.fold((f64::INFINITY, 0.0f64), |(l, h), v| {
+            (l.min(positive(v)), h.max(v))
+        });
+        if lo.is_finite() && hi > 0.0 {
+            (lo / 1.5)..(hi * 1.5)
+        } else {
+            1e-6..1.0
+        }
+    };
+    let y = range(&mut losses.iter().map(|&v| v as f64));
+    let mut chart = ChartBuilder::on(&left)
+        .caption("reconstruction loss (Σ block MSE)", ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0..losses.len().max(1), y.log_scale())
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_label_formatter(&|v| format!("{v:.1e}"))
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(e)?;
+    chart
+        .draw_series(LineSeries::new(
+            losses.iter().enumerate().map(|(i, &l)| (i, positive(l as f64))),
+            RGBColor(31, 119, 180).stroke_width(2),
+        ))
+        .map_err(e)?;
+    let y = range(&mut before.iter().chain(after).copied());
+    let mut chart = ChartBuilder::on(&right)
+        .caption(
+            "block output MSE: one-shot ● vs reconstructed ▲",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.5..(before.len() as f64 - 0.5), y.log_scale())
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc("block")
+        .x_labels(before.len().max(2))
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.1e}"))
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(e)?;
+    chart
+        .draw_series(
+            before
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| Circle::new((i as f64, positive(v)), 6, RGBColor(214, 39, 40).filled())),
+        )
+        .map_err(e)?;
+    chart
+        .draw_series(
+            after.iter().enumerate().map(|(i, &v)| {
+                TriangleMarker::new((i as f64, positive(v)), 7, RGBColor(44, 160, 44).filled())
+            }),
+        )
+        .map_err(e)?;
+    Ok(())
+}

@@ -1,13 +1,21 @@
-//! FiPS (fine-grained parameter sharing of a ViT's MLPs) — the initialisation and sparsity parts.
+//! FiPS (fine-grained parameter sharing of a ViT's MLPs).
 //!
 //! Within a group of n blocks, every fc1ᵀ and fc2 matrix (d × h, h = 4d) is written as U·V_l: one
 //! dense basis U (d × r) shared by the group and a sparse factor V_l (r × h) per matrix, so fc1's
 //! weight is (U·V_l)ᵀ and fc2's is U·V_m. Biases stay per layer.
 //!
-//! Implemented here: the rank from a parameter budget, the SVD initialisation, global magnitude
-//! masks and the cubic sparsity schedule. Not yet: block-wise reconstruction training, the
-//! `#[fips]` model type and `spin fips`.
+//! - here: the rank from a parameter budget, the parameter count, the SVD initialisation, global
+//!   magnitude masks and the cubic sparsity schedule, on plain `f64` matrices;
+//! - [`model`]: [`FipsMlps`], the MLP storage of a FiPS ViT (`Vit<C, E, D, FipsMlps<C, E, D>>`),
+//!   what `#[fips(...)]` declares, with its checkpoint keys;
+//! - [`reconstruct`]: block-wise reconstruction and the whole pipeline `spin fips` runs.
 use crate::Error;
+
+pub mod model;
+pub mod reconstruct;
+
+pub use model::{FipsDecl, FipsLayer, FipsMlps, FipsPlan, MadeDim};
+pub use reconstruct::{run, FipsJob, FipsOutcome, FipsReport, FipsRunner, ReconConfig};
 
 /// Matrices per block that FiPS factorises (fc1ᵀ and fc2).
 pub const MATRICES_PER_BLOCK: usize = 2;
@@ -15,16 +23,35 @@ pub const MATRICES_PER_BLOCK: usize = 2;
 /// The rank that keeps a fraction `budget` of a group's MLP weights when the V's have sparsity
 /// `sparsity`: r = ⌊4·F·n·d²·p / (4·F·n·d·(1 − s) + d)⌋ with F = 2 matrices per block and h = 4d.
 /// DeiT-B (d 768), n = 4, p = 0.5, s = 0.75 gives 1365.
-pub fn rank(d: usize, n: usize, budget: f64, sparsity: f64) -> usize {
+pub const fn rank(d: usize, n: usize, budget: f64, sparsity: f64) -> usize {
     let f = MATRICES_PER_BLOCK as f64;
     let (d, n) = (d as f64, n as f64);
-    (4.0 * f * n * d * d * budget / (4.0 * f * n * d * (1.0 - sparsity) + d)).floor() as usize
+    // `as usize` truncates, which is the floor for the non-negative values met here.
+    (4.0 * f * n * d * d * budget / (4.0 * f * n * d * (1.0 - sparsity) + d)) as usize
 }
 
-/// Parameters a group stores: U densely, and the non-zeros of its 2n V's.
-pub fn group_params(d: usize, hidden: usize, n: usize, r: usize, sparsity: f64) -> usize {
-    let v = (r * hidden) as f64 * (1.0 - sparsity);
-    d * r + MATRICES_PER_BLOCK * n * v.round() as usize
+/// Entries the magnitude masks keep out of `total` at `sparsity` (rounded to nearest).
+pub const fn kept(total: usize, sparsity: f64) -> usize {
+    ((1.0 - sparsity) * total as f64 + 0.5) as usize
+}
+
+/// Parameters a group stores: U densely, and the non-zeros of its 2n V's (pruned globally across
+/// the group, so the count is rounded once per group).
+pub const fn group_params(d: usize, hidden: usize, n: usize, r: usize, sparsity: f64) -> usize {
+    d * r + kept(MATRICES_PER_BLOCK * n * r * hidden, sparsity)
+}
+
+/// Parameters of a FiPS ViT's MLPs: every group's U and V non-zeros, and the per-layer biases.
+pub const fn mlp_params(
+    dim: usize,
+    hidden: usize,
+    depth: usize,
+    groups: usize,
+    rank: usize,
+    sparsity: f64,
+) -> usize {
+    let n = depth / groups;
+    groups * group_params(dim, hidden, n, rank, sparsity) + depth * (hidden + dim)
 }
 
 /// Gradual pruning (Zhu & Gupta's cubic schedule): sparsity at `step` of `total`, from `initial`
@@ -135,7 +162,7 @@ pub fn init(fc1: &[&[f64]], fc2: &[&[f64]], d: usize, hidden: usize, r: usize) -
 /// all entries (ties keep the earlier entry). `true` = kept.
 pub fn magnitude_masks(v: &[Vec<f64>], sparsity: f64) -> Vec<Vec<bool>> {
     let total: usize = v.iter().map(Vec::len).sum();
-    let keep = ((1.0 - sparsity.clamp(0.0, 1.0)) * total as f64).round() as usize;
+    let keep = kept(total, sparsity.clamp(0.0, 1.0));
     let mut all: Vec<(f64, usize, usize)> = v
         .iter()
         .enumerate()

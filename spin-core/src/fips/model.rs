@@ -1,0 +1,577 @@
+//! The MLP storage of a FiPS ViT: one basis U per group of blocks, and per block the sparse
+//! factors of fc1 and fc2 (values and 0/1 masks) and the biases.
+//!
+//! Checkpoint keys (the rest of the model keeps timm's keys):
+//! - `fips.bases` `(groups, dim, rank)`: every group's U, stored once;
+//! - `fips.block_group` `(depth,)`: the group of each block;
+//! - `blocks.{i}.mlp.fc1.v` / `fc1.mask` `(rank, hidden)` and `fc1.bias` `(hidden,)`: fc1's weight
+//!   is `(U·(v ⊙ mask))ᵀ`; the same under `fc2` with `fc2.bias` `(dim,)` and weight `U·(v ⊙ mask)`.
+//!
+//! The masks are applied in the forward pass, so a pruned entry has no effect and no gradient.
+use super::{init, magnitude_masks, MATRICES_PER_BLOCK};
+use crate::checkpoint::{ParamSlot, Slot};
+use crate::describe::ModelInfo;
+use crate::dtype::{SpinDevice, SpinDtype};
+use crate::layers::{gelu, param1, param2, reset_trunc_normal, Mat};
+use crate::sharing::vec_fields;
+use crate::vit::{mlp_params, DenseMlps, VitConfig, VitMlps};
+use crate::Error;
+use dfdx::prelude::*;
+use dfdx::tensor::Tape;
+
+/// What a `#[fips(groups = [...], budget = p, sparsity = s)]` declaration fixes; the macro
+/// computes the rank.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FipsDecl {
+    pub groups: &'static [&'static [usize]],
+    pub budget: f64,
+    pub sparsity: f64,
+    pub rank: usize,
+}
+
+/// A FiPS compression chosen at run time: which blocks share a basis, the rank and the target
+/// sparsity of the V's.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FipsPlan {
+    pub groups: Vec<Vec<usize>>,
+    pub budget: f64,
+    pub sparsity: f64,
+    pub rank: usize,
+}
+
+impl FipsPlan {
+    /// Checks that `groups` cover blocks `0..depth` once each with groups of one size (the rank
+    /// formula depends on the size), and derives the rank from the budget.
+    pub fn new(
+        depth: usize,
+        dim: usize,
+        groups: Vec<Vec<usize>>,
+        budget: f64,
+        sparsity: f64,
+    ) -> Result<Self, Error> {
+        let bad = |m: String| Err(Error::Invalid(m));
+        if !(budget > 0.0 && budget <= 1.0) {
+            return bad(format!("the FiPS budget must lie in (0, 1], got {budget}"));
+        }
+        if !(0.0..1.0).contains(&sparsity) {
+            return bad(format!("the FiPS sparsity must lie in [0, 1), got {sparsity}"));
+        }
+        let mut seen = vec![false; depth];
+        for g in &groups {
+            for &b in g {
+                if b >= depth {
+                    return bad(format!(
+                        "FiPS group names block {b}, but the model has {depth} blocks"
+                    ));
+                }
+                if std::mem::replace(&mut seen[b], true) {
+                    return bad(format!("block {b} is in two FiPS groups"));
+                }
+            }
+        }
+        if let Some(b) = seen.iter().position(|s| !s) {
+            return bad(format!(
+                "block {b} is in no FiPS group: the groups must cover every block"
+            ));
+        }
+        let n = groups[0].len();
+        if groups.iter().any(|g| g.len() != n) {
+            return bad("FiPS groups must all have the same number of blocks".into());
+        }
+        let rank = super::rank(dim, n, budget, sparsity);
+        if rank == 0 {
+            return bad(format!(
+                "budget {budget} at sparsity {sparsity} leaves rank 0 for groups of {n} blocks: raise the budget"
+            ));
+        }
+        Ok(Self {
+            groups,
+            budget,
+            sparsity,
+            rank,
+        })
+    }
+
+    /// Consecutive groups of `size` blocks: `[[0, 1, 2, 3], [4, 5, 6, 7], …]`.
+    pub fn consecutive(depth: usize, size: usize) -> Result<Vec<Vec<usize>>, Error> {
+        if size == 0 || !depth.is_multiple_of(size) {
+            return Err(Error::Invalid(format!(
+                "a group size of {size} does not divide the {depth} blocks"
+            )));
+        }
+        Ok((0..depth / size)
+            .map(|g| (g * size..(g + 1) * size).collect())
+            .collect())
+    }
+
+    /// The plan a declaration fixes.
+    pub fn declared(d: &FipsDecl) -> Self {
+        Self {
+            groups: d.groups.iter().map(|g| g.to_vec()).collect(),
+            budget: d.budget,
+            sparsity: d.sparsity,
+            rank: d.rank,
+        }
+    }
+}
+
+/// A tensor dimension fixed when the model is made (rank, number of groups, depth), not in the
+/// type: FiPS picks its rank from a budget at run time. dfdx 0.13 registers only tensors whose
+/// shape is `ConstShape`, so this dim says it is const with `SIZE = 0` while it carries its real
+/// size; only runtime-checked reshapes (`reshape_like`) are ever applied to it, and the `reset`
+/// functions below give freshly built tensors the declared size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MadeDim(pub usize);
+
+impl Dim for MadeDim {
+    fn size(&self) -> usize {
+        self.0
+    }
+    fn from_size(size: usize) -> Option<Self> {
+        Some(Self(size))
+    }
+}
+
+impl ConstDim for MadeDim {
+    const SIZE: usize = 0;
+}
+
+/// `(rank, Hidden)`: the shape of one V.
+pub type FactorShape<C> = (MadeDim, <C as VitConfig>::Hidden);
+
+/// The size a tensor keeps when reset, or for a freshly built one (size 0) the declared size.
+fn made(current: usize, declared: Option<usize>) -> MadeDim {
+    MadeDim(if current > 0 {
+        current
+    } else {
+        declared.unwrap_or(0)
+    })
+}
+
+fn reset_factor<C: VitConfig, E: SpinDtype, D: SpinDevice<E>>(
+    t: &mut Tensor<FactorShape<C>, E, D>,
+) -> Result<(), D::Err> {
+    let shape = (made(t.shape().0 .0, C::FIPS.map(|f| f.rank)), Default::default());
+    *t = t.device().try_zeros_like(&shape)?;
+    reset_trunc_normal(t)
+}
+
+fn reset_mask<C: VitConfig, E: SpinDtype, D: SpinDevice<E>>(
+    t: &mut Tensor<FactorShape<C>, E, D>,
+) -> Result<(), D::Err> {
+    let shape = (made(t.shape().0 .0, C::FIPS.map(|f| f.rank)), Default::default());
+    *t = t.device().try_ones_like(&shape)?;
+    Ok(())
+}
+
+fn reset_bases<C: VitConfig, E: SpinDtype, D: SpinDevice<E>>(
+    t: &mut Tensor<(MadeDim, C::Dim, MadeDim), E, D>,
+) -> Result<(), D::Err> {
+    let &(g, _, r) = t.shape();
+    let shape = (
+        made(g.0, C::FIPS.map(|f| f.groups.len())),
+        Default::default(),
+        made(r.0, C::FIPS.map(|f| f.rank)),
+    );
+    *t = t.device().try_zeros_like(&shape)?;
+    reset_trunc_normal(t)
+}
+
+fn reset_block_group<C: VitConfig, E: SpinDtype, D: SpinDevice<E>>(
+    t: &mut Tensor<(MadeDim,), E, D>,
+) -> Result<(), D::Err> {
+    let mut v = vec![E::cast(0.0); C::DEPTH];
+    if let Some(f) = C::FIPS {
+        for (g, blocks) in f.groups.iter().enumerate() {
+            for &b in blocks.iter() {
+                v[b] = E::cast(g as f64);
+            }
+        }
+    }
+    if t.shape().0 .0 == C::DEPTH && C::FIPS.is_none() {
+        return Ok(()); // storage made at run time: its groups are its own
+    }
+    *t = t.device().try_tensor_from_vec(v, (MadeDim(C::DEPTH),))?;
+    Ok(())
+}
+
+/// One block's FiPS MLP: fc1 = (U·(v1 ⊙ m1))ᵀ with bias b1, fc2 = U·(v2 ⊙ m2) with bias b2.
+#[derive(Clone, Debug)]
+pub struct FipsLayer<C: VitConfig, E: Dtype, D: Storage<E>> {
+    pub v1: Tensor<FactorShape<C>, E, D>,
+    pub m1: Tensor<FactorShape<C>, E, D>,
+    pub b1: Tensor<(C::Hidden,), E, D>,
+    pub v2: Tensor<FactorShape<C>, E, D>,
+    pub m2: Tensor<FactorShape<C>, E, D>,
+    pub b2: Tensor<(C::Dim,), E, D>,
+}
+
+impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> TensorCollection<E, D> for FipsLayer<C, E, D> {
+    type To<E2: Dtype, D2: Device<E2>> = FipsLayer<C, E2, D2>;
+    fn iter_tensors<V: ModuleVisitor<Self, E, D>>(
+        visitor: &mut V,
+    ) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
+        let factor = || TensorOptions::reset_with(reset_factor::<C, E, D>);
+        let mask = || TensorOptions::detached(reset_mask::<C, E, D>);
+        visitor.visit_fields(
+            (
+                Self::tensor("v1", |s| &s.v1, |s| &mut s.v1, factor()),
+                Self::tensor("m1", |s| &s.m1, |s| &mut s.m1, mask()),
+                Self::tensor("b1", |s| &s.b1, |s| &mut s.b1, TensorOptions::reset_to_zeros()),
+                Self::tensor("v2", |s| &s.v2, |s| &mut s.v2, factor()),
+                Self::tensor("m2", |s| &s.m2, |s| &mut s.m2, mask()),
+                Self::tensor("b2", |s| &s.b2, |s| &mut s.b2, TensorOptions::reset_to_zeros()),
+            ),
+            |(v1, m1, b1, v2, m2, b2)| FipsLayer {
+                v1,
+                m1,
+                b1,
+                v2,
+                m2,
+                b2,
+            },
+        )
+    }
+}
+
+/// A FiPS ViT's MLPs: `bases` holds every group's U `(groups, Dim, rank)`, `block_group` the group
+/// of each block (a detached tensor, so it travels with the model through dfdx's conversions),
+/// `layers` the per-block factors.
+#[derive(Clone, Debug)]
+pub struct FipsMlps<C: VitConfig, E: Dtype, D: Storage<E>> {
+    pub bases: Tensor<(MadeDim, C::Dim, MadeDim), E, D>,
+    pub block_group: Tensor<(MadeDim,), E, D>,
+    pub layers: Vec<FipsLayer<C, E, D>>,
+}
+
+impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> TensorCollection<E, D> for FipsMlps<C, E, D> {
+    type To<E2: Dtype, D2: Device<E2>> = FipsMlps<C, E2, D2>;
+    fn iter_tensors<V: ModuleVisitor<Self, E, D>>(
+        visitor: &mut V,
+    ) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
+        let names: Vec<String> = (0..C::DEPTH).map(|i| i.to_string()).collect();
+        visitor.visit_fields(
+            (
+                Self::tensor(
+                    "bases",
+                    |s| &s.bases,
+                    |s| &mut s.bases,
+                    TensorOptions::reset_with(reset_bases::<C, E, D>),
+                ),
+                Self::tensor(
+                    "block_group",
+                    |s| &s.block_group,
+                    |s| &mut s.block_group,
+                    TensorOptions::detached(reset_block_group::<C, E, D>),
+                ),
+                vec_fields::<Self, _, E, D>(&names, |s| &s.layers, |s| &mut s.layers),
+            ),
+            |(bases, block_group, layers)| FipsMlps {
+                bases,
+                block_group,
+                layers,
+            },
+        )
+    }
+}
+
+impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> FipsMlps<C, E, D> {
+    /// Storage for `groups` bases of rank `rank`, zero factors, all-ones masks, and block `i` in
+    /// group `group_of[i]` (what a checkpoint is loaded into).
+    pub fn zeros(dev: &D, group_of: &[usize], groups: usize, rank: usize) -> Self {
+        let shape: FactorShape<C> = (MadeDim(rank), Default::default());
+        let layers = (0..C::DEPTH)
+            .map(|_| FipsLayer {
+                v1: dev.zeros_like(&shape),
+                m1: dev.ones_like(&shape),
+                b1: dev.zeros(),
+                v2: dev.zeros_like(&shape),
+                m2: dev.ones_like(&shape),
+                b2: dev.zeros(),
+            })
+            .collect();
+        Self {
+            bases: dev.zeros_like(&(MadeDim(groups), Default::default(), MadeDim(rank))),
+            block_group: dev.tensor_from_vec(
+                group_of.iter().map(|&g| E::cast(g as f64)).collect(),
+                (MadeDim(C::DEPTH),),
+            ),
+            layers,
+        }
+    }
+
+    /// The number of groups and the rank.
+    pub fn groups_and_rank(&self) -> (usize, usize) {
+        let s = self.bases.shape();
+        (s.0 .0, s.2 .0)
+    }
+
+    /// The group of every block.
+    pub fn group_of(&self) -> Vec<usize> {
+        self.block_group
+            .as_vec()
+            .iter()
+            .map(|g| g.as_f64().round() as usize)
+            .collect()
+    }
+
+    /// The plan's groups, rebuilt from `block_group`.
+    pub fn groups(&self) -> Vec<Vec<usize>> {
+        let (g, _) = self.groups_and_rank();
+        let mut out = vec![Vec::new(); g];
+        for (b, k) in self.group_of().into_iter().enumerate() {
+            if k < g {
+                out[k].push(b);
+            }
+        }
+        out
+    }
+
+    /// SVD initialisation from a dense ViT's unshared MLPs (see [`super::init`]), masks all ones:
+    /// the sparsity is reached afterwards ([`Self::prune_to`]), at once or gradually.
+    pub fn from_dense(dense: &DenseMlps<C, E, D>, plan: &FipsPlan) -> Result<Self, Error> {
+        if dense.len() != C::DEPTH {
+            return Err(Error::Invalid(format!(
+                "FiPS starts from unshared MLPs; {} stores {} MLPs for {} blocks",
+                C::NAME,
+                dense.len(),
+                C::DEPTH
+            )));
+        }
+        let (d, h, r) = (C::Dim::SIZE, C::Hidden::SIZE, plan.rank);
+        let dev = dense[0].fc1.weight.device().clone();
+        let mut group_of = vec![0; C::DEPTH];
+        for (g, blocks) in plan.groups.iter().enumerate() {
+            for &b in blocks {
+                group_of[b] = g;
+            }
+        }
+        let mut out = Self::zeros(&dev, &group_of, plan.groups.len(), r);
+        let f64s = |t: Vec<E>| t.into_iter().map(|x| x.as_f64()).collect::<Vec<f64>>();
+        let mut bases = Vec::with_capacity(plan.groups.len() * d * r);
+        for blocks in &plan.groups {
+            let fc1: Vec<Vec<f64>> = blocks
+                .iter()
+                .map(|&b| f64s(dense[b].fc1.weight.as_vec()))
+                .collect();
+            let fc2: Vec<Vec<f64>> = blocks
+                .iter()
+                .map(|&b| f64s(dense[b].fc2.weight.as_vec()))
+                .collect();
+            let r1: Vec<&[f64]> = fc1.iter().map(Vec::as_slice).collect();
+            let r2: Vec<&[f64]> = fc2.iter().map(Vec::as_slice).collect();
+            let f = init(&r1, &r2, d, h, r)?;
+            bases.extend(f.u.iter().map(|&x| E::cast(x)));
+            for (k, &b) in blocks.iter().enumerate() {
+                let cast = |v: &[f64]| v.iter().map(|&x| E::cast(x)).collect::<Vec<E>>();
+                let l = &mut out.layers[b];
+                l.v1.copy_from(&cast(&f.v[MATRICES_PER_BLOCK * k]));
+                l.v2.copy_from(&cast(&f.v[MATRICES_PER_BLOCK * k + 1]));
+                l.b1.copy_from(&dense[b].fc1.bias.as_vec());
+                l.b2.copy_from(&dense[b].fc2.bias.as_vec());
+            }
+        }
+        out.bases.copy_from(&bases);
+        Ok(out)
+    }
+
+    /// Magnitude pruning of every group's V's, globally within the group, to `sparsity`; pruned
+    /// entries are zeroed. Entries already pruned are zero, so they stay pruned.
+    pub fn prune_to(&mut self, sparsity: f64) {
+        for blocks in self.groups() {
+            let mut vs = Vec::with_capacity(blocks.len() * MATRICES_PER_BLOCK);
+            for &b in &blocks {
+                let l = &self.layers[b];
+                for (v, m) in [(&l.v1, &l.m1), (&l.v2, &l.m2)] {
+                    vs.push(
+                        v.as_vec()
+                            .iter()
+                            .zip(m.as_vec())
+                            .map(|(x, m)| x.as_f64() * m.as_f64())
+                            .collect::<Vec<f64>>(),
+                    );
+                }
+            }
+            let masks = magnitude_masks(&vs, sparsity);
+            for (k, &b) in blocks.iter().enumerate() {
+                let l = &mut self.layers[b];
+                for (j, (v, m)) in [(&mut l.v1, &mut l.m1), (&mut l.v2, &mut l.m2)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let mask = &masks[MATRICES_PER_BLOCK * k + j];
+                    let one = |keep: bool| E::cast(if keep { 1.0 } else { 0.0 });
+                    m.copy_from(&mask.iter().map(|&k| one(k)).collect::<Vec<E>>());
+                    let vals = &vs[MATRICES_PER_BLOCK * k + j];
+                    let kept = vals
+                        .iter()
+                        .zip(mask)
+                        .map(|(&x, &keep)| E::cast(if keep { x } else { 0.0 }));
+                    v.copy_from(&kept.collect::<Vec<E>>());
+                }
+            }
+        }
+    }
+
+    /// Zeroes every masked-out entry of the V's (after an optimiser step whose weight decay or
+    /// momentum could have moved them).
+    pub fn apply_masks(&mut self) {
+        for l in self.layers.iter_mut() {
+            for (v, m) in [(&mut l.v1, &l.m1), (&mut l.v2, &l.m2)] {
+                let kept: Vec<E> = v.as_vec().iter().zip(m.as_vec()).map(|(&x, m)| x * m).collect();
+                v.copy_from(&kept);
+            }
+        }
+    }
+
+    /// Non-zeros kept by the masks, over all V's.
+    pub fn nonzeros(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.m1, &l.m2])
+            .map(|m| m.as_vec().iter().filter(|x| x.as_f64() != 0.0).count())
+            .sum()
+    }
+
+    /// The fraction of V entries pruned.
+    pub fn sparsity(&self) -> f64 {
+        let (_, r) = self.groups_and_rank();
+        let total = MATRICES_PER_BLOCK * C::DEPTH * r * C::Hidden::SIZE;
+        1.0 - self.nonzeros() as f64 / total.max(1) as f64
+    }
+
+    /// Checks what a checkpoint cannot: block groups in range, masks of zeros and ones, and the V's
+    /// zero wherever their mask is.
+    pub fn check(&self) -> Result<(), Error> {
+        let (g, _) = self.groups_and_rank();
+        for (b, v) in self.block_group.as_vec().iter().enumerate() {
+            let k = v.as_f64();
+            if k < 0.0 || k.fract() != 0.0 || k as usize >= g {
+                return Err(Error::Invalid(format!(
+                    "fips.block_group[{b}] = {k} is not a group index below {g}"
+                )));
+            }
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            for (name, v, m) in [("fc1", &l.v1, &l.m1), ("fc2", &l.v2, &l.m2)] {
+                let (v, m) = (v.as_vec(), m.as_vec());
+                if let Some(x) = m.iter().map(|x| x.as_f64()).find(|&x| x != 0.0 && x != 1.0) {
+                    return Err(Error::Invalid(format!(
+                        "blocks.{i}.mlp.{name}.mask holds {x}: a mask holds only 0 and 1"
+                    )));
+                }
+                if v.iter()
+                    .zip(&m)
+                    .any(|(x, m)| m.as_f64() == 0.0 && x.as_f64() != 0.0)
+                {
+                    return Err(Error::Invalid(format!(
+                        "blocks.{i}.mlp.{name}.v is non-zero where its mask prunes it"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Block `layer`'s U on the caller's tape, `(Dim, rank)`.
+    fn basis<T: Tape<E, D>>(&self, layer: usize, dev: &D) -> Tensor<Mat, E, D, T> {
+        let g = self.block_group.as_vec()[layer].as_f64().round() as usize;
+        let (_, r) = self.groups_and_rank();
+        self.bases
+            .retaped::<T>()
+            .select(dev.tensor(g))
+            .reshape_like(&(C::Dim::SIZE, r))
+    }
+
+    /// fc1's and fc2's weights as FiPS forms them, `U·(v ⊙ m)`, each `(Dim, Hidden)`.
+    pub fn weights<T: Tape<E, D> + Merge<T>>(
+        &self,
+        layer: usize,
+        dev: &D,
+    ) -> (Tensor<Mat, E, D, T>, Tensor<Mat, E, D, T>) {
+        let l = &self.layers[layer];
+        let (_, r) = self.groups_and_rank();
+        let h = C::Hidden::SIZE;
+        let masked = |v: &Tensor<FactorShape<C>, E, D>, m: &Tensor<FactorShape<C>, E, D>| {
+            param2::<_, _, _, T>(v, r, h) * m.clone().reshape_like(&(r, h))
+        };
+        let w1 = self.basis::<T>(layer, dev).matmul(masked(&l.v1, &l.m1));
+        let w2 = self.basis::<T>(layer, dev).matmul(masked(&l.v2, &l.m2));
+        (w1, w2)
+    }
+
+    /// The parameters a FiPS ViT stores for its MLPs: each U once, the V's non-zeros, the biases.
+    pub fn params(&self) -> usize {
+        let (g, r) = self.groups_and_rank();
+        g * C::Dim::SIZE * r + self.nonzeros() + C::DEPTH * (C::Hidden::SIZE + C::Dim::SIZE)
+    }
+}
+
+impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> VitMlps<C, E, D> for FipsMlps<C, E, D> {
+    fn forward<T: Tape<E, D> + Merge<T>>(
+        &self,
+        layer: usize,
+        x: Tensor<Mat, E, D, T>,
+    ) -> Tensor<Mat, E, D, T> {
+        let dev = x.device().clone();
+        let rows = x.shape().0;
+        let (d, h) = (C::Dim::SIZE, C::Hidden::SIZE);
+        let (w1, w2) = self.weights::<T>(layer, &dev);
+        let l = &self.layers[layer];
+        let a = x.matmul(w1) + param1::<_, _, _, T>(&l.b1).broadcast_like::<_, Axis<0>>(&(rows, h));
+        gelu(a).matmul(w2.permute()) + param1::<_, _, _, T>(&l.b2).broadcast_like::<_, Axis<0>>(&(rows, d))
+    }
+
+    fn slots(&mut self) -> Vec<Slot<'_, E>> {
+        fn one<E>(key: String, tensor: &mut dyn ParamSlot<E>) -> Slot<'_, E> {
+            Slot {
+                keys: vec![key],
+                tensor,
+            }
+        }
+        let mut out = vec![
+            one("fips.bases".into(), &mut self.bases),
+            one("fips.block_group".into(), &mut self.block_group),
+        ];
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("blocks.{i}.mlp");
+            out.push(one(format!("{p}.fc1.v"), &mut l.v1));
+            out.push(one(format!("{p}.fc1.mask"), &mut l.m1));
+            out.push(one(format!("{p}.fc1.bias"), &mut l.b1));
+            out.push(one(format!("{p}.fc2.v"), &mut l.v2));
+            out.push(one(format!("{p}.fc2.mask"), &mut l.m2));
+            out.push(one(format!("{p}.fc2.bias"), &mut l.b2));
+        }
+        out
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        FipsMlps::check(self)
+    }
+
+    fn describe(&self, info: &mut ModelInfo) {
+        let dense = info.depth * mlp_params(C::Dim::SIZE, C::Hidden::SIZE);
+        info.params = info.params - dense + self.params();
+        info.share = "fips";
+        info.pattern = format!("fips r{}", self.groups_and_rank().1);
+    }
+}
+
+/// The unique parameters of a declared FiPS ViT (what `PARAMS` holds): the dense model's with its
+/// MLPs replaced by FiPS's count at the declared rank and sparsity.
+pub const fn params(vit_params: usize, dim: usize, hidden: usize, depth: usize, decl: &FipsDecl) -> usize {
+    vit_params - depth * mlp_params(dim, hidden)
+        + super::mlp_params(dim, hidden, depth, decl.groups.len(), decl.rank, decl.sparsity)
+}
+
+/// The description of a declared FiPS ViT.
+pub fn info<C: VitConfig>() -> ModelInfo {
+    let mut i = crate::vit::info::<C>();
+    if let Some(f) = C::FIPS {
+        let (d, h) = (C::Dim::SIZE, C::Hidden::SIZE);
+        i.params = params(i.params, d, h, C::DEPTH, &f);
+        i.share = "fips";
+        i.pattern = format!("fips r{}", f.rank);
+    }
+    i
+}

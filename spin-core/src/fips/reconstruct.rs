@@ -1,0 +1,275 @@
+//! FiPS's optimisation: block-wise reconstruction on calibration images, and the whole pipeline
+//! (`spin fips`): load a trained ViT, initialise by SVD, prune gradually while minimising
+//! Σ_blocks MSE(compressed block(original input), original output).
+//!
+//! Attention is left as it is, so a block's output differs from the original only through its
+//! MLP: the MSE of the block outputs is the MSE of the MLP outputs on the block's own (original)
+//! normalised MLP inputs, which is what is stored and matched.
+use super::{cubic_sparsity, FipsMlps, FipsPlan};
+use crate::checkpoint::TimmCheckpoint;
+use crate::train::{AdamW, Classifier, Runner};
+use crate::vit::{Vit, VitConfig, VitMlps};
+use crate::Error;
+use dfdx::prelude::*;
+use rand::{Rng, SeedableRng};
+use std::path::Path;
+
+/// Hyper-parameters of the block-wise reconstruction.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReconConfig {
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Peak learning rate of AdamW, decayed to zero by a cosine.
+    pub lr: f32,
+    pub weight_decay: f32,
+    /// Token rows drawn per block per step.
+    pub rows: usize,
+    /// Sparsity at step 0; the cubic schedule reaches the plan's sparsity at
+    /// `prune_until · steps` and holds it.
+    pub initial_sparsity: f64,
+    pub prune_until: f64,
+    /// Steps between mask updates.
+    pub prune_every: usize,
+    pub seed: u64,
+}
+
+impl Default for ReconConfig {
+    fn default() -> Self {
+        Self {
+            steps: 300,
+            lr: 1e-3,
+            weight_decay: 0.0,
+            rows: 256,
+            initial_sparsity: 0.0,
+            prune_until: 0.5,
+            prune_every: 10,
+            seed: 0,
+        }
+    }
+}
+
+/// Each block's MLP inputs and outputs in the original model, `(rows, Dim)` row-major.
+#[derive(Clone, Debug)]
+pub struct Calibration {
+    pub dim: usize,
+    pub rows: usize,
+    pub inputs: Vec<Vec<f32>>,
+    pub targets: Vec<Vec<f32>>,
+}
+
+/// Runs the original model on `n` NCHW images in batches and keeps every block's MLP input and
+/// output.
+pub fn calibrate<C: VitConfig, M: VitMlps<C, f32, Cpu>>(
+    vit: &Vit<C, f32, Cpu, M>,
+    images: &[f32],
+    n: usize,
+    batch: usize,
+) -> Calibration {
+    let dev = vit.cls_token.device().clone();
+    let img = C::Image::SIZE;
+    let per = 3 * img * img;
+    let mut inputs = vec![Vec::new(); C::DEPTH];
+    let mut targets = vec![Vec::new(); C::DEPTH];
+    for start in (0..n).step_by(batch.max(1)) {
+        let b = batch.min(n - start);
+        let x = dev.tensor_from_vec(images[start * per..(start + b) * per].to_vec(), (b, 3, img, img));
+        for (i, (z, y)) in vit.mlp_io(x).into_iter().enumerate() {
+            inputs[i].extend(z.as_vec());
+            targets[i].extend(y.as_vec());
+        }
+    }
+    let dim = C::Dim::SIZE;
+    Calibration {
+        dim,
+        rows: inputs.first().map_or(0, |v| v.len() / dim),
+        inputs,
+        targets,
+    }
+}
+
+fn gather(m: &[f32], idx: &[usize], dim: usize) -> Vec<f32> {
+    idx.iter()
+        .flat_map(|&r| m[r * dim..(r + 1) * dim].iter().copied())
+        .collect()
+}
+
+/// Each block's MSE between the compressed MLP's output and the original, over all calibration rows.
+pub fn block_errors<C: VitConfig>(mlps: &FipsMlps<C, f32, Cpu>, calib: &Calibration) -> Vec<f64> {
+    let dev = mlps.bases.device().clone();
+    let d = calib.dim;
+    const CHUNK: usize = 4096;
+    (0..calib.inputs.len())
+        .map(|i| {
+            let mut sum = 0.0f64;
+            for start in (0..calib.rows).step_by(CHUNK) {
+                let r = CHUNK.min(calib.rows - start);
+                let z = dev.tensor_from_vec(calib.inputs[i][start * d..(start + r) * d].to_vec(), (r, d));
+                let y = mlps.forward(i, z).as_vec();
+                sum += y
+                    .iter()
+                    .zip(&calib.targets[i][start * d..(start + r) * d])
+                    .map(|(a, b)| ((a - b) as f64).powi(2))
+                    .sum::<f64>();
+            }
+            sum / (calib.rows * d).max(1) as f64
+        })
+        .collect()
+}
+
+/// Block-wise reconstruction: AdamW with cosine decay on Σ_blocks MSE over random token rows,
+/// masks updated by the cubic schedule up to the plan's sparsity and re-applied after every step.
+/// `progress(step, loss)` is called after each step. Returns the loss of every step.
+pub fn reconstruct<C: VitConfig>(
+    mlps: &mut FipsMlps<C, f32, Cpu>,
+    calib: &Calibration,
+    target_sparsity: f64,
+    cfg: &ReconConfig,
+    progress: &mut dyn FnMut(usize, f32),
+) -> Result<Vec<f32>, Error> {
+    if calib.rows == 0 {
+        return Err(Error::Invalid("FiPS needs at least one calibration image".into()));
+    }
+    let dev = mlps.bases.device().clone();
+    let d = calib.dim;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    let mut opt = AdamW::new(cfg.weight_decay);
+    let mut grads = mlps.alloc_grads();
+    let prune_steps = ((cfg.steps as f64 * cfg.prune_until) as usize).max(1);
+    let mut sparsity = None;
+    let mut losses = Vec::with_capacity(cfg.steps);
+    for step in 0..cfg.steps {
+        if step % cfg.prune_every.max(1) == 0 || step == prune_steps {
+            let s = cubic_sparsity(step, prune_steps, cfg.initial_sparsity, target_sparsity);
+            if sparsity != Some(s) {
+                mlps.prune_to(s);
+                sparsity = Some(s);
+            }
+        }
+        let rows = cfg.rows.min(calib.rows);
+        let idx: Vec<usize> = (0..rows).map(|_| rng.gen_range(0..calib.rows)).collect();
+        mlps.zero_grads(&mut grads);
+        let mut loss_sum = 0.0f32;
+        // One backward pass per block; gradients accumulate, so the step sees Σ_blocks MSE.
+        for i in 0..calib.inputs.len() {
+            let z = dev.tensor_from_vec(gather(&calib.inputs[i], &idx, d), (rows, d));
+            let y = dev.tensor_from_vec(gather(&calib.targets[i], &idx, d), (rows, d));
+            let loss = mse_loss(mlps.forward(i, z.traced(grads)), y);
+            loss_sum += loss.array();
+            grads = loss.backward();
+        }
+        if !loss_sum.is_finite() {
+            return Err(Error::Diverged {
+                epoch: 0,
+                step,
+                loss: loss_sum,
+            });
+        }
+        let lr = cfg.lr * 0.5 * (1.0 + (std::f32::consts::PI * step as f32 / cfg.steps as f32).cos());
+        opt.step(mlps, &grads, lr, None);
+        mlps.apply_masks();
+        losses.push(loss_sum);
+        progress(step, loss_sum);
+    }
+    // The schedule has reached the target unless there were too few steps: make sure it is met.
+    if sparsity != Some(target_sparsity) {
+        mlps.prune_to(target_sparsity);
+    }
+    Ok(losses)
+}
+
+/// What `spin fips` asks for.
+#[derive(Clone, Debug)]
+pub struct FipsJob<'a> {
+    /// The trained (dense) ViT's timm checkpoint.
+    pub checkpoint: &'a Path,
+    /// Explicit groups, or consecutive groups of `group_size` blocks.
+    pub groups: Option<Vec<Vec<usize>>>,
+    pub group_size: usize,
+    pub budget: f64,
+    pub sparsity: f64,
+    /// Calibration images, NCHW at the model's size, preprocessed.
+    pub calib: &'a [f32],
+    pub calib_n: usize,
+    pub recon: ReconConfig,
+}
+
+/// What the pipeline measured.
+#[derive(Clone, Debug)]
+pub struct FipsReport {
+    pub plan: FipsPlan,
+    /// MLP parameters of the original model and of the FiPS model (each U once, V non-zeros,
+    /// biases).
+    pub dense_mlp_params: usize,
+    pub fips_mlp_params: usize,
+    /// Per-block MSE after SVD initialisation and one-shot pruning to the target sparsity, and
+    /// after block-wise reconstruction.
+    pub init_errors: Vec<f64>,
+    pub final_errors: Vec<f64>,
+    /// The reconstruction loss (Σ_blocks MSE) at every step.
+    pub losses: Vec<f32>,
+    pub sparsity: f64,
+    pub calib_rows: usize,
+}
+
+/// The compressed models (one-shot initialisation and the optimised one) and the report.
+pub struct FipsOutcome {
+    pub init: Box<dyn Classifier>,
+    pub model: Box<dyn Classifier>,
+    pub report: FipsReport,
+}
+
+/// The pipeline for one declared ViT type; the zoo holds one per dense ViT member.
+pub type FipsRunner = fn(&FipsJob<'_>, &mut dyn FnMut(usize, f32)) -> Result<FipsOutcome, Error>;
+
+/// Loads the dense model, calibrates, initialises, reconstructs; see the module docs.
+pub fn run<C: VitConfig>(
+    job: &FipsJob<'_>,
+    progress: &mut dyn FnMut(usize, f32),
+) -> Result<FipsOutcome, Error> {
+    if C::FIPS.is_some() {
+        return Err(Error::Invalid(format!(
+            "{} is already a FiPS model: compress its dense ViT instead",
+            C::NAME
+        )));
+    }
+    let dev = Cpu::seed_from_u64(job.recon.seed);
+    let mut dense = Vit::<C, f32, Cpu>::build(&dev);
+    dense.load_timm(job.checkpoint)?;
+    let groups = match &job.groups {
+        Some(g) => g.clone(),
+        None => FipsPlan::consecutive(C::DEPTH, job.group_size)?,
+    };
+    let plan = FipsPlan::new(C::DEPTH, C::Dim::SIZE, groups, job.budget, job.sparsity)?;
+    let img = C::Image::SIZE;
+    if job.calib.len() != job.calib_n * 3 * img * img || job.calib_n == 0 {
+        return Err(Error::Invalid(format!(
+            "FiPS needs calibration images of 3×{img}×{img}; got {} values for {} images",
+            job.calib.len(),
+            job.calib_n
+        )));
+    }
+    let calib = calibrate(&dense, job.calib, job.calib_n, 16);
+    let mut mlps = FipsMlps::from_dense(&dense.mlp, &plan)?;
+    let mut init = mlps.clone();
+    init.prune_to(plan.sparsity);
+    let init_errors = block_errors(&init, &calib);
+    let losses = reconstruct(&mut mlps, &calib, plan.sparsity, &job.recon, progress)?;
+    let final_errors = block_errors(&mlps, &calib);
+    let report = FipsReport {
+        dense_mlp_params: C::DEPTH * crate::vit::mlp_params(C::Dim::SIZE, C::Hidden::SIZE),
+        fips_mlp_params: mlps.params(),
+        sparsity: mlps.sparsity(),
+        plan,
+        init_errors,
+        final_errors,
+        losses,
+        calib_rows: calib.rows,
+    };
+    let init = dense.clone().with_mlps(init);
+    let model = dense.with_mlps(mlps);
+    Ok(FipsOutcome {
+        init: Box::new(Runner::new(init, dev.clone())),
+        model: Box::new(Runner::new(model, dev)),
+        report,
+    })
+}
