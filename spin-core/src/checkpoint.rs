@@ -36,10 +36,24 @@ pub struct Slot<'a, E> {
     pub tensor: &'a mut dyn ParamSlot<E>,
 }
 
+/// A pruned tensor and its 0/1 mask, both `(rows, cols)` in memory, stored compactly: under
+/// `values_key` the kept entries in row-major order `(nnz,)`, under `mask_key` the mask as bits,
+/// U8 `(rows, ⌈cols / 8⌉)`, entry `8j + b` of a row in bit b (least significant first) of byte j.
+pub struct PackedSlot<'a, E> {
+    pub values_key: String,
+    pub mask_key: String,
+    pub values: &'a mut dyn ParamSlot<E>,
+    pub mask: &'a mut dyn ParamSlot<E>,
+}
+
 /// Lists a model's tensors under timm's names. Implemented by every spin model.
 pub trait TimmKeys {
     type Elem: SpinDtype;
     fn timm_slots(&mut self) -> Vec<Slot<'_, Self::Elem>>;
+    /// Pruned tensors stored as values and bit masks (FiPS's factors); none by default.
+    fn packed_slots(&mut self) -> Vec<PackedSlot<'_, Self::Elem>> {
+        Vec::new()
+    }
     /// Checks what keys and shapes cannot (FiPS masks, group indices); called on a loaded copy
     /// before the model is replaced by it.
     fn check_loaded(&self) -> Result<(), Error> {
@@ -148,6 +162,13 @@ impl<M: TimmKeys + Clone> TimmCheckpoint for M {
             let data = first.map(|(_, d)| d.iter().map(|&v| M::Elem::cast(v)).collect::<Vec<_>>());
             updates.push(data.unwrap_or_default());
         }
+        drop(slots);
+        let mut packed_updates = Vec::new();
+        for p in self.packed_slots() {
+            known.insert(p.values_key.clone());
+            known.insert(p.mask_key.clone());
+            packed_updates.push(unpack(path, &values, &p)?);
+        }
         if let Some((key, (shape, _))) = values
             .iter()
             .find(|(k, _)| !known.contains(*k) && !k.ends_with("num_batches_tracked"))
@@ -158,13 +179,16 @@ impl<M: TimmKeys + Clone> TimmCheckpoint for M {
                 shape: shape.clone(),
             });
         }
-        drop(slots);
         // Written into a copy (tensor storage is copy-on-write), kept only if it checks out.
         let mut loaded = self.clone();
         for (slot, data) in loaded.timm_slots().iter_mut().zip(updates) {
             if !slot.keys.is_empty() {
                 slot.tensor.write(&data);
             }
+        }
+        for (p, (values, mask)) in loaded.packed_slots().into_iter().zip(packed_updates) {
+            p.values.write(&values);
+            p.mask.write(&mask);
         }
         loaded.check_loaded()?;
         *self = loaded;
@@ -193,6 +217,29 @@ impl<M: TimmKeys + Clone> TimmCheckpoint for M {
                 buffers.push((key.clone(), dims.clone(), st, bytes.clone()));
             }
         }
+        for p in model.packed_slots() {
+            let (cols, mask) = (*p.mask.dims().last().unwrap_or(&1), p.mask.read());
+            let kept: Vec<f64> = p
+                .values
+                .read()
+                .iter()
+                .zip(&mask)
+                .filter(|(_, m)| m.as_f64() != 0.0)
+                .map(|(v, _)| v.as_f64())
+                .collect();
+            let (st, bytes) = encode(path, &p.values_key, &kept, dtype)?;
+            buffers.push((p.values_key.clone(), vec![kept.len()], st, bytes));
+            let rows = mask.len() / cols.max(1);
+            let per_row = cols.div_ceil(8);
+            let mut bits = vec![0u8; rows * per_row];
+            for (i, m) in mask.iter().enumerate() {
+                if m.as_f64() != 0.0 {
+                    let (r, c) = (i / cols, i % cols);
+                    bits[r * per_row + c / 8] |= 1 << (c % 8);
+                }
+            }
+            buffers.push((p.mask_key.clone(), vec![rows, per_row], StDtype::U8, bits));
+        }
         let views = buffers
             .iter()
             .map(|(k, shape, st, bytes)| {
@@ -207,6 +254,72 @@ impl<M: TimmKeys + Clone> TimmCheckpoint for M {
         })?;
         write_atomic(path, &bytes)
     }
+}
+
+/// A packed slot's dense values and 0/1 mask from the file, checked against the slot's shape.
+fn unpack<E: SpinDtype>(
+    path: &Path,
+    file: &BTreeMap<String, (Vec<usize>, Vec<f64>)>,
+    p: &PackedSlot<'_, E>,
+) -> Result<(Vec<E>, Vec<E>), Error> {
+    let dims = p.values.dims();
+    let cols = *dims.last().unwrap_or(&1);
+    let rows = dims.iter().product::<usize>() / cols.max(1);
+    let per_row = cols.div_ceil(8);
+    let get = |key: &str, expected: Vec<usize>| {
+        file.get(key).ok_or_else(|| Error::MissingKey {
+            path: path.into(),
+            key: key.into(),
+            expected,
+        })
+    };
+    let (shape, bits) = get(&p.mask_key, vec![rows, per_row])?;
+    if *shape != [rows, per_row] {
+        return Err(Error::Shape {
+            path: path.into(),
+            key: p.mask_key.clone(),
+            expected: vec![rows, per_row],
+            found: shape.clone(),
+        });
+    }
+    let mut mask = vec![E::cast(0.0); rows * cols];
+    for r in 0..rows {
+        for j in 0..per_row {
+            let byte = bits[r * per_row + j] as usize;
+            for b in 0..8 {
+                let c = 8 * j + b;
+                if byte >> b & 1 == 1 {
+                    if c >= cols {
+                        return Err(Error::Invalid(format!(
+                            "{}: `{}` sets a bit past column {cols}",
+                            path.display(),
+                            p.mask_key
+                        )));
+                    }
+                    mask[r * cols + c] = E::cast(1.0);
+                }
+            }
+        }
+    }
+    let nnz = mask.iter().filter(|m| m.as_f64() != 0.0).count();
+    let (shape, kept) = get(&p.values_key, vec![nnz])?;
+    if *shape != [nnz] {
+        return Err(Error::Shape {
+            path: path.into(),
+            key: p.values_key.clone(),
+            expected: vec![nnz],
+            found: shape.clone(),
+        });
+    }
+    let mut kept = kept.iter();
+    let values = mask
+        .iter()
+        .map(|m| match m.as_f64() != 0.0 {
+            true => E::cast(*kept.next().unwrap_or(&0.0)),
+            false => E::cast(0.0),
+        })
+        .collect();
+    Ok((values, mask))
 }
 
 /// Writes a file so that a reader (or a crash) sees either the old file or the whole new one.
@@ -265,6 +378,8 @@ fn decode(path: &Path, key: &str, view: &TensorView<'_>) -> Result<Vec<f64>, Err
             .collect(),
         // Counters such as num_batches_tracked: readable, never loaded into a parameter.
         StDtype::I64 if key.ends_with("num_batches_tracked") => vec![],
+        // Bit masks of packed slots, one byte per value.
+        StDtype::U8 if key.ends_with(".mask") => b.iter().map(|&x| x as f64).collect(),
         other => {
             return Err(Error::Dtype {
                 path: path.into(),

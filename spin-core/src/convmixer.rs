@@ -116,6 +116,7 @@ pub fn info<C: ConvMixerConfig>() -> ModelInfo {
         classes: cls,
         unshared_params: params(d, k, p, cls, C::DEPTH, C::DEPTH, C::SHARE),
         buffers: 2 * d + 4 * d * count(C::SHARE.norms(), C::DEPTH, C::GROUPS),
+        mask_bytes: 0,
     }
 }
 

@@ -37,6 +37,8 @@ pub struct ModelInfo {
     pub unshared_params: usize,
     /// Values stored but not trained: BatchNorm running statistics (each stored copy once).
     pub buffers: usize,
+    /// Bytes of the bit masks stored beside pruned tensors (FiPS's factors).
+    pub mask_bytes: usize,
 }
 
 impl ModelInfo {
@@ -44,10 +46,11 @@ impl ModelInfo {
     pub fn compression(&self) -> f64 {
         self.unshared_params as f64 / self.params as f64
     }
-    /// Bytes of the unique tensors (parameters and BN running statistics) at `bytes_per_value`
-    /// each: the size of the model on disk with every shared tensor stored once.
+    /// Bytes of the unique tensors (parameters, BN running statistics, masks) at
+    /// `bytes_per_value` each: the size of the model on disk with every shared tensor stored once
+    /// and pruned tensors as their kept values and bit masks.
     pub fn size_bytes(&self, bytes_per_value: usize) -> usize {
-        (self.params + self.buffers) * bytes_per_value
+        (self.params + self.buffers) * bytes_per_value + self.mask_bytes
     }
 }
 

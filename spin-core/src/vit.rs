@@ -2,7 +2,7 @@
 //!
 //! patch embedding → prepend the cls token → add the position embedding → pre-norm blocks
 //! `x + attn(norm1(x))`, `x + mlp(norm2(x))` → final LayerNorm → cls-token pooling → head.
-use crate::checkpoint::{push_slots, ParamSlot, Slot, TimmKeys};
+use crate::checkpoint::{push_slots, PackedSlot, ParamSlot, Slot, TimmKeys};
 use crate::conv::Nhwc;
 use crate::describe::{Family, ModelInfo};
 use crate::dtype::{SpinDevice, SpinDtype};
@@ -112,6 +112,7 @@ pub fn info<C: VitConfig>() -> ModelInfo {
         classes: cls,
         unshared_params: params(d, p, img, h, cls, C::DEPTH, C::DEPTH, C::SHARE),
         buffers: 0,
+        mask_bytes: 0,
     }
 }
 
@@ -128,6 +129,10 @@ pub trait VitMlps<C: VitConfig, E: SpinDtype, D: SpinDevice<E>>:
     ) -> Tensor<Mat, E, D, T>;
     /// The MLP tensors under their checkpoint keys.
     fn slots(&mut self) -> Vec<Slot<'_, E>>;
+    /// Pruned MLP tensors, stored as values and bit masks.
+    fn packed_slots(&mut self) -> Vec<PackedSlot<'_, E>> {
+        Vec::new()
+    }
     /// Corrects a dense ViT's description for this storage (parameter count, sharing).
     fn describe(&self, _info: &mut ModelInfo) {}
     /// Checks a loaded checkpoint beyond keys and shapes.
@@ -423,6 +428,9 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> TimmKeys
         push_slots(&mut out, &["norm".into()], self.norm.slots());
         push_slots(&mut out, &["head".into()], self.head.slots());
         out
+    }
+    fn packed_slots(&mut self) -> Vec<PackedSlot<'_, E>> {
+        self.mlp.packed_slots()
     }
     fn check_loaded(&self) -> Result<(), crate::Error> {
         self.mlp.check()

@@ -162,11 +162,35 @@ fn checkpoints_round_trip_under_clear_keys_and_are_checked() {
     let keys = spin_core::checkpoint::read_tensors(&path, &bytes).unwrap();
     assert_eq!(keys["fips.bases"].0, vec![2, 16, 14]);
     assert_eq!(keys["fips.block_group"].1, vec![0.0, 0.0, 1.0, 1.0]);
-    assert_eq!(keys["blocks.3.mlp.fc2.v"].0, vec![14, 64]);
-    assert_eq!(keys["blocks.3.mlp.fc2.mask"].0, vec![14, 64]);
+    // V's kept values and its mask as bits: 14 × 64 entries, half kept over the group.
+    let nnz = keys["blocks.3.mlp.fc2.v"].0[0];
+    assert_eq!(keys["blocks.3.mlp.fc2.mask"].0, vec![14, 8]);
+    let bits: u32 = keys["blocks.3.mlp.fc2.mask"]
+        .1
+        .iter()
+        .map(|&b| (b as u8).count_ones())
+        .sum();
+    assert_eq!(bits as usize, nnz);
     assert_eq!(keys["blocks.3.mlp.fc2.bias"].0, vec![16]);
     assert!(keys.contains_key("blocks.3.attn.qkv.weight"));
     assert!(!keys.contains_key("blocks.3.mlp.fc2.weight"));
+    // Smaller than the dense model's file, though the tiny model's attention is most of it.
+    let dense_path = dir.join("dense.safetensors");
+    dev.build_module::<Tiny, f32>().save_timm(&dense_path).unwrap();
+    let size = |p: &std::path::Path| std::fs::metadata(p).unwrap().len();
+    assert!(
+        size(&path) < size(&dense_path),
+        "{} vs {}",
+        size(&path),
+        size(&dense_path)
+    );
+    // The description's size on disk is the file's, up to the safetensors header.
+    let predicted = SpinModel::info(&model).size_bytes(4) as u64;
+    assert!(
+        (predicted..predicted + 16_384).contains(&size(&path)),
+        "{predicted} vs {}",
+        size(&path)
+    );
 
     let mut loaded = Cpu::seed_from_u64(8).build_module::<TinyFips, f32>();
     loaded.load_timm(&path).unwrap();
@@ -174,21 +198,56 @@ fn checkpoints_round_trip_under_clear_keys_and_are_checked() {
     assert_eq!(loaded.logits(x.clone()).as_vec(), model.logits(x).as_vec());
     assert_eq!(loaded.mlp.sparsity(), 0.5);
 
-    // A mask that is not 0/1 is refused, and the model is left as it was.
-    let mut bad = model.clone();
-    let mut m = bad.mlp.layers[2].m1.as_vec();
-    m[0] = 0.5;
-    bad.mlp.layers[2].m1.copy_from(&m);
-    let bad_path = dir.join("bad.safetensors");
-    bad.save_timm(&bad_path).unwrap();
-    let before = loaded.mlp.layers[2].m1.as_vec();
-    let err = loaded.load_timm(&bad_path).unwrap_err().to_string();
-    assert!(err.contains("blocks.2.mlp.fc1.mask"), "{err}");
-    assert_eq!(loaded.mlp.layers[2].m1.as_vec(), before);
+    // Tampered files are refused with the key at fault, and the model is left as it was.
+    let before = loaded.mlp.layers[2].v1.as_vec();
+    let tamper = |key: &str, edit: &dyn Fn(&mut Vec<f32>)| {
+        let mut tensors = spin_core::checkpoint::read_tensors(&path, &bytes).unwrap();
+        let out = dir.join("tampered.safetensors");
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut data: Vec<(String, Vec<usize>, safetensors::Dtype, Vec<u8>)> = Vec::new();
+        for (name, view) in st.tensors() {
+            if name == key {
+                let (_, v) = tensors.remove(key).unwrap();
+                let mut v: Vec<f32> = v.into_iter().map(|x| x as f32).collect();
+                edit(&mut v);
+                let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                data.push((name.clone(), vec![v.len()], safetensors::Dtype::F32, bytes));
+            } else {
+                data.push((
+                    name.clone(),
+                    view.shape().to_vec(),
+                    view.dtype(),
+                    view.data().to_vec(),
+                ));
+            }
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
+            .iter()
+            .map(|(n, s, d, b)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        std::fs::write(&out, safetensors::tensor::serialize(views, &None).unwrap()).unwrap();
+        out
+    };
+    let err = loaded
+        .load_timm(tamper("blocks.2.mlp.fc1.v", &|v| {
+            v.pop();
+        }))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("blocks.2.mlp.fc1.v"), "{err}");
+    let err = loaded
+        .load_timm(tamper("fips.block_group", &|v| v[1] = 5.0))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("fips.block_group[1] = 5"), "{err}");
+    assert_eq!(loaded.mlp.layers[2].v1.as_vec(), before);
 
     // A dense checkpoint is not a FiPS one: the missing key is named.
-    let dense_path = dir.join("dense.safetensors");
-    dev.build_module::<Tiny, f32>().save_timm(&dense_path).unwrap();
     let err = loaded.load_timm(&dense_path).unwrap_err().to_string();
     assert!(err.contains("fips.bases"), "{err}");
 }

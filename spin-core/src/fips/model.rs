@@ -4,12 +4,14 @@
 //! Checkpoint keys (the rest of the model keeps timm's keys):
 //! - `fips.bases` `(groups, dim, rank)`: every group's U, stored once;
 //! - `fips.block_group` `(depth,)`: the group of each block;
-//! - `blocks.{i}.mlp.fc1.v` / `fc1.mask` `(rank, hidden)` and `fc1.bias` `(hidden,)`: fc1's weight
-//!   is `(U·(v ⊙ mask))ᵀ`; the same under `fc2` with `fc2.bias` `(dim,)` and weight `U·(v ⊙ mask)`.
+//! - `blocks.{i}.mlp.fc1.v` and `fc1.mask`: the sparse factor V `(rank, hidden)` of fc1, whose
+//!   weight is `(U·V)ᵀ`, stored compactly (see [`PackedSlot`]): its kept values `(nnz,)` and its
+//!   mask as bits, U8 `(rank, ⌈hidden/8⌉)`; `fc1.bias` `(hidden,)`. The same under `fc2`, whose
+//!   weight is `U·V`, with `fc2.bias` `(dim,)`.
 //!
 //! The masks are applied in the forward pass, so a pruned entry has no effect and no gradient.
 use super::{init, magnitude_masks, MATRICES_PER_BLOCK};
-use crate::checkpoint::{ParamSlot, Slot};
+use crate::checkpoint::{PackedSlot, ParamSlot, Slot};
 use crate::describe::ModelInfo;
 use crate::dtype::{SpinDevice, SpinDtype};
 use crate::layers::{gelu, param1, param2, reset_trunc_normal, Mat};
@@ -534,13 +536,23 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> VitMlps<C, E, D> for FipsMlps
             one("fips.block_group".into(), &mut self.block_group),
         ];
         for (i, l) in self.layers.iter_mut().enumerate() {
-            let p = format!("blocks.{i}.mlp");
-            out.push(one(format!("{p}.fc1.v"), &mut l.v1));
-            out.push(one(format!("{p}.fc1.mask"), &mut l.m1));
-            out.push(one(format!("{p}.fc1.bias"), &mut l.b1));
-            out.push(one(format!("{p}.fc2.v"), &mut l.v2));
-            out.push(one(format!("{p}.fc2.mask"), &mut l.m2));
-            out.push(one(format!("{p}.fc2.bias"), &mut l.b2));
+            out.push(one(format!("blocks.{i}.mlp.fc1.bias"), &mut l.b1));
+            out.push(one(format!("blocks.{i}.mlp.fc2.bias"), &mut l.b2));
+        }
+        out
+    }
+
+    fn packed_slots(&mut self) -> Vec<PackedSlot<'_, E>> {
+        let mut out = Vec::with_capacity(2 * self.layers.len());
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            for (fc, v, m) in [("fc1", &mut l.v1, &mut l.m1), ("fc2", &mut l.v2, &mut l.m2)] {
+                out.push(PackedSlot {
+                    values_key: format!("blocks.{i}.mlp.{fc}.v"),
+                    mask_key: format!("blocks.{i}.mlp.{fc}.mask"),
+                    values: v,
+                    mask: m,
+                });
+            }
         }
         out
     }
@@ -552,6 +564,9 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> VitMlps<C, E, D> for FipsMlps
     fn describe(&self, info: &mut ModelInfo) {
         let dense = info.depth * mlp_params(C::Dim::SIZE, C::Hidden::SIZE);
         info.params = info.params - dense + self.params();
+        let (_, r) = self.groups_and_rank();
+        info.buffers += C::DEPTH;
+        info.mask_bytes = MATRICES_PER_BLOCK * C::DEPTH * r * C::Hidden::SIZE.div_ceil(8);
         info.share = "fips";
         info.pattern = format!("fips r{}", self.groups_and_rank().1);
     }
@@ -570,6 +585,8 @@ pub fn info<C: VitConfig>() -> ModelInfo {
     if let Some(f) = C::FIPS {
         let (d, h) = (C::Dim::SIZE, C::Hidden::SIZE);
         i.params = params(i.params, d, h, C::DEPTH, &f);
+        i.buffers += C::DEPTH;
+        i.mask_bytes = MATRICES_PER_BLOCK * C::DEPTH * f.rank * h.div_ceil(8);
         i.share = "fips";
         i.pattern = format!("fips r{}", f.rank);
     }
