@@ -8,9 +8,11 @@
 //! `Tape::add_backward_op`, split across cores with rayon. Any other dfdx device (CUDA) gets the
 //! fallbacks below, built from dfdx's own ops, so the same model types run there.
 use crate::dtype::SpinDtype;
+use crate::layers::Act;
 use crate::norm;
 use dfdx::prelude::*;
 use dfdx::tensor::{Storage, Tape};
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// A CPU tensor's values: one memcpy (dfdx's `as_vec` walks strided indices one by one).
@@ -66,6 +68,65 @@ pub trait Kernels<E: SpinDtype>: Storage<E> + Sized {
         g: Tensor<(usize,), E, Self, T>,
         b: Tensor<(usize,), E, Self, T>,
     ) -> Tensor<(usize, usize), E, Self, T>;
+
+    /// Inference only, one pass: `x + act(dwconv(x) + b)·s + t` on `(B, H, W, C)` — a ConvMixer's
+    /// depthwise half with its BatchNorm folded into `s`, `t`. `w` is `(C, K·K)`. `None` where
+    /// the device has no fused kernel (the caller then composes the ops).
+    fn dw_block_infer(
+        _x: &Tensor<Nhwc, E, Self>,
+        _w: &[E],
+        _epi: &Epilogue<'_, E>,
+        _k: usize,
+    ) -> Option<Tensor<Nhwc, E, Self>> {
+        None
+    }
+
+    /// Inference only, one pass over a matmul output `y` `(rows, C)`: `act(y + b)·s + t`, plus
+    /// `skip` when given — a ConvMixer's pointwise half with its BatchNorm folded.
+    fn epilogue_infer(
+        _y: Tensor<(usize, usize), E, Self>,
+        _epi: &Epilogue<'_, E>,
+        _skip: Option<&Tensor<(usize, usize), E, Self>>,
+    ) -> Option<Tensor<(usize, usize), E, Self>> {
+        None
+    }
+}
+
+/// What a fused inference kernel applies to each raw convolution output `a` of channel j:
+/// `act(a + bias[j])·scale[j] + shift[j]`.
+pub struct Epilogue<'a, E> {
+    pub bias: &'a [E],
+    pub scale: &'a [E],
+    pub shift: &'a [E],
+    pub act: Act,
+}
+
+impl<E: SpinDtype> Epilogue<'_, E> {
+    /// Applies the epilogue to `a`, the outputs with their bias already added (channels
+    /// `c0..c0 + a.len()`), adding `skip` when given.
+    #[inline(always)]
+    fn apply(&self, out: &mut [E], a: &[E], c0: usize, skip: Option<&[E]>) {
+        let n = a.len();
+        let (s, t) = (&self.scale[c0..c0 + n], &self.shift[c0..c0 + n]);
+        match self.act {
+            Act::Gelu => {
+                for j in 0..n {
+                    out[j] = a[j].gelu_and_grad().0 * s[j] + t[j];
+                }
+            }
+            Act::Relu => {
+                for j in 0..n {
+                    let v = if a[j] > E::zero() { a[j] } else { E::zero() };
+                    out[j] = v * s[j] + t[j];
+                }
+            }
+        }
+        if let Some(skip) = skip {
+            for j in 0..n {
+                out[j] += skip[j];
+            }
+        }
+    }
 }
 
 impl<E: SpinDtype> Kernels<E> for Cpu {
@@ -90,7 +151,7 @@ impl<E: SpinDtype> Kernels<E> for Cpu {
         assert_eq!(w.shape().1, k * k, "dwconv: weight is not K·K per channel");
         let xs = host(&x);
         let wt = transpose(&host(&w), geo.c, k * k);
-        let out = dw_forward(&geo, &xs, &wt, &host(&b));
+        let out = dw_forward(&geo, &xs, &wt, &host(&b), None);
         let y = x.device().tensor_from_vec(out, *x.shape());
         if T::OWNS_TAPE {
             let y_keep = y.clone();
@@ -210,6 +271,51 @@ impl<E: SpinDtype> Kernels<E> for Cpu {
             |x, g, stats, gy| norm::layer_norm_bwd(x, g, stats, gy),
         )
         .0
+    }
+
+    fn dw_block_infer(
+        x: &Tensor<Nhwc, E, Self>,
+        w: &[E],
+        epi: &Epilogue<'_, E>,
+        k: usize,
+    ) -> Option<Tensor<Nhwc, E, Self>> {
+        let geo = DwGeometry::new(*x.shape(), k);
+        let xs = host(x);
+        let wt = transpose(w, geo.c, k * k);
+        let out = dw_forward(&geo, &xs, &wt, epi.bias, Some(epi));
+        Some(x.device().tensor_from_vec(out, *x.shape()))
+    }
+
+    fn epilogue_infer(
+        y: Tensor<(usize, usize), E, Self>,
+        epi: &Epilogue<'_, E>,
+        skip: Option<&Tensor<(usize, usize), E, Self>>,
+    ) -> Option<Tensor<(usize, usize), E, Self>> {
+        let (rows, c) = *y.shape();
+        let mut v = host(&y);
+        let dev = y.device().clone();
+        drop(y);
+        let xs = skip.map(host);
+        let zero = vec![E::zero(); c];
+        let bias_only = Epilogue {
+            bias: &zero,
+            scale: epi.scale,
+            shift: epi.shift,
+            act: epi.act,
+        };
+        v.par_chunks_mut(c * NORM_ROWS)
+            .enumerate()
+            .for_each(|(blk, chunk)| {
+                let mut a = vec![E::zero(); c];
+                for (r, row) in chunk.chunks_mut(c).enumerate() {
+                    for ((a, &y), &b) in a.iter_mut().zip(row.iter()).zip(epi.bias) {
+                        *a = y + b;
+                    }
+                    let skip = xs.as_ref().map(|x| &x[(blk * NORM_ROWS + r) * c..][..c]);
+                    bias_only.apply(row, &a, 0, skip);
+                }
+            });
+        Some(dev.tensor_from_vec(v, (rows, c)))
     }
 }
 
@@ -342,6 +448,7 @@ struct DwGeometry {
 impl DwGeometry {
     fn new((b, h, w, c): Nhwc, k: usize) -> Self {
         assert!(k % 2 == 1, "dwconv: 'same' padding needs an odd kernel, got {k}");
+        assert!(k <= MAX_K, "dwconv: kernels up to {MAX_K} are supported, got {k}");
         Self {
             b,
             h,
@@ -376,58 +483,96 @@ fn fma_row<E: SpinDtype>(out: &mut [E], x: &[E], w: &[E]) {
     }
 }
 
+/// Rows per rayon task of row-wise epilogues.
+const NORM_ROWS: usize = 64;
+
 /// Elements per rayon task of elementwise kernels.
 const ELEMWISE_CHUNK: usize = 16 * 1024;
 
 /// Channels per register block of the forward kernel: 64 f32 lanes = 4 AVX-512 registers.
 const CH: usize = 64;
 
+/// Largest kernel the depthwise kernels take (rows kept on the stack).
+const MAX_K: usize = 31;
+
 /// Forward: one rayon task per output row (b, h). For each output pixel and block of CH channels
 /// the K×K taps accumulate in a fixed-size array the compiler keeps in vector registers, so each
 /// input value is loaded once per tap and each output written once. `wt` is `(K·K, C)`.
-fn dw_forward<E: SpinDtype>(g: &DwGeometry, x: &[E], wt: &[E], bias: &[E]) -> Vec<E> {
-    let (h, w, c, k, p) = (g.h, g.w, g.c, g.k, g.p);
+fn dw_forward<E: SpinDtype>(
+    g: &DwGeometry,
+    x: &[E],
+    wt: &[E],
+    bias: &[E],
+    epi: Option<&Epilogue<'_, E>>,
+) -> Vec<E> {
+    let (h, w, c) = (g.h, g.w, g.c);
     let mut out = vec![E::zero(); g.b * h * w * c];
-    out.par_chunks_mut(w * c).enumerate().for_each(|(row, o)| {
-        let (bi, hi) = (row / h, row % h);
-        let rows: Vec<(usize, &[E])> = (0..k)
-            .filter_map(|ky| {
-                let hh = (hi + ky).checked_sub(p).filter(|&hh| hh < h)?;
-                Some((ky, &x[(bi * h + hh) * w * c..][..w * c]))
-            })
-            .collect();
-        for wi in 0..w {
-            let kx0 = p.saturating_sub(wi);
-            let kx1 = (w + p - wi).min(k);
-            let mut c0 = 0;
-            while c0 < c {
-                let n = CH.min(c - c0);
-                let mut acc = [E::zero(); CH];
-                acc[..n].copy_from_slice(&bias[c0..c0 + n]);
-                for &(ky, xrow) in &rows {
-                    for kx in kx0..kx1 {
-                        let xi = wi + kx - p;
-                        let xs = &xrow[xi * c + c0..][..n];
-                        let ws = &wt[(ky * k + kx) * c + c0..][..n];
-                        if n == CH {
-                            let (xs, ws): (&[E; CH], &[E; CH]) =
-                                (xs.try_into().unwrap(), ws.try_into().unwrap());
-                            for j in 0..CH {
-                                acc[j] += xs[j] * ws[j];
-                            }
-                        } else {
-                            for j in 0..n {
-                                acc[j] += xs[j] * ws[j];
-                            }
+    out.par_chunks_mut(w * c)
+        .enumerate()
+        .for_each(|(row, o)| dw_forward_row(g, x, wt, bias, row, o, epi));
+    out
+}
+
+/// One output row of [`dw_forward`], compiled for AVX-512 and AVX2 too and picked at run time
+/// (the build targets baseline x86-64, whose 16 SSE registers cannot hold the accumulators). For
+/// each output pixel and block of CH channels the K×K taps accumulate in a fixed-size array the
+/// compiler keeps in vector registers, so each input value is loaded once per tap and each output
+/// written once, through the epilogue when there is one. `wt` is `(K·K, C)`.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn dw_forward_row<E: SpinDtype>(
+    g: &DwGeometry,
+    x: &[E],
+    wt: &[E],
+    bias: &[E],
+    row: usize,
+    o: &mut [E],
+    epi: Option<&Epilogue<'_, E>>,
+) {
+    let (h, w, c, k, p) = (g.h, g.w, g.c, g.k, g.p);
+    let (bi, hi) = (row / h, row % h);
+    let mut rows: [(usize, &[E]); MAX_K] = [(0, &[]); MAX_K];
+    let mut nrows = 0;
+    for ky in 0..k {
+        if let Some(hh) = (hi + ky).checked_sub(p).filter(|&hh| hh < h) {
+            rows[nrows] = (ky, &x[(bi * h + hh) * w * c..][..w * c]);
+            nrows += 1;
+        }
+    }
+    let rows = &rows[..nrows];
+    let skip = &x[row * w * c..][..w * c];
+    for wi in 0..w {
+        let kx0 = p.saturating_sub(wi);
+        let kx1 = (w + p - wi).min(k);
+        let mut c0 = 0;
+        while c0 < c {
+            let n = CH.min(c - c0);
+            let mut acc = [E::zero(); CH];
+            acc[..n].copy_from_slice(&bias[c0..c0 + n]);
+            for &(ky, xrow) in rows {
+                for kx in kx0..kx1 {
+                    let xi = wi + kx - p;
+                    let xs = &xrow[xi * c + c0..][..n];
+                    let ws = &wt[(ky * k + kx) * c + c0..][..n];
+                    if n == CH {
+                        let (xs, ws): (&[E; CH], &[E; CH]) = (xs.try_into().unwrap(), ws.try_into().unwrap());
+                        for j in 0..CH {
+                            acc[j] += xs[j] * ws[j];
+                        }
+                    } else {
+                        for j in 0..n {
+                            acc[j] += xs[j] * ws[j];
                         }
                     }
                 }
-                o[wi * c + c0..][..n].copy_from_slice(&acc[..n]);
-                c0 += n;
             }
+            let at = wi * c + c0;
+            match epi {
+                None => o[at..][..n].copy_from_slice(&acc[..n]),
+                Some(e) => e.apply(&mut o[at..][..n], &acc[..n], c0, Some(&skip[at..][..n])),
+            }
+            c0 += n;
         }
-    });
-    out
+    }
 }
 
 /// Backward: returns (dL/dx, dL/dw in `(K·K, C)`, dL/db).

@@ -442,6 +442,25 @@ impl<C: ConstDim, E: SpinDtype, D: SpinDevice<E>> BatchNorm<C, E, D> {
         )
     }
 
+    /// The inference map as one scale and shift per channel: `γ/√(var + eps)` and
+    /// `β − mean·γ/√(var + eps)`.
+    pub fn folded(&self) -> (Vec<E>, Vec<E>) {
+        let (g, b) = (self.weight.as_vec(), self.bias.as_vec());
+        let (m, v) = (self.running_mean.as_vec(), self.running_var.as_vec());
+        let scale: Vec<E> = g
+            .iter()
+            .zip(&v)
+            .map(|(&g, &v)| g * (E::one() / (v + E::cast(BN_EPS)).sqrt()))
+            .collect();
+        let shift = b
+            .iter()
+            .zip(&m)
+            .zip(&scale)
+            .map(|((&b, &m), &s)| b - m * s)
+            .collect();
+        (scale, shift)
+    }
+
     /// Training: batch statistics. Returns the output and the statistics to fold into the running
     /// ones with [`BatchNorm::update_running`] (kept apart so a forward pass can borrow `self`).
     pub fn forward_train<T: Tape<E, D> + Merge<T>>(

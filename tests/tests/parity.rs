@@ -112,3 +112,24 @@ fn saved_checkpoint_round_trips_exactly() {
     .unwrap();
     assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>());
 }
+
+#[convmixer(dim = 40, kernel = 3, patch = 2, image = 8, classes = 5, act = gelu, variant = spin, depth = 2)]
+struct SpinVariantMixer;
+
+/// Inference runs each half-block as one fused pass; a traced forward composes the ops. Both must
+/// agree (f64, 1e-12), here for SPIN's variant (the extra residual) and a width of 2.5 vectors.
+#[test]
+fn fused_inference_equals_the_composed_ops() {
+    let dev = Cpu::seed_from_u64(11);
+    let mut m = dev.build_module::<SpinVariantMixer, f64>();
+    // Non-trivial running statistics, so the folded BatchNorm is exercised.
+    let x: Tensor<Rank4<4, 3, 8, 8>, f64, _> = dev.sample_normal();
+    let _ = m.forward_mut(x.clone());
+    let fused = m.forward(x.clone()).as_vec();
+    let composed = m.forward(x.trace(m.alloc_grads())).as_vec();
+    assert!(
+        rel_err(&fused, &composed) < 1e-12,
+        "{}",
+        rel_err(&fused, &composed)
+    );
+}
