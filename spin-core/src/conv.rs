@@ -204,11 +204,7 @@ impl<E: SpinDtype> Kernels<E> for Cpu {
         let mut y = vec![E::zero(); xs.len()];
         y.par_chunks_mut(ELEMWISE_CHUNK)
             .zip(xs.par_chunks(ELEMWISE_CHUNK))
-            .for_each(|(yo, xi)| {
-                for (o, &v) in yo.iter_mut().zip(xi) {
-                    *o = v.gelu_and_grad().0;
-                }
-            });
+            .for_each(|(yo, xi)| gelu_chunk(yo, xi));
         let y = x.device().tensor_from_vec(y, *x.shape());
         if T::OWNS_TAPE {
             let y_keep = y.clone();
@@ -217,11 +213,7 @@ impl<E: SpinDtype> Kernels<E> for Cpu {
                 let gx = grads.get_or_alloc_mut(&x)?;
                 gx.par_chunks_mut(ELEMWISE_CHUNK)
                     .zip(xs.par_chunks(ELEMWISE_CHUNK).zip(gy.par_chunks(ELEMWISE_CHUNK)))
-                    .for_each(|(a, (xi, gi))| {
-                        for ((a, &v), &g) in a.iter_mut().zip(xi).zip(gi) {
-                            *a += g * v.gelu_and_grad().1;
-                        }
-                    });
+                    .for_each(|(a, (xi, gi))| gelu_grad_chunk(a, xi, gi));
                 Ok(())
             });
         }
@@ -486,6 +478,22 @@ fn fma_row<E: SpinDtype>(out: &mut [E], x: &[E], w: &[E]) {
 /// Rows per rayon task of row-wise epilogues.
 const NORM_ROWS: usize = 64;
 
+/// GELU of a chunk (see [`dw_forward_row`] for the dispatch).
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn gelu_chunk<E: SpinDtype>(y: &mut [E], x: &[E]) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o = v.gelu_and_grad().0;
+    }
+}
+
+/// `gx += gy · GELU'(x)` over a chunk.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn gelu_grad_chunk<E: SpinDtype>(gx: &mut [E], x: &[E], gy: &[E]) {
+    for ((a, &v), &g) in gx.iter_mut().zip(x).zip(gy) {
+        *a += g * v.gelu_and_grad().1;
+    }
+}
+
 /// Elements per rayon task of elementwise kernels.
 const ELEMWISE_CHUNK: usize = 16 * 1024;
 
@@ -577,25 +585,12 @@ fn dw_forward_row<E: SpinDtype>(
 
 /// Backward: returns (dL/dx, dL/dw in `(K·K, C)`, dL/db).
 fn dw_backward<E: SpinDtype>(g: &DwGeometry, x: &[E], wt: &[E], gy: &[E]) -> (Vec<E>, Vec<E>, Vec<E>) {
-    let (h, w, c, k, p) = (g.h, g.w, g.c, g.k, g.p);
+    let (h, w, c, k) = (g.h, g.w, g.c, g.k);
     // dL/dx: input row hh collects from output rows hh + p - ky.
     let mut gx = vec![E::zero(); x.len()];
-    gx.par_chunks_mut(w * c).enumerate().for_each(|(row, o)| {
-        let (bi, hh) = (row / h, row % h);
-        for ky in 0..k {
-            let Some(ho) = (hh + p).checked_sub(ky).filter(|&ho| ho < h) else {
-                continue;
-            };
-            let grow = &gy[(bi * h + ho) * w * c..][..w * c];
-            for kx in 0..k {
-                let wk = &wt[(ky * k + kx) * c..][..c];
-                for wi in g.out_cols(kx) {
-                    let xi = wi + kx - p;
-                    fma_row(&mut o[xi * c..][..c], &grow[wi * c..][..c], wk);
-                }
-            }
-        }
-    });
+    gx.par_chunks_mut(w * c)
+        .enumerate()
+        .for_each(|(row, o)| dw_backward_x_row(g, wt, gy, row, o));
     // dL/dw and dL/db: partial sums over fixed blocks of output rows, added in block order, so
     // the result does not depend on how rayon schedules the work (training is reproducible).
     let kkc = k * k * c;
@@ -603,32 +598,7 @@ fn dw_backward<E: SpinDtype>(g: &DwGeometry, x: &[E], wt: &[E], gy: &[E]) -> (Ve
     let block = rows.div_ceil(32).max(1);
     let partials: Vec<Vec<E>> = (0..rows.div_ceil(block))
         .into_par_iter()
-        .map(|blk| {
-            let mut acc = vec![E::zero(); kkc + c];
-            for row in blk * block..((blk + 1) * block).min(rows) {
-                let (bi, hi) = (row / h, row % h);
-                let grow = &gy[row * w * c..][..w * c];
-                for px in grow.chunks(c) {
-                    for (a, &v) in acc[kkc..].iter_mut().zip(px) {
-                        *a += v;
-                    }
-                }
-                for ky in 0..k {
-                    let Some(hh) = (hi + ky).checked_sub(p).filter(|&hh| hh < h) else {
-                        continue;
-                    };
-                    let xrow = &x[(bi * h + hh) * w * c..][..w * c];
-                    for kx in 0..k {
-                        let a = &mut acc[(ky * k + kx) * c..][..c];
-                        for wi in g.out_cols(kx) {
-                            let xi = wi + kx - p;
-                            fma_row(a, &grow[wi * c..][..c], &xrow[xi * c..][..c]);
-                        }
-                    }
-                }
-            }
-            acc
-        })
+        .map(|blk| dw_backward_w_block(g, x, gy, blk * block..((blk + 1) * block).min(rows)))
         .collect();
     let mut sums = vec![E::zero(); kkc + c];
     for part in partials {
@@ -640,6 +610,63 @@ fn dw_backward<E: SpinDtype>(g: &DwGeometry, x: &[E], wt: &[E], gy: &[E]) -> (Ve
     let mut gw = sums;
     gw.truncate(kkc);
     (gx, gw, gb)
+}
+
+/// dL/dx for one input row: input row hh collects from output rows hh + p − ky. Compiled for
+/// AVX-512 and AVX2 too, like the forward.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn dw_backward_x_row<E: SpinDtype>(g: &DwGeometry, wt: &[E], gy: &[E], row: usize, o: &mut [E]) {
+    let (h, w, c, k, p) = (g.h, g.w, g.c, g.k, g.p);
+    let (bi, hh) = (row / h, row % h);
+    for ky in 0..k {
+        let Some(ho) = (hh + p).checked_sub(ky).filter(|&ho| ho < h) else {
+            continue;
+        };
+        let grow = &gy[(bi * h + ho) * w * c..][..w * c];
+        for kx in 0..k {
+            let wk = &wt[(ky * k + kx) * c..][..c];
+            for wi in g.out_cols(kx) {
+                let xi = wi + kx - p;
+                fma_row(&mut o[xi * c..][..c], &grow[wi * c..][..c], wk);
+            }
+        }
+    }
+}
+
+/// The dL/dw `(K·K, C)` and dL/db partial sums of a block of output rows.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn dw_backward_w_block<E: SpinDtype>(
+    g: &DwGeometry,
+    x: &[E],
+    gy: &[E],
+    rows: std::ops::Range<usize>,
+) -> Vec<E> {
+    let (h, w, c, k, p) = (g.h, g.w, g.c, g.k, g.p);
+    let kkc = k * k * c;
+    let mut acc = vec![E::zero(); kkc + c];
+    for row in rows {
+        let (bi, hi) = (row / h, row % h);
+        let grow = &gy[row * w * c..][..w * c];
+        for px in grow.chunks(c) {
+            for (a, &v) in acc[kkc..].iter_mut().zip(px) {
+                *a += v;
+            }
+        }
+        for ky in 0..k {
+            let Some(hh) = (hi + ky).checked_sub(p).filter(|&hh| hh < h) else {
+                continue;
+            };
+            let xrow = &x[(bi * h + hh) * w * c..][..w * c];
+            for kx in 0..k {
+                let a = &mut acc[(ky * k + kx) * c..][..c];
+                for wi in g.out_cols(kx) {
+                    let xi = wi + kx - p;
+                    fma_row(a, &grow[wi * c..][..c], &xrow[xi * c..][..c]);
+                }
+            }
+        }
+    }
+    acc
 }
 
 /// For each output element of [`Kernels::patchify`], the flat NCHW index it reads.
