@@ -81,6 +81,17 @@ pub trait Kernels<E: SpinDtype>: Storage<E> + Sized {
         None
     }
 
+    /// Inference only: multi-head attention's core on timm's qkv layout, `qkv` `(B·N, 3·D)` with
+    /// columns (3, heads, head_dim) → `softmax(q·kᵀ/√head_dim)·v` as `(B·N, D)`, one task per
+    /// (image, head). `None` where the device has no such kernel.
+    fn attention_core_infer(
+        _qkv: &Tensor<(usize, usize), E, Self>,
+        _batch: usize,
+        _heads: usize,
+    ) -> Option<Tensor<(usize, usize), E, Self>> {
+        None
+    }
+
     /// Inference only, one pass over a matmul output `y` `(rows, C)`: `act(y + b)·s + t`, plus
     /// `skip` when given — a ConvMixer's pointwise half with its BatchNorm folded.
     fn epilogue_infer(
@@ -308,6 +319,50 @@ impl<E: SpinDtype> Kernels<E> for Cpu {
                 }
             });
         Some(dev.tensor_from_vec(v, (rows, c)))
+    }
+
+    fn attention_core_infer(
+        qkv: &Tensor<(usize, usize), E, Self>,
+        batch: usize,
+        heads: usize,
+    ) -> Option<Tensor<(usize, usize), E, Self>> {
+        let (rows, three_d) = *qkv.shape();
+        let (n, d) = (rows / batch, three_d / 3);
+        let hd = d / heads;
+        let scale = (hd as f64).powf(-0.5);
+        let x: Vec<f64> = host(qkv).iter().map(|v| v.as_f64()).collect();
+        // Each (image, head): gather q, k, v (N × hd), two single-threaded matmuls (nalgebra) and a
+        // row softmax in f64; the tasks run in parallel instead of one parallel gemm after another.
+        let outs: Vec<nalgebra::DMatrix<f64>> = (0..batch * heads)
+            .into_par_iter()
+            .map(|task| {
+                let (b, h) = (task / heads, task % heads);
+                let part = |which: usize| {
+                    nalgebra::DMatrix::from_fn(n, hd, |i, l| {
+                        x[(b * n + i) * three_d + which * d + h * hd + l]
+                    })
+                };
+                let (q, k, v) = (part(0), part(1), part(2));
+                let mut s = (q * k.transpose()) * scale;
+                for mut row in s.row_iter_mut() {
+                    let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    row.apply(|e| *e = (*e - max).exp());
+                    let sum = row.sum();
+                    row /= sum;
+                }
+                s * v
+            })
+            .collect();
+        let mut out = vec![E::zero(); rows * d];
+        for (task, o) in outs.iter().enumerate() {
+            let (b, h) = (task / heads, task % heads);
+            for i in 0..n {
+                for l in 0..hd {
+                    out[(b * n + i) * d + h * hd + l] = E::cast(o[(i, l)]);
+                }
+            }
+        }
+        Some(qkv.device().tensor_from_vec(out, (rows, d)))
     }
 }
 

@@ -272,10 +272,30 @@ pub fn attention<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
     proj_w: Tensor<Mat, E, D, T>,
     proj_b: Tensor<(usize,), E, D, T>,
 ) -> Tensor<Mat, E, D, T> {
-    let (rows, dim) = *x.shape();
-    let n = rows / batch;
+    let qkv = linear(x, qkv_w, qkv_b);
+    if !T::OWNS_TAPE {
+        // Inference: the core in one kernel where the device has it.
+        let (q, tape) = qkv.split_tape();
+        if let Some(core) = D::attention_core_infer(&q, batch, heads) {
+            return linear(core.put_tape(tape), proj_w, proj_b);
+        }
+        return attention_core_composed(q.put_tape(tape), batch, heads, proj_w, proj_b);
+    }
+    attention_core_composed(qkv, batch, heads, proj_w, proj_b)
+}
+
+/// The attention core from dfdx ops (training, other devices, and the reference).
+fn attention_core_composed<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
+    qkv: Tensor<Mat, E, D, T>,
+    batch: usize,
+    heads: usize,
+    proj_w: Tensor<Mat, E, D, T>,
+    proj_b: Tensor<(usize,), E, D, T>,
+) -> Tensor<Mat, E, D, T> {
+    let (rows, three_d) = *qkv.shape();
+    let (n, dim) = (rows / batch, three_d / 3);
     let hd = dim / heads;
-    let qkv = linear(x, qkv_w, qkv_b)
+    let qkv = qkv
         .reshape_like(&(batch, n, 3, heads, hd))
         .permute::<_, Axes5<2, 0, 3, 1, 4>>();
     let part = |qkv: Tensor<(usize, usize, usize, usize, usize), E, D, T>, i: usize| {
@@ -660,6 +680,29 @@ mod tests {
                 "{name}: entry {k}: numeric {num}, analytic {}",
                 analytic[k]
             );
+        }
+    }
+
+    #[test]
+    fn attention_inference_kernel_equals_the_composed_ops() {
+        let dev = Cpu::seed_from_u64(9);
+        let x: Tensor<Mat, f64, Cpu> = dev.sample_normal_like(&(2 * 5, 8));
+        let w: Tensor<Mat, f64, Cpu> = dev.sample_normal_like(&(24, 8));
+        let bq: Tensor<(usize,), f64, Cpu> = dev.sample_normal_like(&(24,));
+        let wp: Tensor<Mat, f64, Cpu> = dev.sample_normal_like(&(8, 8));
+        let bp: Tensor<(usize,), f64, Cpu> = dev.sample_normal_like(&(8,));
+        let fused = attention(x.clone(), 2, 2, w.clone(), bq.clone(), wp.clone(), bp.clone()).as_vec();
+        let composed = attention(
+            x.leaky_trace(),
+            2,
+            2,
+            w.retaped(),
+            bq.retaped(),
+            wp.retaped(),
+            bp.retaped(),
+        );
+        for (a, b) in fused.iter().zip(composed.as_vec()) {
+            assert!((a - b).abs() < 1e-12, "{a} vs {b}");
         }
     }
 
