@@ -299,13 +299,6 @@ impl<E: SpinDtype> Kernels<E> for Cpu {
         let dev = y.device().clone();
         drop(y);
         let xs = skip.map(host);
-        let zero = vec![E::zero(); c];
-        let bias_only = Epilogue {
-            bias: &zero,
-            scale: epi.scale,
-            shift: epi.shift,
-            act: epi.act,
-        };
         v.par_chunks_mut(c * NORM_ROWS)
             .enumerate()
             .for_each(|(blk, chunk)| {
@@ -315,7 +308,7 @@ impl<E: SpinDtype> Kernels<E> for Cpu {
                         *a = y + b;
                     }
                     let skip = xs.as_ref().map(|x| &x[(blk * NORM_ROWS + r) * c..][..c]);
-                    bias_only.apply(row, &a, 0, skip);
+                    epi.apply(row, &a, 0, skip);
                 }
             });
         Some(dev.tensor_from_vec(v, (rows, c)))

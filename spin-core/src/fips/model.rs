@@ -182,6 +182,9 @@ fn reset_bases<C: VitConfig, E: SpinDtype, D: SpinDevice<E>>(
 fn reset_block_group<C: VitConfig, E: SpinDtype, D: SpinDevice<E>>(
     t: &mut Tensor<(MadeDim,), E, D>,
 ) -> Result<(), D::Err> {
+    if t.shape().0 .0 == C::DEPTH && C::FIPS.is_none() {
+        return Ok(()); // storage made at run time: its groups are its own
+    }
     let mut v = vec![E::cast(0.0); C::DEPTH];
     if let Some(f) = C::FIPS {
         for (g, blocks) in f.groups.iter().enumerate() {
@@ -189,9 +192,6 @@ fn reset_block_group<C: VitConfig, E: SpinDtype, D: SpinDevice<E>>(
                 v[b] = E::cast(g as f64);
             }
         }
-    }
-    if t.shape().0 .0 == C::DEPTH && C::FIPS.is_none() {
-        return Ok(()); // storage made at run time: its groups are its own
     }
     *t = t.device().try_tensor_from_vec(v, (MadeDim(C::DEPTH),))?;
     Ok(())
