@@ -36,4 +36,11 @@ fn main() {
     );
     println!("residual add   {:.2} ms", ms(|| drop(m.clone() + m.clone())));
     println!("host copy      {:.2} ms", ms(|| drop(spin_core::conv::host(&m))));
+    // DeiT-Tiny's fc1 weight (768, 192), re-laid out for gemm on every inference call.
+    let fc1: Vec<f32> = (0..768 * 192).map(|i| i as f32).collect();
+    let t = std::cell::RefCell::new(Vec::new());
+    println!(
+        "transpose fc1  {:.3} ms",
+        ms(|| spin_core::gemm::transpose_into(&mut t.borrow_mut(), &fc1, 768, 192))
+    );
 }

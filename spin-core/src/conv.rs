@@ -8,6 +8,7 @@
 //! `Tape::add_backward_op`, split across cores with rayon. Any other dfdx device (CUDA) gets the
 //! fallbacks below, built from dfdx's own ops, so the same model types run there.
 use crate::dtype::SpinDtype;
+use crate::infer::{self, VitBlockHost, VitScratch};
 use crate::layers::Act;
 use crate::norm;
 use dfdx::prelude::*;
@@ -82,8 +83,8 @@ pub trait Kernels<E: SpinDtype>: Storage<E> + Sized {
     }
 
     /// Inference only: multi-head attention's core on timm's qkv layout, `qkv` `(B·N, 3·D)` with
-    /// columns (3, heads, head_dim) → `softmax(q·kᵀ/√head_dim)·v` as `(B·N, D)`, one task per
-    /// (image, head). `None` where the device has no such kernel.
+    /// columns (3, heads, head_dim) → `softmax(q·kᵀ/√head_dim)·v` as `(B·N, D)`
+    /// ([`crate::infer::attention_core`]). `None` where the device has no such kernel.
     fn attention_core_infer(
         _qkv: &Tensor<(usize, usize), E, Self>,
         _batch: usize,
@@ -92,12 +93,26 @@ pub trait Kernels<E: SpinDtype>: Storage<E> + Sized {
         None
     }
 
-    /// Inference only, one pass over a matmul output `y` `(rows, C)`: `act(y + b)·s + t`, plus
-    /// `skip` when given — a ConvMixer's pointwise half with its BatchNorm folded.
-    fn epilogue_infer(
-        _y: Tensor<(usize, usize), E, Self>,
+    /// Inference only, a ConvMixer pointwise half: `act(x·Wᵀ + b)·s + t`, plus `x` when
+    /// `residual` (BatchNorm folded into `s`, `t`); `w` is `(C, C)` as PyTorch stores it.
+    fn pointwise_infer(
+        _x: &Tensor<(usize, usize), E, Self>,
+        _w: &[E],
         _epi: &Epilogue<'_, E>,
-        _skip: Option<&Tensor<(usize, usize), E, Self>>,
+        _residual: bool,
+    ) -> Option<Tensor<(usize, usize), E, Self>> {
+        None
+    }
+
+    /// Inference only: `depth` timm encoder blocks on tokens `x` `(B·N, D)`; `fill(i, w)` puts
+    /// block i's weights in `w` ([`crate::infer::vit_block`]). `None` where the device or dtype has
+    /// no such kernel.
+    fn vit_blocks_infer(
+        _x: &Tensor<(usize, usize), E, Self>,
+        _batch: usize,
+        _heads: usize,
+        _depth: usize,
+        _fill: &mut dyn FnMut(usize, &mut VitBlockHost<E>),
     ) -> Option<Tensor<(usize, usize), E, Self>> {
         None
     }
@@ -116,7 +131,7 @@ impl<E: SpinDtype> Epilogue<'_, E> {
     /// Applies the epilogue to `a`, the outputs with their bias already added (channels
     /// `c0..c0 + a.len()`), adding `skip` when given.
     #[inline(always)]
-    fn apply(&self, out: &mut [E], a: &[E], c0: usize, skip: Option<&[E]>) {
+    pub(crate) fn apply(&self, out: &mut [E], a: &[E], c0: usize, skip: Option<&[E]>) {
         let n = a.len();
         let (s, t) = (&self.scale[c0..c0 + n], &self.shift[c0..c0 + n]);
         match self.act {
@@ -289,29 +304,14 @@ impl<E: SpinDtype> Kernels<E> for Cpu {
         Some(x.device().tensor_from_vec(out, *x.shape()))
     }
 
-    fn epilogue_infer(
-        y: Tensor<(usize, usize), E, Self>,
+    fn pointwise_infer(
+        x: &Tensor<(usize, usize), E, Self>,
+        w: &[E],
         epi: &Epilogue<'_, E>,
-        skip: Option<&Tensor<(usize, usize), E, Self>>,
+        residual: bool,
     ) -> Option<Tensor<(usize, usize), E, Self>> {
-        let (rows, c) = *y.shape();
-        let mut v = host(&y);
-        let dev = y.device().clone();
-        drop(y);
-        let xs = skip.map(host);
-        v.par_chunks_mut(c * NORM_ROWS)
-            .enumerate()
-            .for_each(|(blk, chunk)| {
-                let mut a = vec![E::zero(); c];
-                for (r, row) in chunk.chunks_mut(c).enumerate() {
-                    for ((a, &y), &b) in a.iter_mut().zip(row.iter()).zip(epi.bias) {
-                        *a = y + b;
-                    }
-                    let skip = xs.as_ref().map(|x| &x[(blk * NORM_ROWS + r) * c..][..c]);
-                    epi.apply(row, &a, 0, skip);
-                }
-            });
-        Some(dev.tensor_from_vec(v, (rows, c)))
+        let y = infer::pointwise(&host(x), w, epi, residual);
+        Some(x.device().tensor_from_vec(y, *x.shape()))
     }
 
     fn attention_core_infer(
@@ -320,42 +320,28 @@ impl<E: SpinDtype> Kernels<E> for Cpu {
         heads: usize,
     ) -> Option<Tensor<(usize, usize), E, Self>> {
         let (rows, three_d) = *qkv.shape();
-        let (n, d) = (rows / batch, three_d / 3);
-        let hd = d / heads;
-        let scale = (hd as f64).powf(-0.5);
-        let x: Vec<f64> = host(qkv).iter().map(|v| v.as_f64()).collect();
-        // Each (image, head): gather q, k, v (N × hd), two single-threaded matmuls (nalgebra) and a
-        // row softmax in f64; the tasks run in parallel instead of one parallel gemm after another.
-        let outs: Vec<nalgebra::DMatrix<f64>> = (0..batch * heads)
-            .into_par_iter()
-            .map(|task| {
-                let (b, h) = (task / heads, task % heads);
-                let part = |which: usize| {
-                    nalgebra::DMatrix::from_fn(n, hd, |i, l| {
-                        x[(b * n + i) * three_d + which * d + h * hd + l]
-                    })
-                };
-                let (q, k, v) = (part(0), part(1), part(2));
-                let mut s = (q * k.transpose()) * scale;
-                for mut row in s.row_iter_mut() {
-                    let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    row.apply(|e| *e = (*e - max).exp());
-                    let sum = row.sum();
-                    row /= sum;
-                }
-                s * v
-            })
-            .collect();
-        let mut out = vec![E::zero(); rows * d];
-        for (task, o) in outs.iter().enumerate() {
-            let (b, h) = (task / heads, task % heads);
-            for i in 0..n {
-                for l in 0..hd {
-                    out[(b * n + i) * d + h * hd + l] = E::cast(o[(i, l)]);
-                }
-            }
+        let mut out = vec![E::zero(); rows * three_d / 3];
+        infer::attention_core(&host(qkv), &mut out, batch, heads, three_d / 3);
+        Some(qkv.device().tensor_from_vec(out, (rows, three_d / 3)))
+    }
+
+    fn vit_blocks_infer(
+        x: &Tensor<(usize, usize), E, Self>,
+        batch: usize,
+        heads: usize,
+        depth: usize,
+        fill: &mut dyn FnMut(usize, &mut VitBlockHost<E>),
+    ) -> Option<Tensor<(usize, usize), E, Self>> {
+        if !crate::gemm::has_kernels::<E>() {
+            return None;
         }
-        Some(qkv.device().tensor_from_vec(out, (rows, d)))
+        let mut xs = host(x);
+        let (mut w, mut scratch) = (VitBlockHost::default(), VitScratch::default());
+        for i in 0..depth {
+            fill(i, &mut w);
+            infer::vit_block(&mut xs, &w, batch, heads, &mut scratch);
+        }
+        Some(x.device().tensor_from_vec(xs, *x.shape()))
     }
 }
 
@@ -504,11 +490,9 @@ impl DwGeometry {
     }
 }
 
-fn transpose<E: Copy>(m: &[E], rows: usize, cols: usize) -> Vec<E> {
-    let mut t = Vec::with_capacity(m.len());
-    for j in 0..cols {
-        t.extend((0..rows).map(|i| m[i * cols + j]));
-    }
+fn transpose<E: Copy + Send + Sync + 'static>(m: &[E], rows: usize, cols: usize) -> Vec<E> {
+    let mut t = Vec::new();
+    crate::gemm::transpose_into(&mut t, m, rows, cols);
     t
 }
 
@@ -522,9 +506,6 @@ fn fma_row<E: SpinDtype>(out: &mut [E], x: &[E], w: &[E]) {
         *o += xv * wv;
     }
 }
-
-/// Rows per rayon task of row-wise epilogues.
-const NORM_ROWS: usize = 64;
 
 /// GELU of a chunk (see [`dw_forward_row`] for the dispatch).
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]

@@ -8,7 +8,7 @@ use crate::conv::{Epilogue, Nhwc};
 use crate::describe::{Family, ModelInfo};
 use crate::dtype::{SpinDevice, SpinDtype};
 use crate::layers::{
-    depthwise, linear, param2, Act, BatchNorm, BatchStats, DwConv, Linear, Mat, PatchConv, Pointwise,
+    depthwise, linear, Act, BatchNorm, BatchStats, DwConv, Linear, Mat, PatchConv, Pointwise,
 };
 use crate::sharing::{count, names, slot, users, vec_fields, ConvMixerShare};
 use dfdx::prelude::*;
@@ -309,11 +309,9 @@ impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>> ConvMixer<C, E, D> {
             shift: &t2,
             act: C::ACT,
         };
-        let z = y
-            .clone()
-            .matmul(param2::<_, _, _, NoneTape>(&self.pw[jp].weight, c, c).permute());
-        let skip = matches!(C::VARIANT, Variant::Spin).then_some(&y);
-        D::epilogue_infer(z, &epi2, skip)
+        let mut w = Vec::new();
+        crate::infer::to_host(&self.pw[jp].weight, &mut w);
+        D::pointwise_infer(&y, &w, &epi2, matches!(C::VARIANT, Variant::Spin))
     }
 
     /// Global average pool and head: `(B·G·G, C)` → `(B, classes)`.

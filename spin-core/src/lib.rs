@@ -7,6 +7,7 @@
 //!   each shared tensor once.
 //! - [`convmixer`] and [`vit`]: the two isotropic families, typed by a config the macros generate.
 //! - [`checkpoint`]: timm-named safetensors in and out.
+//! - [`infer`] (on [`gemm`]): fused inference forwards on host buffers, used when there is no tape.
 #![allow(clippy::type_complexity)]
 extern crate self as spin_core;
 
@@ -91,6 +92,8 @@ pub mod dtype;
 pub mod error;
 pub mod fips;
 pub mod fusion;
+pub mod gemm;
+pub mod infer;
 pub mod layers;
 pub mod norm;
 pub mod schedule;

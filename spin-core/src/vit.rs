@@ -7,6 +7,7 @@ use crate::conv::Nhwc;
 use crate::describe::{Family, ModelInfo};
 use crate::dtype::{SpinDevice, SpinDtype};
 use crate::fips::FipsDecl;
+use crate::infer::{to_host, HostLinear, VitBlockHost};
 use crate::layers::{param2, reset_trunc_normal, Attention, LayerNorm, Mat, Mlp, PatchConv, VitLinear};
 use crate::sharing::{count, names, slot, users, vec_fields, VitShare};
 use dfdx::prelude::*;
@@ -127,6 +128,8 @@ pub trait VitMlps<C: VitConfig, E: SpinDtype, D: SpinDevice<E>>:
         layer: usize,
         x: Tensor<Mat, E, D, T>,
     ) -> Tensor<Mat, E, D, T>;
+    /// Block `layer`'s fc1 and fc2 as dense weights on the host, for the fused inference path.
+    fn host_weights(&self, layer: usize, fc1: &mut HostLinear<E>, fc2: &mut HostLinear<E>);
     /// The MLP tensors under their checkpoint keys.
     fn slots(&mut self) -> Vec<Slot<'_, E>>;
     /// Pruned MLP tensors, stored as values and bit masks.
@@ -183,6 +186,11 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> VitMlps<C, E, D> for DenseMlp
         x: Tensor<Mat, E, D, T>,
     ) -> Tensor<Mat, E, D, T> {
         self.0[slot(C::SHARE.mlp(), C::SCHEDULE, layer)].forward(x)
+    }
+    fn host_weights(&self, layer: usize, fc1: &mut HostLinear<E>, fc2: &mut HostLinear<E>) {
+        let m = &self.0[slot(C::SHARE.mlp(), C::SCHEDULE, layer)];
+        fc1.fill(&m.fc1.weight, &m.fc1.bias, false);
+        fc2.fill(&m.fc2.weight, &m.fc2.bias, false);
     }
     fn slots(&mut self) -> Vec<Slot<'_, E>> {
         let mut out = Vec::new();
@@ -337,6 +345,25 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> Vit<C, E
         let pos = param2::<_, _, _, T>(&self.pos_embed, n, d).broadcast_like::<_, Axis<0>>(&(b, n, d));
         let mut x = (tokens + pos).reshape_like(&(b * n, d));
         let (s, sched) = (C::SHARE, C::SCHEDULE);
+        if !T::OWNS_TAPE && observe.is_none() {
+            // Inference: every block in the device's fused kernel, where it has one.
+            let (x0, tape) = x.split_tape();
+            let mut fill = |i: usize, w: &mut VitBlockHost<E>| {
+                let (jn, ja) = (slot(s.norms(), sched, i), slot(s.attn(), sched, i));
+                let (n1, n2, at) = (&self.norm1[jn], &self.norm2[jn], &self.attn[ja]);
+                to_host(&n1.weight, &mut w.norm1.0);
+                to_host(&n1.bias, &mut w.norm1.1);
+                to_host(&n2.weight, &mut w.norm2.0);
+                to_host(&n2.bias, &mut w.norm2.1);
+                w.qkv.fill(&at.qkv.weight, &at.qkv.bias, false);
+                w.proj.fill(&at.proj.weight, &at.proj.bias, false);
+                self.mlp.host_weights(i, &mut w.fc1, &mut w.fc2);
+            };
+            if let Some(y) = D::vit_blocks_infer(&x0, b, C::HEADS, C::DEPTH, &mut fill) {
+                return y.put_tape(tape);
+            }
+            x = x0.put_tape(tape);
+        }
         for i in 0..C::DEPTH {
             let (jn, ja) = (slot(s.norms(), sched, i), slot(s.attn(), sched, i));
             let skip = x.with_empty_tape();

@@ -61,8 +61,19 @@ fn full_rank_initialisation_reproduces_every_mlp_and_the_logits() {
     }
     let x: Tensor<(usize, usize, usize, usize), f64, Cpu> = dev.sample_normal_like(&(2, 3, 8, 8));
     let want = dense.logits(x.clone()).as_vec();
-    let got = dense.clone().with_mlps(mlps).logits(x).as_vec();
+    let mut fips = dense.clone().with_mlps(mlps);
+    let got = fips.logits(x.clone()).as_vec();
     assert!(rel_err(&got, &want) < 1e-10, "logits: {}", rel_err(&got, &want));
+
+    // Pruned: inference (fused passes on the formed dense weights) equals the traced forward.
+    fips.mlp.prune_to(0.5);
+    let fused = fips.logits(x.clone()).as_vec();
+    let composed = fips.logits(x.trace(fips.alloc_grads())).as_vec();
+    assert!(
+        rel_err(&fused, &composed) < 1e-12,
+        "pruned: {}",
+        rel_err(&fused, &composed)
+    );
 }
 
 #[test]

@@ -278,13 +278,35 @@ pub struct CompareArgs {
 /// Runs the command line; returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    let mut out = std::io::stdout().lock();
-    match run(cli, &mut out) {
+    let threads = match &cli.cmd {
+        Cmd::Bench(a) => a.threads,
+        _ => None,
+    };
+    let result = set_threads(threads).and_then(|()| {
+        // The command runs on one of rayon's workers, which then takes part in every parallel
+        // loop. From any other thread each loop would be handed to the pool while the caller
+        // sleeps: two context switches per loop, hundreds per forward pass.
+        rayon::scope(|_| run(cli, &mut std::io::stdout().lock()))
+    });
+    match result {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("spin: {e}");
             1
         }
+    }
+}
+
+/// Sizes rayon's global pool (once per process; a later call with the size it has is a no-op).
+fn set_threads(threads: Option<usize>) -> Result<(), Error> {
+    match threads {
+        Some(0) => Err(Error::Invalid("--threads must be at least 1".into())),
+        Some(t) => match rayon::ThreadPoolBuilder::new().num_threads(t).build_global() {
+            Ok(()) => Ok(()),
+            Err(_) if rayon::current_num_threads() == t => Ok(()),
+            Err(e) => Err(Error::Invalid(format!("cannot set {t} threads: {e}"))),
+        },
+        None => Ok(()),
     }
 }
 
@@ -568,12 +590,7 @@ pub fn predict(a: &PredictArgs, out: &mut dyn Write) -> Result<(), Error> {
 
 /// `spin bench`.
 pub fn bench(a: &BenchArgs, out: &mut dyn Write) -> Result<(), Error> {
-    if let Some(t) = a.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build_global()
-            .map_err(|e| Error::Invalid(format!("cannot set {t} threads: {e}")))?;
-    }
+    set_threads(a.threads)?;
     let r = match (a.dtype.as_str(), a.train) {
         ("f32", train) => crate::bench::bench(&a.model, a.batch, train, a.iters)?,
         ("f16", false) => crate::bench::bench_f16(&a.model, a.batch, a.iters)?,

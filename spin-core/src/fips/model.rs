@@ -14,6 +14,7 @@ use super::{init, magnitude_masks, MATRICES_PER_BLOCK};
 use crate::checkpoint::{PackedSlot, ParamSlot, Slot};
 use crate::describe::ModelInfo;
 use crate::dtype::{SpinDevice, SpinDtype};
+use crate::infer::HostLinear;
 use crate::layers::{gelu, param1, param2, reset_trunc_normal, Mat};
 use crate::sharing::vec_fields;
 use crate::vit::{mlp_params, DenseMlps, VitConfig, VitMlps};
@@ -522,6 +523,14 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> VitMlps<C, E, D> for FipsMlps
         let l = &self.layers[layer];
         let a = x.matmul(w1) + param1::<_, _, _, T>(&l.b1).broadcast_like::<_, Axis<0>>(&(rows, h));
         gelu(a).matmul(w2.permute()) + param1::<_, _, _, T>(&l.b2).broadcast_like::<_, Axis<0>>(&(rows, d))
+    }
+
+    fn host_weights(&self, layer: usize, fc1: &mut HostLinear<E>, fc2: &mut HostLinear<E>) {
+        // U·(V ⊙ M): fc1's weight comes out (in, out), fc2's (out, in) as PyTorch's.
+        let (w1, w2) = self.weights::<NoneTape>(layer, &self.bases.device().clone());
+        let l = &self.layers[layer];
+        fc1.fill(&w1, &l.b1, true);
+        fc2.fill(&w2, &l.b2, false);
     }
 
     fn slots(&mut self) -> Vec<Slot<'_, E>> {
