@@ -15,6 +15,7 @@ use dfdx::prelude::*;
 use dfdx::tensor::{Storage, Tape};
 use multiversion::multiversion;
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// A CPU tensor's values: one memcpy (dfdx's `as_vec` walks strided indices one by one).
 pub fn host<S: Shape, E: SpinDtype>(t: &Tensor<S, E, Cpu>) -> Vec<E> {
@@ -104,16 +105,22 @@ pub trait Kernels<E: SpinDtype>: Storage<E> + Sized {
         None
     }
 
-    /// Inference only: `depth` timm encoder blocks on tokens `x` `(B·N, D)`; `fill(i, w)` puts
-    /// block i's weights in `w` ([`crate::infer::vit_block`]). `None` where the device or dtype has
-    /// no such kernel.
+    /// Inference only: timm encoder blocks on tokens `x` `(B·N, D)`, one per entry of what
+    /// `blocks()` returns ([`crate::infer::vit_block`]); `blocks` is only called when the device
+    /// and dtype have the kernel. `None` where they do not.
     fn vit_blocks_infer(
         _x: &Tensor<(usize, usize), E, Self>,
         _batch: usize,
         _heads: usize,
-        _depth: usize,
-        _fill: &mut dyn FnMut(usize, &mut VitBlockHost<E>),
+        _blocks: &dyn Fn() -> Arc<Vec<VitBlockHost<E>>>,
     ) -> Option<Tensor<(usize, usize), E, Self>> {
+        None
+    }
+
+    /// Identifies a tensor's buffer and layout (the addresses of its first element and of the
+    /// next one along its last non-unit axis), for [`crate::infer::BlockCache`]; `None` where the
+    /// device's buffers are not host memory.
+    fn buffer_key<S: Shape>(_t: &Tensor<S, E, Self>) -> Option<[usize; 2]> {
         None
     }
 }
@@ -329,19 +336,36 @@ impl<E: SpinDtype> Kernels<E> for Cpu {
         x: &Tensor<(usize, usize), E, Self>,
         batch: usize,
         heads: usize,
-        depth: usize,
-        fill: &mut dyn FnMut(usize, &mut VitBlockHost<E>),
+        blocks: &dyn Fn() -> Arc<Vec<VitBlockHost<E>>>,
     ) -> Option<Tensor<(usize, usize), E, Self>> {
         if !crate::gemm::has_kernels::<E>() {
             return None;
         }
         let mut xs = host(x);
-        let (mut w, mut scratch) = (VitBlockHost::default(), VitScratch::default());
-        for i in 0..depth {
-            fill(i, &mut w);
-            infer::vit_block(&mut xs, &w, batch, heads, &mut scratch);
+        let mut scratch = VitScratch::default();
+        for w in blocks().iter() {
+            infer::vit_block(&mut xs, w, batch, heads, &mut scratch);
         }
         Some(x.device().tensor_from_vec(xs, *x.shape()))
+    }
+
+    fn buffer_key<S: Shape>(t: &Tensor<S, E, Self>) -> Option<[usize; 2]> {
+        let shape = *t.shape();
+        if shape.num_elements() == 0 {
+            return Some([0, 0]);
+        }
+        let dims = shape.concrete();
+        let first = S::Concrete::default();
+        let a = &t[first] as *const E as usize;
+        let b = match (0..S::NUM_DIMS).rev().find(|&i| dims[i] > 1) {
+            Some(axis) => {
+                let mut next = first;
+                next[axis] = 1;
+                &t[next] as *const E as usize
+            }
+            None => a,
+        };
+        Some([a, b])
     }
 }
 

@@ -7,7 +7,7 @@ use crate::conv::Nhwc;
 use crate::describe::{Family, ModelInfo};
 use crate::dtype::{SpinDevice, SpinDtype};
 use crate::fips::FipsDecl;
-use crate::infer::{to_host, HostLinear, VitBlockHost};
+use crate::infer::{buffer_keys, to_host, BlockCache, HostLinear, VitBlockHost};
 use crate::layers::{param2, reset_trunc_normal, Attention, LayerNorm, Mat, Mlp, PatchConv, VitLinear};
 use crate::sharing::{count, names, slot, users, vec_fields, VitShare};
 use dfdx::prelude::*;
@@ -218,6 +218,8 @@ pub struct Vit<C: VitConfig, E: Dtype, D: Storage<E>, M = DenseMlps<C, E, D>> {
     pub mlp: M,
     pub norm: LayerNorm<C::Dim, E, D>,
     pub head: VitLinear<C::Dim, C::Classes, E, D>,
+    /// The blocks' weights laid out for the fused inference kernels, kept between calls.
+    infer: BlockCache<E, Vit<C, E, D, M>>,
     _config: PhantomData<C>,
 }
 
@@ -233,6 +235,7 @@ impl<C: VitConfig, E: Dtype, D: Storage<E>, M: Clone> Clone for Vit<C, E, D, M> 
             mlp: self.mlp.clone(),
             norm: self.norm.clone(),
             head: self.head.clone(),
+            infer: BlockCache::default(),
             _config: PhantomData,
         }
     }
@@ -287,6 +290,7 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: TensorCollection<E, D>> Te
                 mlp,
                 norm,
                 head,
+                infer: BlockCache::default(),
                 _config: PhantomData,
             },
         )
@@ -312,6 +316,7 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> Vit<C, E
             mlp,
             norm: self.norm,
             head: self.head,
+            infer: BlockCache::default(),
             _config: PhantomData,
         }
     }
@@ -348,21 +353,19 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> Vit<C, E
         if !T::OWNS_TAPE && observe.is_none() {
             // Inference: every block in the device's fused kernel, where it has one.
             let (x0, tape) = x.split_tape();
-            let mut fill = |i: usize, w: &mut VitBlockHost<E>| {
-                let (jn, ja) = (slot(s.norms(), sched, i), slot(s.attn(), sched, i));
-                let (n1, n2, at) = (&self.norm1[jn], &self.norm2[jn], &self.attn[ja]);
-                to_host(&n1.weight, &mut w.norm1.0);
-                to_host(&n1.bias, &mut w.norm1.1);
-                to_host(&n2.weight, &mut w.norm2.0);
-                to_host(&n2.bias, &mut w.norm2.1);
-                w.qkv.fill(&at.qkv.weight, &at.qkv.bias, false);
-                w.proj.fill(&at.proj.weight, &at.proj.bias, false);
-                self.mlp.host_weights(i, &mut w.fc1, &mut w.fc2);
+            let blocks = || {
+                self.infer.get(
+                    buffer_keys::<_, E, D>(self),
+                    || self.clone(),
+                    || (0..C::DEPTH).map(|i| self.host_block(i)).collect(),
+                )
             };
-            if let Some(y) = D::vit_blocks_infer(&x0, b, C::HEADS, C::DEPTH, &mut fill) {
+            if let Some(y) = D::vit_blocks_infer(&x0, b, C::HEADS, &blocks) {
                 return y.put_tape(tape);
             }
             x = x0.put_tape(tape);
+        } else if T::OWNS_TAPE {
+            self.infer.clear();
         }
         for i in 0..C::DEPTH {
             let (jn, ja) = (slot(s.norms(), sched, i), slot(s.attn(), sched, i));
@@ -378,6 +381,22 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> Vit<C, E
             x = y + skip;
         }
         x
+    }
+
+    /// Block `i`'s weights on the host, as the fused inference kernel takes them.
+    fn host_block(&self, i: usize) -> VitBlockHost<E> {
+        let (s, sched) = (C::SHARE, C::SCHEDULE);
+        let (jn, ja) = (slot(s.norms(), sched, i), slot(s.attn(), sched, i));
+        let (n1, n2, at) = (&self.norm1[jn], &self.norm2[jn], &self.attn[ja]);
+        let mut w = VitBlockHost::default();
+        to_host(&n1.weight, &mut w.norm1.0);
+        to_host(&n1.bias, &mut w.norm1.1);
+        to_host(&n2.weight, &mut w.norm2.0);
+        to_host(&n2.bias, &mut w.norm2.1);
+        w.qkv.fill(&at.qkv.weight, &at.qkv.bias, false);
+        w.proj.fill(&at.proj.weight, &at.proj.bias, false);
+        self.mlp.host_weights(i, &mut w.fc1, &mut w.fc2);
+        w
     }
 
     /// Logits for a runtime-shaped batch `(B, 3, H, W)`; panics if H, W differ from the declared size.

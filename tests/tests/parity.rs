@@ -151,3 +151,32 @@ fn fused_vit_inference_equals_the_composed_ops() {
     let err = rel_err(&fused, &composed);
     assert!(err < 1e-12, "{err:e}");
 }
+
+/// Inference keeps the blocks' re-laid-out weights between calls; every way of changing a weight
+/// (writing in place, replacing a tensor, loading values) must show in the next forward pass.
+#[test]
+fn cached_inference_weights_follow_every_update() {
+    let dev = Cpu::seed_from_u64(13);
+    let mut m = dev.build_module::<SharedOddVit, f64>();
+    let x: Tensor<Rank4<2, 3, 20, 20>, f64, _> = dev.sample_normal();
+    let check = |m: &spin_core::vit::Vit<SharedOddVit, f64, Cpu>, what: &str, before: &[f64]| {
+        let fused = m.forward(x.clone()).as_vec();
+        let composed = m.forward(x.trace(m.alloc_grads())).as_vec();
+        assert!(rel_err(&fused, &composed) < 1e-12, "{what}: stale weights");
+        assert!(
+            rel_err(&fused, before) > 1e-6,
+            "{what}: the update changed nothing"
+        );
+        fused
+    };
+    let y0 = m.forward(x.clone()).as_vec();
+    assert_eq!(m.forward(x.clone()).as_vec(), y0, "a second call differs");
+    m.attn[1].qkv.weight[[5, 7]] += 1.0;
+    let y1 = check(&m, "in-place write", &y0);
+    m.mlp[0].fc2.weight = dev.sample_normal();
+    let y2 = check(&m, "replaced tensor", &y1);
+    let mut w = m.norm2[3].weight.as_vec();
+    w[0] = 3.0;
+    m.norm2[3].weight.copy_from(&w);
+    check(&m, "copied-in values", &y2);
+}
