@@ -181,10 +181,11 @@ pub struct VitScratch<E> {
     attn: Vec<E>,
 }
 
-/// Rows per task of a row-wise pass: at least four tasks per thread when there are rows enough,
-/// so uneven tasks still balance; small enough that a task's rows stay in L2.
+/// Rows per task of a row-wise pass: one task per thread when rows are few (every task packs the
+/// whole weight matrix for gemm, so smaller tasks cost more), at most 128 rows so that a task's
+/// rows and its MLP hidden activations stay in L2.
 fn row_chunk(rows: usize) -> usize {
-    rows.div_ceil(2 * rayon::current_num_threads()).clamp(8, 64)
+    rows.div_ceil(rayon::current_num_threads()).clamp(8, 128)
 }
 
 /// One timm encoder block at inference, in place on `x` `(batch·n, d)`:
@@ -313,7 +314,7 @@ pub fn attention_core<E: SpinDtype>(qkv: &[E], out: &mut [E], batch: usize, head
     let hd = d / heads;
     let scale = E::cast((hd as f64).powf(-0.5));
     // Blocks of query rows per image: enough tasks to keep every thread busy at batch 1.
-    let per_image = (4 * rayon::current_num_threads()).div_ceil(batch).max(1);
+    let per_image = (2 * rayon::current_num_threads()).div_ceil(batch).max(1);
     let qb = n.div_ceil(per_image);
     let mut tasks: Vec<(usize, usize, &mut [E])> = Vec::new();
     let mut rest = out;
