@@ -8,7 +8,7 @@
 //! `Tape::add_backward_op`, split across cores with rayon. Any other dfdx device (CUDA) gets the
 //! fallbacks below, built from dfdx's own ops, so the same model types run there.
 use crate::dtype::SpinDtype;
-use crate::infer::{self, VitBlockHost, VitScratch};
+use crate::infer::{self, MixerBlockHost, VitBlockHost, VitScratch};
 use crate::layers::Act;
 use crate::norm;
 use dfdx::prelude::*;
@@ -71,18 +71,6 @@ pub trait Kernels<E: SpinDtype>: Storage<E> + Sized {
         b: Tensor<(usize,), E, Self, T>,
     ) -> Tensor<(usize, usize), E, Self, T>;
 
-    /// Inference only, one pass: `x + act(dwconv(x) + b)·s + t` on `(B, H, W, C)` — a ConvMixer's
-    /// depthwise half with its BatchNorm folded into `s`, `t`. `w` is `(C, K·K)`. `None` where
-    /// the device has no fused kernel (the caller then composes the ops).
-    fn dw_block_infer(
-        _x: &Tensor<Nhwc, E, Self>,
-        _w: &[E],
-        _epi: &Epilogue<'_, E>,
-        _k: usize,
-    ) -> Option<Tensor<Nhwc, E, Self>> {
-        None
-    }
-
     /// Inference only: multi-head attention's core on timm's qkv layout, `qkv` `(B·N, 3·D)` with
     /// columns (3, heads, head_dim) → `softmax(q·kᵀ/√head_dim)·v` as `(B·N, D)`
     /// ([`crate::infer::attention_core`]). `None` where the device has no such kernel.
@@ -90,17 +78,6 @@ pub trait Kernels<E: SpinDtype>: Storage<E> + Sized {
         _qkv: &Tensor<(usize, usize), E, Self>,
         _batch: usize,
         _heads: usize,
-    ) -> Option<Tensor<(usize, usize), E, Self>> {
-        None
-    }
-
-    /// Inference only, a ConvMixer pointwise half: `act(x·Wᵀ + b)·s + t`, plus `x` when
-    /// `residual` (BatchNorm folded into `s`, `t`); `w` is `(C, C)` as PyTorch stores it.
-    fn pointwise_infer(
-        _x: &Tensor<(usize, usize), E, Self>,
-        _w: &[E],
-        _epi: &Epilogue<'_, E>,
-        _residual: bool,
     ) -> Option<Tensor<(usize, usize), E, Self>> {
         None
     }
@@ -113,6 +90,20 @@ pub trait Kernels<E: SpinDtype>: Storage<E> + Sized {
         _batch: usize,
         _heads: usize,
         _blocks: &dyn Fn() -> Arc<Vec<VitBlockHost<E>>>,
+    ) -> Option<Tensor<(usize, usize), E, Self>> {
+        None
+    }
+
+    /// Inference only: a ConvMixer trunk's `depth` blocks on `x` `(B·G·G, C)`, block i's weights
+    /// from `fill(i, w)`: each block as two fused passes (depthwise + bias + act + folded BN +
+    /// residual, then [`crate::infer::pointwise_into`]), on host buffers from the first block to the
+    /// last. `None` where the device or dtype has no such kernels.
+    fn mixer_blocks_infer(
+        _x: &Tensor<(usize, usize), E, Self>,
+        _geometry: (usize, usize, usize),
+        _depth: usize,
+        _pw_residual: bool,
+        _fill: &mut dyn FnMut(usize, &mut MixerBlockHost<E>),
     ) -> Option<Tensor<(usize, usize), E, Self>> {
         None
     }
@@ -298,29 +289,6 @@ impl<E: SpinDtype> Kernels<E> for Cpu {
         .0
     }
 
-    fn dw_block_infer(
-        x: &Tensor<Nhwc, E, Self>,
-        w: &[E],
-        epi: &Epilogue<'_, E>,
-        k: usize,
-    ) -> Option<Tensor<Nhwc, E, Self>> {
-        let geo = DwGeometry::new(*x.shape(), k);
-        let xs = host(x);
-        let wt = transpose(w, geo.c, k * k);
-        let out = dw_forward(&geo, &xs, &wt, epi.bias, Some(epi));
-        Some(x.device().tensor_from_vec(out, *x.shape()))
-    }
-
-    fn pointwise_infer(
-        x: &Tensor<(usize, usize), E, Self>,
-        w: &[E],
-        epi: &Epilogue<'_, E>,
-        residual: bool,
-    ) -> Option<Tensor<(usize, usize), E, Self>> {
-        let y = infer::pointwise(&host(x), w, epi, residual);
-        Some(x.device().tensor_from_vec(y, *x.shape()))
-    }
-
     fn attention_core_infer(
         qkv: &Tensor<(usize, usize), E, Self>,
         batch: usize,
@@ -347,6 +315,41 @@ impl<E: SpinDtype> Kernels<E> for Cpu {
             infer::vit_block(&mut xs, w, batch, heads, &mut scratch);
         }
         Some(x.device().tensor_from_vec(xs, *x.shape()))
+    }
+
+    fn mixer_blocks_infer(
+        x: &Tensor<(usize, usize), E, Self>,
+        (b, g, k): (usize, usize, usize),
+        depth: usize,
+        pw_residual: bool,
+        fill: &mut dyn FnMut(usize, &mut MixerBlockHost<E>),
+    ) -> Option<Tensor<(usize, usize), E, Self>> {
+        if !crate::gemm::has_kernels::<E>() {
+            return None;
+        }
+        let (rows, c) = *x.shape();
+        let geo = DwGeometry::new((b, g, g, c), k);
+        let mut xs = host(x);
+        let mut ys = vec![E::zero(); rows * c];
+        let mut w = MixerBlockHost::default();
+        for i in 0..depth {
+            fill(i, &mut w);
+            let epi = Epilogue {
+                bias: &w.dw_bias,
+                scale: &w.bn1.0,
+                shift: &w.bn1.1,
+                act: w.act,
+            };
+            dw_forward_into(&geo, &xs, &w.dw_wt, &w.dw_bias, Some(&epi), &mut ys);
+            let epi = Epilogue {
+                bias: &w.pw.b,
+                scale: &w.bn2.0,
+                shift: &w.bn2.1,
+                act: w.act,
+            };
+            infer::pointwise_into(&ys, &w.pw, &epi, pw_residual, &mut xs);
+        }
+        Some(x.device().tensor_from_vec(xs, (rows, c)))
     }
 
     fn buffer_key<S: Shape>(t: &Tensor<S, E, Self>) -> Option<[usize; 2]> {
@@ -566,12 +569,23 @@ fn dw_forward<E: SpinDtype>(
     bias: &[E],
     epi: Option<&Epilogue<'_, E>>,
 ) -> Vec<E> {
-    let (h, w, c) = (g.h, g.w, g.c);
-    let mut out = vec![E::zero(); g.b * h * w * c];
-    out.par_chunks_mut(w * c)
+    let mut out = vec![E::zero(); g.b * g.h * g.w * g.c];
+    dw_forward_into(g, x, wt, bias, epi, &mut out);
+    out
+}
+
+/// [`dw_forward`] into a given buffer.
+fn dw_forward_into<E: SpinDtype>(
+    g: &DwGeometry,
+    x: &[E],
+    wt: &[E],
+    bias: &[E],
+    epi: Option<&Epilogue<'_, E>>,
+    out: &mut [E],
+) {
+    out.par_chunks_mut(g.w * g.c)
         .enumerate()
         .for_each(|(row, o)| dw_forward_row(g, x, wt, bias, row, o, epi));
-    out
 }
 
 /// One output row of [`dw_forward`], compiled for AVX-512 and AVX2 too and picked at run time

@@ -9,6 +9,7 @@
 use crate::conv::Epilogue;
 use crate::dtype::{SpinDevice, SpinDtype};
 use crate::gemm::{matmul, transpose_into, MatRef};
+use crate::layers::Act;
 use crate::layers::LN_EPS;
 use dfdx::nn::tensor_collection::{RecursiveWalker, TensorVisitor, ViewTensorRef};
 use dfdx::prelude::*;
@@ -401,28 +402,51 @@ fn softmax_rows<E: SpinDtype>(s: &mut [E], n: usize) {
     }
 }
 
-/// A ConvMixer pointwise half at inference: `epi(x · Wᵀ)` (+ `x` when `residual`), `x` `(rows, c)`,
-/// `w` `(c, c)` as PyTorch stores it; the epilogue adds the bias.
-pub fn pointwise<E: SpinDtype>(x: &[E], w: &[E], epi: &Epilogue<'_, E>, residual: bool) -> Vec<E> {
-    let c = epi.bias.len();
-    let rows = x.len() / c;
-    let chunk = rows.div_ceil(2 * rayon::current_num_threads()).clamp(8, 128);
-    let mut t = Vec::new();
-    transpose_into(&mut t, w, c, c);
-    let wt = MatRef::row_major(&t, c, c);
-    let mut y = vec![E::zero(); x.len()];
-    y.par_chunks_mut(chunk * c)
+/// One ConvMixer block's inference weights on the host: the depthwise kernel as `(K·K, C)`, the
+/// pointwise weight as `Wᵀ`, both BatchNorms folded into a scale and shift.
+#[derive(Clone, Debug, Default)]
+pub struct MixerBlockHost<E> {
+    pub dw_wt: Vec<E>,
+    pub dw_bias: Vec<E>,
+    pub bn1: (Vec<E>, Vec<E>),
+    pub pw: HostLinear<E>,
+    pub bn2: (Vec<E>, Vec<E>),
+    pub act: Act,
+}
+
+/// A ConvMixer pointwise half at inference, into `out`: `act(x · Wᵀ + b)·s + t` (BatchNorm
+/// folded into the epilogue's scale and shift), plus `x` when `residual`. `x` is `(rows, C)`.
+pub fn pointwise_into<E: SpinDtype>(
+    x: &[E],
+    l: &HostLinear<E>,
+    epi: &Epilogue<'_, E>,
+    residual: bool,
+    out: &mut [E],
+) {
+    let c = l.b.len();
+    let chunk = row_chunk(x.len() / c);
+    out.par_chunks_mut(chunk * c)
         .zip(x.par_chunks(chunk * c))
         .for_each(|(ys, xs)| {
             let r = xs.len() / c;
-            matmul(ys, c, MatRef::row_major(xs, r, c), wt, E::one(), false);
-            let mut a = vec![E::zero(); c];
-            for (row, xr) in ys.chunks_mut(c).zip(xs.chunks(c)) {
-                for ((a, &y), &b) in a.iter_mut().zip(row.iter()).zip(epi.bias) {
-                    *a = y + b;
-                }
-                epi.apply(row, &a, 0, residual.then_some(xr));
-            }
+            matmul(ys, c, MatRef::row_major(xs, r, c), l.rhs(), E::one(), false);
+            epilogue_rows(ys, epi, residual.then_some(xs));
         });
-    y
+}
+
+/// The epilogue over rows that hold raw matmul outputs (bias not yet added), in place.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn epilogue_rows<E: SpinDtype>(ys: &mut [E], epi: &Epilogue<'_, E>, skip: Option<&[E]>) {
+    let c = epi.bias.len();
+    let mut a = [E::zero(); 64];
+    for (r, row) in ys.chunks_mut(c).enumerate() {
+        for c0 in (0..c).step_by(64) {
+            let n = (c - c0).min(64);
+            for j in 0..n {
+                a[j] = row[c0 + j] + epi.bias[c0 + j];
+            }
+            let skip = skip.map(|s| &s[r * c + c0..][..n]);
+            epi.apply(&mut row[c0..c0 + n], &a[..n], c0, skip);
+        }
+    }
 }

@@ -21,9 +21,10 @@ pub const BN_MOMENTUM: f64 = 0.1;
 pub const LN_EPS: f64 = 1e-6;
 
 /// The activation a ConvMixer uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Act {
     /// GELU in its exact form, x·Φ(x) with the erf (PyTorch's default, not the tanh approximation).
+    #[default]
     Gelu,
     Relu,
 }
