@@ -30,6 +30,13 @@ pub type Nhwc = (usize, usize, usize, usize);
 
 /// The kernels spin adds to a dfdx device.
 pub trait Kernels<E: SpinDtype>: Storage<E> + Sized {
+    /// `x · Wᵀ + b` with PyTorch's `(out, in)` weight `w`, `x` `(rows, in)`, for f32 and f64.
+    fn linear<T: Tape<E, Self> + Merge<T>>(
+        x: Tensor<(usize, usize), E, Self, T>,
+        w: Tensor<(usize, usize), E, Self, T>,
+        b: Tensor<(usize,), E, Self, T>,
+    ) -> Tensor<(usize, usize), E, Self, T>;
+
     /// Depthwise K×K convolution, stride 1, zero 'same' padding (odd K), with bias.
     /// `x` is `(B, H, W, C)`, `w` is PyTorch's `(C, 1, K, K)` flattened to `(C, K·K)`, `b` is `(C,)`.
     fn dwconv<T: Tape<E, Self> + Merge<T>>(
@@ -154,6 +161,55 @@ impl<E: SpinDtype> Epilogue<'_, E> {
 }
 
 impl<E: SpinDtype> Kernels<E> for Cpu {
+    /// Through gemm's AVX-512 kernels (dfdx's matmul stops at AVX2), forward and backward. Other
+    /// dtypes than f32 and f64 would take gemm.rs's plain loop: [`crate::layers::linear`] sends
+    /// them to dfdx's matmul instead.
+    fn linear<T: Tape<E, Self> + Merge<T>>(
+        x: Tensor<(usize, usize), E, Self, T>,
+        w: Tensor<(usize, usize), E, Self, T>,
+        b: Tensor<(usize,), E, Self, T>,
+    ) -> Tensor<(usize, usize), E, Self, T> {
+        let (x, tx) = x.split_tape();
+        let (w, tw) = w.split_tape();
+        let (b, tb) = b.split_tape();
+        let mut tape = tx.merge(tw).merge(tb);
+        let ((rows, inp), (out, w_in)) = (*x.shape(), *w.shape());
+        assert_eq!(
+            inp, w_in,
+            "linear: input has {inp} features, the weight takes {w_in}"
+        );
+        assert_eq!(
+            b.shape().0,
+            out,
+            "linear: bias size differs from the weight's outputs"
+        );
+        let ws = host(&w);
+        let l = infer::HostLinear {
+            wt: transpose(&ws, out, inp),
+            b: host(&b),
+        };
+        let mut y = vec![E::zero(); rows * out];
+        infer::linear_rows(&host(&x), &l, &mut y);
+        let y = x.device().tensor_from_vec(y, (rows, out));
+        if T::OWNS_TAPE {
+            let y_keep = y.clone();
+            tape.add_backward_op(move |grads| {
+                let gy = host(&grads.get(&y_keep));
+                // dx = dy · W, dW = dyᵀ · x, db = Σ_rows dy.
+                let mut gx = vec![E::zero(); rows * inp];
+                crate::gemm::par_matmul(&gy, crate::gemm::MatRef::row_major(&ws, out, inp), &mut gx);
+                let gw = crate::gemm::par_matmul_tn(&gy, out, &host(&x), inp);
+                let gb = norm::col_sums(rows, out, |r, acc| norm::add_row(acc, &gy[r * out..][..out]));
+                accumulate(grads.get_or_alloc_mut(&x)?, &gx);
+                accumulate(grads.get_or_alloc_mut(&w)?, &gw);
+                let gb: Vec<E> = gb.into_iter().map(E::cast).collect();
+                accumulate(grads.get_or_alloc_mut(&b)?, &gb);
+                Ok(())
+            });
+        }
+        y.put_tape(tape)
+    }
+
     fn dwconv<T: Tape<E, Self> + Merge<T>>(
         x: Tensor<Nhwc, E, Self, T>,
         w: Tensor<(usize, usize), E, Self, T>,
@@ -377,6 +433,14 @@ impl<E: SpinDtype> Kernels<E> for dfdx::tensor::Cuda
 where
     dfdx::tensor::Cuda: Device<E>,
 {
+    fn linear<T: Tape<E, Self> + Merge<T>>(
+        x: Tensor<(usize, usize), E, Self, T>,
+        w: Tensor<(usize, usize), E, Self, T>,
+        b: Tensor<(usize,), E, Self, T>,
+    ) -> Tensor<(usize, usize), E, Self, T> {
+        crate::layers::linear_composed(x, w, b)
+    }
+
     fn dwconv<T: Tape<E, Self> + Merge<T>>(
         x: Tensor<Nhwc, E, Self, T>,
         w: Tensor<(usize, usize), E, Self, T>,

@@ -238,6 +238,36 @@ pub fn matmul<E: SpinDtype>(
     }
 }
 
+/// `a · b` for a row-major `a` `(rows, b.rows)`, into `out` `(rows, b.cols)`, rows split across
+/// threads (blocks of up to 128 rows; each packs `b` once).
+pub fn par_matmul<E: SpinDtype>(a: &[E], b: MatRef<E>, out: &mut [E]) {
+    use rayon::prelude::*;
+    let (k, n) = (b.rows, b.cols);
+    let rows = a.len() / k.max(1);
+    assert_eq!(out.len(), rows * n, "par_matmul: output size");
+    let chunk = rows.div_ceil(rayon::current_num_threads()).clamp(8, 128);
+    out.par_chunks_mut(chunk * n)
+        .zip(a.par_chunks(chunk * k))
+        .for_each(|(o, a)| matmul(o, n, MatRef::row_major(a, a.len() / k, k), b, E::one(), false));
+}
+
+/// `aᵀ · b` for row-major `a` `(rows, m)` and `b` `(rows, n)`: `(m, n)`, blocks of output rows
+/// split across threads (a weight gradient: gyᵀ · x).
+pub fn par_matmul_tn<E: SpinDtype>(a: &[E], m: usize, b: &[E], n: usize) -> Vec<E> {
+    use rayon::prelude::*;
+    let rows = a.len() / m.max(1);
+    assert_eq!(b.len(), rows * n, "par_matmul_tn: row counts differ");
+    let mut out = vec![E::zero(); m * n];
+    let block = m.div_ceil(2 * rayon::current_num_threads()).clamp(16, 256);
+    out.par_chunks_mut(block * n).enumerate().for_each(|(i, o)| {
+        let m0 = i * block;
+        let mb = o.len() / n;
+        let at = MatRef::strided(&a[m0..], rows, mb, m).t();
+        matmul(o, n, at, MatRef::row_major(b, rows, n), E::one(), false);
+    });
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

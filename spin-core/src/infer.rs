@@ -235,6 +235,16 @@ pub fn vit_block<E: SpinDtype>(
         });
 }
 
+/// `out = x · Wᵀ + b` over all rows of `x`, split across threads.
+pub fn linear_rows<E: SpinDtype>(x: &[E], l: &HostLinear<E>, out: &mut [E]) {
+    let rhs = l.rhs();
+    let (k, n) = (rhs.rows, rhs.cols);
+    let chunk = row_chunk(x.len() / k.max(1));
+    out.par_chunks_mut(chunk * n)
+        .zip(x.par_chunks(chunk * k))
+        .for_each(|(o, xs)| linear_into(o, xs, xs.len() / k, l, false));
+}
+
 /// `out (= or +=) x · Wᵀ + b` for `r` rows.
 fn linear_into<E: SpinDtype>(out: &mut [E], x: &[E], r: usize, l: &HostLinear<E>, accumulate: bool) {
     let rhs = l.rhs();

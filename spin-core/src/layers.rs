@@ -175,6 +175,19 @@ pub fn linear<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
     w: Tensor<Mat, E, D, T>,
     b: Tensor<(usize,), E, D, T>,
 ) -> Tensor<Mat, E, D, T> {
+    if crate::gemm::has_kernels::<E>() {
+        D::linear(x, w, b)
+    } else {
+        linear_composed(x, w, b)
+    }
+}
+
+/// [`linear`] from dfdx ops (fallback and reference).
+pub fn linear_composed<E: SpinDtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
+    x: Tensor<Mat, E, D, T>,
+    w: Tensor<Mat, E, D, T>,
+    b: Tensor<(usize,), E, D, T>,
+) -> Tensor<Mat, E, D, T> {
     let rows = x.shape().0;
     let out = w.shape().0;
     x.matmul(w.permute()) + b.broadcast_like::<_, Axis<0>>(&(rows, out))
@@ -705,6 +718,43 @@ mod tests {
         for (a, b) in fused.iter().zip(composed.as_vec()) {
             assert!((a - b).abs() < 1e-12, "{a} vs {b}");
         }
+    }
+
+    /// The gemm-backed linear op against dfdx's matmul: outputs and the gradients of x, W and b
+    /// (f64, 1e-12), with enough rows for several row tasks and an odd output count.
+    #[test]
+    fn linear_matches_dfdx_matmul_forward_and_backward() {
+        let dev = Cpu::seed_from_u64(7);
+        let x: Tensor<Mat, f64, Cpu> = dev.sample_normal_like(&(300, 24));
+        let w: Tensor<Mat, f64, Cpu> = dev.sample_normal_like(&(37, 24));
+        let b: Tensor<(usize,), f64, Cpu> = dev.sample_normal_like(&(37,));
+        let r: Tensor<Mat, f64, Cpu> = dev.sample_normal_like(&(300, 37));
+        let run = |f: &dyn Fn(
+            Tensor<Mat, f64, Cpu, T>,
+            Tensor<Mat, f64, Cpu, T>,
+            Tensor<(usize,), f64, Cpu, T>,
+        ) -> Tensor<Mat, f64, Cpu, T>| {
+            let grads = Gradients::leaky();
+            let y = f(
+                x.clone().traced(grads),
+                w.clone().put_tape(OwnedTape::default()),
+                b.clone().put_tape(OwnedTape::default()),
+            );
+            let out = y.retaped::<NoneTape>().as_vec();
+            let g = (y * r.clone()).sum::<(), _>().backward();
+            (out, g.get(&x).as_vec(), g.get(&w).as_vec(), g.get(&b).as_vec())
+        };
+        let got = run(&|x, w, b| Cpu::linear(x, w, b));
+        let want = run(&|x, w, b| linear_composed(x, w, b));
+        let close = |a: &[f64], b: &[f64]| {
+            a.iter()
+                .zip(b)
+                .all(|(a, b)| (a - b).abs() < 1e-12 * (1.0 + b.abs()))
+        };
+        assert!(close(&got.0, &want.0), "outputs differ");
+        assert!(close(&got.1, &want.1), "dL/dx differs");
+        assert!(close(&got.2, &want.2), "dL/dW differs");
+        assert!(close(&got.3, &want.3), "dL/db differs");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 const BLOCK: usize = 64;
 
 /// Σ over rows of `f(row)`'s contribution, per column, as f64: fixed blocks, ordered sum.
-fn col_sums(rows: usize, c: usize, f: impl Fn(usize, &mut [f64]) + Sync) -> Vec<f64> {
+pub(crate) fn col_sums(rows: usize, c: usize, f: impl Fn(usize, &mut [f64]) + Sync) -> Vec<f64> {
     let partials: Vec<Vec<f64>> = (0..rows.div_ceil(BLOCK))
         .into_par_iter()
         .map(|b| {
@@ -33,7 +33,7 @@ fn col_sums(rows: usize, c: usize, f: impl Fn(usize, &mut [f64]) + Sync) -> Vec<
     out
 }
 
-fn add_row<E: SpinDtype>(acc: &mut [f64], row: &[E]) {
+pub(crate) fn add_row<E: SpinDtype>(acc: &mut [f64], row: &[E]) {
     for (a, &v) in acc.iter_mut().zip(row) {
         *a += v.as_f64();
     }
