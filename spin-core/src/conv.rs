@@ -659,13 +659,9 @@ fn dw_forward_into<E: SpinDtype>(
             shift: cast(e.shift),
             act: e.act,
         });
-        let pad = Padded::new(g, x32, cast(wt));
         let out32 = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut f32, out.len()) };
-        out32
-            .par_chunks_mut(g.w * g.c)
-            .enumerate()
-            // Safety: AVX-512F was detected above.
-            .for_each(|(row, o)| unsafe { dw_tile_row_avx512(&pad, bias32, row, o, epi32.as_ref(), x32) });
+        // Safety: AVX-512F was detected above.
+        unsafe { dw_tiled_avx512(g, x32, cast(wt), bias32, epi32.as_ref(), out32) };
         return;
     }
     out.par_chunks_mut(g.w * g.c)
@@ -679,104 +675,81 @@ use std::any::TypeId;
 /// Output pixels per tile of the tiled depthwise kernel.
 const PIX: usize = 8;
 
-/// The tiled kernel's input: zero-padded by `p` on every side, rows long enough for whole tiles,
-/// channels padded to whole blocks (with the weights `(K·K, Cp)` padded alike), so the inner
-/// loops have no edge cases.
-struct Padded<E> {
-    data: Vec<E>,
-    wt: Vec<E>,
-    g: DwGeometry,
-    hp: usize,
-    wp: usize,
-    cp: usize,
-}
+/// The output of the tiled kernel, written by tasks that own disjoint sets of channels.
+struct SharedOut(*mut f32);
+// Safety: each task writes only the channels of its own block (see `dw_tiled_avx512`).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
 
-impl<E: SpinDtype> Padded<E> {
-    fn new(g: &DwGeometry, x: &[E], wt: &[E]) -> Self {
-        let (h, w, c, k, p) = (g.h, g.w, g.c, g.k, g.p);
-        let (hp, wp, cp) = (
-            h + k - 1,
-            w.div_ceil(PIX) * PIX + k - 1,
-            c.div_ceil(LANES) * LANES,
-        );
-        let mut data = vec![E::zero(); g.b * hp * wp * cp];
-        data.par_chunks_mut(wp * cp).enumerate().for_each(|(r, dst)| {
-            let (b, hh) = (r / hp, r % hp);
-            if let Some(hi) = hh.checked_sub(p).filter(|&hi| hi < h) {
-                let src = &x[(b * h + hi) * w * c..][..w * c];
-                for (wi, px) in src.chunks(c).enumerate() {
-                    dst[(wi + p) * cp..][..c].copy_from_slice(px);
-                }
-            }
-        });
-        let mut wpad = vec![E::zero(); k * k * cp];
-        for (t, row) in wt.chunks(c).enumerate() {
-            wpad[t * cp..][..c].copy_from_slice(row);
-        }
-        Self {
-            data,
-            wt: wpad,
-            g: *g,
-            hp,
-            wp,
-            cp,
-        }
-    }
-}
-
-/// One output row of [`dw_forward`] in tiles of PIX pixels × 16 channels, f32 with AVX-512:
-/// the PIX accumulators stay in registers while the K×K taps stream past, so each multiply-add
-/// costs one load of input (the weight vector is shared by the PIX pixels) instead of two. The
-/// per-pixel kernel ([`dw_forward_row`]) keeps 64 channels but loads input and weight per tap.
+/// [`dw_forward`] for f32 with AVX-512, one task per (image, block of 16 channels). A task copies
+/// its slice of the input into a zero-padded slab `(H+K−1, W'+K−1, 16)` (a few dozen KiB, so it
+/// stays in cache and the inner loops have no edge cases), then sweeps tiles of 8 output pixels:
+/// the 8 accumulators stay in registers while the K×K taps stream past, so each multiply-add
+/// costs one load of input (the weight vector is shared by the 8 pixels) instead of the two of
+/// the per-pixel kernel ([`dw_forward_row`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dw_tile_row_avx512(
-    pad: &Padded<f32>,
-    bias: &[f32],
-    row: usize,
-    o: &mut [f32],
-    epi: Option<&Epilogue<'_, f32>>,
+unsafe fn dw_tiled_avx512(
+    g: &DwGeometry,
     x: &[f32],
+    wt: &[f32],
+    bias: &[f32],
+    epi: Option<&Epilogue<'_, f32>>,
+    out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    let g = &pad.g;
-    let (h, w, c, k, cp, wp) = (g.h, g.w, g.c, g.k, pad.cp, pad.wp);
-    let (b, hi) = (row / h, row % h);
-    // Every read below stays inside the padded input and weights (checked once per row).
-    let last = ((b * pad.hp + hi + k - 1) * wp + w.div_ceil(PIX) * PIX - 1 + k - 1) * cp + cp;
-    assert!(last <= pad.data.len() && k * k * cp <= pad.wt.len() && o.len() == w * c);
-    let skip = &x[row * w * c..][..w * c];
-    let mut tmp = [0.0f32; LANES];
-    for c0 in (0..cp).step_by(LANES) {
+    let (h, w, c, k, p) = (g.h, g.w, g.c, g.k, g.p);
+    let (hp, wp) = (h + k - 1, w.div_ceil(PIX) * PIX + k - 1);
+    assert!(x.len() == g.b * h * w * c && out.len() == x.len() && wt.len() == k * k * c);
+    let cblocks = c.div_ceil(LANES);
+    let dst = SharedOut(out.as_mut_ptr());
+    (0..g.b * cblocks).into_par_iter().for_each(|task| {
+        let dst = &dst;
+        let (b, c0) = (task / cblocks, (task % cblocks) * LANES);
         let n = LANES.min(c - c0);
+        let mut slab = vec![0.0f32; hp * wp * LANES];
+        for hi in 0..h {
+            for wi in 0..w {
+                let src = &x[((b * h + hi) * w + wi) * c + c0..][..n];
+                slab[((hi + p) * wp + wi + p) * LANES..][..n].copy_from_slice(src);
+            }
+        }
+        let mut wv = vec![0.0f32; k * k * LANES];
+        for t in 0..k * k {
+            wv[t * LANES..][..n].copy_from_slice(&wt[t * c + c0..][..n]);
+        }
+        let mut tmp = [0.0f32; LANES];
         tmp[..n].copy_from_slice(&bias[c0..c0 + n]);
-        tmp[n..].fill(0.0);
+        // Safety (all pointer reads): rows hi + ky < hp and columns p0 + q + kx < wp index inside
+        // the slab; taps ky·k + kx < k² inside `wv`.
         let init = _mm512_loadu_ps(tmp.as_ptr());
-        for p0 in (0..w).step_by(PIX) {
-            let mut acc = [init; PIX];
-            for ky in 0..k {
-                let xrow = pad
-                    .data
-                    .as_ptr()
-                    .add(((b * pad.hp + hi + ky) * wp + p0) * cp + c0);
-                let wrow = pad.wt.as_ptr().add(ky * k * cp + c0);
-                for kx in 0..k {
-                    let wv = _mm512_loadu_ps(wrow.add(kx * cp));
-                    for (q, a) in acc.iter_mut().enumerate() {
-                        *a = _mm512_fmadd_ps(_mm512_loadu_ps(xrow.add((q + kx) * cp)), wv, *a);
+        for hi in 0..h {
+            for p0 in (0..w).step_by(PIX) {
+                let mut acc = [init; PIX];
+                for ky in 0..k {
+                    let xrow = slab.as_ptr().add(((hi + ky) * wp + p0) * LANES);
+                    let wrow = wv.as_ptr().add(ky * k * LANES);
+                    for kx in 0..k {
+                        let wk = _mm512_loadu_ps(wrow.add(kx * LANES));
+                        for (q, a) in acc.iter_mut().enumerate() {
+                            *a = _mm512_fmadd_ps(_mm512_loadu_ps(xrow.add((q + kx) * LANES)), wk, *a);
+                        }
+                    }
+                }
+                for (q, a) in acc.iter().enumerate().take(w - p0) {
+                    _mm512_storeu_ps(tmp.as_mut_ptr(), *a);
+                    let at = ((b * h + hi) * w + p0 + q) * c + c0;
+                    // Safety: `at..at + n` lies in `out` (asserted sizes) and holds channels
+                    // c0..c0 + n, which only this task writes.
+                    let o = std::slice::from_raw_parts_mut(dst.0.add(at), n);
+                    match epi {
+                        None => o.copy_from_slice(&tmp[..n]),
+                        Some(e) => e.apply(o, &tmp[..n], c0, Some(&x[at..][..n])),
                     }
                 }
             }
-            for (q, a) in acc.iter().enumerate().take(w - p0) {
-                _mm512_storeu_ps(tmp.as_mut_ptr(), *a);
-                let at = (p0 + q) * c + c0;
-                match epi {
-                    None => o[at..][..n].copy_from_slice(&tmp[..n]),
-                    Some(e) => e.apply(&mut o[at..][..n], &tmp[..n], c0, Some(&skip[at..][..n])),
-                }
-            }
         }
-    }
+    });
 }
 
 /// One output row of [`dw_forward`], compiled for AVX-512 and AVX2 too and picked at run time
