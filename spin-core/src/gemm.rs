@@ -1,9 +1,9 @@
-//! Matrix products on host buffers, for the fused inference kernels in [`crate::infer`].
+//! Matrix products and transposes on host buffers, for [`crate::infer`] and the Linear op.
 //!
 //! dfdx 0.13 multiplies through gemm 0.15, whose AVX-512 kernels need a nightly compiler; the
-//! `gemm` crate's current release has them on stable. Each call here is single-threaded: the
-//! callers already split rows across rayon tasks and keep each task's data in cache between the
-//! product and its epilogue.
+//! `gemm` crate's current release has them on stable. [`matmul`] is single-threaded: its callers
+//! split rows across rayon tasks and keep each task's data in cache between the product and its
+//! epilogue. [`par_matmul`] and [`par_matmul_tn`] do that split for plain products.
 use crate::dtype::SpinDtype;
 use std::any::TypeId;
 
@@ -91,15 +91,13 @@ fn transpose_band<E: Copy + 'static>(out: &mut [E], src: &[E], rows: usize, cols
     let avx = false;
     for i0 in (0..full_i).step_by(T) {
         for dj0 in (0..full_j).step_by(T) {
-            let from = &src[(i0 + T - 1) * cols + j0 + dj0..][..T]; // bounds of the last row
-            let _ = from;
             let s0 = (i0 * cols + j0 + dj0, cols);
             let d0 = (dj0 * rows + i0, rows);
-            assert!(d0.0 + (T - 1) * rows + T <= out.len());
+            assert!(s0.0 + (T - 1) * cols + T <= src.len() && d0.0 + (T - 1) * rows + T <= out.len());
             if avx {
                 #[cfg(target_arch = "x86_64")]
                 // Safety: E is f32 (checked above), AVX is present, and the 8×8 tiles lie inside
-                // `src` (the last row's slice was bounds-checked) and `out` (asserted).
+                // `src` and `out` (asserted).
                 unsafe {
                     tile8_avx(
                         src.as_ptr().add(s0.0) as *const f32,
@@ -238,14 +236,21 @@ pub fn matmul<E: SpinDtype>(
     }
 }
 
+/// Rows per task of a row-wise pass: one task per thread when rows are few (every task packs the
+/// whole right-hand matrix for gemm, so smaller tasks cost more), at most 128 rows so that a
+/// task's rows (and a ViT's MLP hidden activations) stay in L2.
+pub(crate) fn row_chunk(rows: usize) -> usize {
+    rows.div_ceil(rayon::current_num_threads()).clamp(8, 128)
+}
+
 /// `a · b` for a row-major `a` `(rows, b.rows)`, into `out` `(rows, b.cols)`, rows split across
-/// threads (blocks of up to 128 rows; each packs `b` once).
+/// threads ([`row_chunk`]).
 pub fn par_matmul<E: SpinDtype>(a: &[E], b: MatRef<E>, out: &mut [E]) {
     use rayon::prelude::*;
     let (k, n) = (b.rows, b.cols);
     let rows = a.len() / k.max(1);
     assert_eq!(out.len(), rows * n, "par_matmul: output size");
-    let chunk = rows.div_ceil(rayon::current_num_threads()).clamp(8, 128);
+    let chunk = row_chunk(rows);
     out.par_chunks_mut(chunk * n)
         .zip(a.par_chunks(chunk * k))
         .for_each(|(o, a)| matmul(o, n, MatRef::row_major(a, a.len() / k, k), b, E::one(), false));

@@ -1,4 +1,5 @@
-//! Fused inference forwards on host buffers: a ViT encoder block and a ConvMixer pointwise half.
+//! Fused inference forwards on host buffers (ViT encoder blocks, a ConvMixer's pointwise half),
+//! the host weights they take, and the cache that keeps a ViT's between calls.
 //!
 //! Without a tape nothing needs to be kept for a backward pass, so a block can run as a few
 //! passes over row chunks, each a rayon task that normalises its rows, multiplies them through
@@ -8,7 +9,7 @@
 //! when these apply ([`crate::conv::Kernels`] returns `None` elsewhere) and fills the weights.
 use crate::conv::Epilogue;
 use crate::dtype::{SpinDevice, SpinDtype};
-use crate::gemm::{matmul, transpose_into, MatRef};
+use crate::gemm::{matmul, row_chunk, transpose_into, MatRef};
 use crate::layers::Act;
 use crate::layers::LN_EPS;
 use dfdx::nn::tensor_collection::{RecursiveWalker, TensorVisitor, ViewTensorRef};
@@ -180,13 +181,6 @@ impl<E: SpinDtype, D: SpinDevice<E>> TensorVisitor<E, D> for BufferKeys<E, D> {
 pub struct VitScratch<E> {
     qkv: Vec<E>,
     attn: Vec<E>,
-}
-
-/// Rows per task of a row-wise pass: one task per thread when rows are few (every task packs the
-/// whole weight matrix for gemm, so smaller tasks cost more), at most 128 rows so that a task's
-/// rows and its MLP hidden activations stay in L2.
-fn row_chunk(rows: usize) -> usize {
-    rows.div_ceil(rayon::current_num_threads()).clamp(8, 128)
 }
 
 /// One timm encoder block at inference, in place on `x` `(batch·n, d)`:
