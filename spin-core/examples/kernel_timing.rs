@@ -1,6 +1,6 @@
 //! Times spin's CPU kernels on ConvMixer-256/8's shapes (batch 8, 16×16, 256 channels, k9):
 //! `cargo run --release -p spin-core --example kernel_timing`.
-use spin_core::conv::Kernels;
+use spin_core::device::{DepthwiseKernel, GeluKernel, NormKernels};
 use spin_core::dfdx::prelude::*;
 use std::time::Instant;
 
@@ -35,12 +35,15 @@ fn main() {
         ms(|| drop(m.clone().matmul(pw.clone().permute())))
     );
     println!("residual add   {:.2} ms", ms(|| drop(m.clone() + m.clone())));
-    println!("host copy      {:.2} ms", ms(|| drop(spin_core::conv::host(&m))));
+    println!(
+        "host copy      {:.2} ms",
+        ms(|| drop(spin_core::device::host(&m)))
+    );
     // DeiT-Tiny's fc1 weight (768, 192), re-laid out for gemm on every inference call.
     let fc1: Vec<f32> = (0..768 * 192).map(|i| i as f32).collect();
     let t = std::cell::RefCell::new(Vec::new());
     println!(
         "transpose fc1  {:.3} ms",
-        ms(|| spin_core::gemm::transpose_into(&mut t.borrow_mut(), &fc1, 768, 192))
+        ms(|| spin_core::kernels::gemm::transpose_into(&mut t.borrow_mut(), &fc1, 768, 192))
     );
 }

@@ -1,6 +1,7 @@
 //! The one error type of spin-core: every fallible public function returns it.
 use std::path::PathBuf;
 
+/// What went wrong, in one line that names the file, key or argument at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{path}: {source}")]
@@ -60,8 +61,8 @@ pub enum Error {
     Image { path: PathBuf, reason: String },
     #[error("training diverged: the loss became {loss} at epoch {epoch}, step {step}")]
     Diverged { epoch: usize, step: usize, loss: f32 },
-    #[error("invalid schedule: {0}")]
-    Schedule(String),
+    #[error("{0}")]
+    Rule(#[from] spin_rules::RuleError),
     #[error("{0}")]
     Invalid(String),
     #[error("device error: {0}")]

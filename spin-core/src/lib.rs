@@ -1,124 +1,90 @@
 //! spin-core: the pieces behind spin's statically typed, weight-shared isotropic networks.
 //!
-//! - [`conv`]: the convolutions dfdx 0.13 lacks on stable (depthwise K×K, patch embedding), written
-//!   on dfdx's public autograd API with multi-threaded CPU kernels and a dfdx-ops fallback.
-//! - [`layers`]: timm-exact building blocks (Linear, BatchNorm, LayerNorm, attention, MLP).
-//! - [`schedule`] and [`sharing`]: which parameter group each layer uses, and storage that keeps
-//!   each shared tensor once.
-//! - [`convmixer`] and [`vit`]: the two isotropic families, typed by a config the macros generate.
-//! - [`checkpoint`]: timm-named safetensors in and out.
-//! - [`infer`] (on [`gemm`]): fused inference forwards on host buffers, used when there is no tape.
-#![allow(clippy::type_complexity)]
+//! The crate is layered; a module imports only from the layers above it in this list (checked by
+//! `tests/tests/layers.rs`, explained in `docs/design.md`):
+//!
+//! 1. [`base`] and [`error`]: element types, shapes, numeric constants, the error type; the model
+//!    rules (schedules, granularities, counts, FiPS plans) come from the `spin-rules` crate,
+//!    which the macros use too.
+//! 2. [`kernels`]: host kernels on plain slices (gemm, depthwise, norms, attention, the fused
+//!    inference blocks).
+//! 3. [`device`]: one trait per op on dfdx devices — the CPU impl registers a kernel on dfdx's
+//!    tape, other devices get a fallback from dfdx's own ops — and [`SpinDevice`], all of them.
+//! 4. [`nn`]: timm's layers, as functions on runtime shapes and as parameter holders.
+//! 5. [`models`]: ConvMixer and ViT (dense or FiPS MLPs), typed by a declaration's config.
+//! 6. [`data`], [`checkpoint`], [`sharing`], [`fusion`], [`train`], [`fips`]: data sets, timm
+//!    checkpoints, stand-alone shared trunks, weight fusion, training runs, FiPS compression.
+//!
+//! ```
+//! use spin_core::prelude::*;
+//!
+//! #[convmixer(dim = 32, kernel = 3, patch = 2, image = 16, classes = 10, act = gelu)]
+//! #[shared_blocks(depth = 4, groups = 2, pattern = strided)]
+//! struct Small;
+//!
+//! let dev = Cpu::default();
+//! let model = dev.build_module::<Small, f32>();
+//! let x: Tensor<Rank4<2, 3, 16, 16>, f32, _> = dev.zeros();
+//! let logits = model.forward(x); // Tensor<(Const<2>, Const<10>), …>: a wrong shape does not compile
+//! assert_eq!(logits.shape().1.size(), 10);
+//! assert_eq!(Small::SCHEDULE, [0, 1, 0, 1]);
+//! ```
+#![warn(missing_docs)]
 extern crate self as spin_core;
 
-/// The typed surface both families share: `forward` on a batch `(B, 3, IMG, IMG)` (any `B: Dim`)
-/// and on a single image `(3, IMG, IMG)`, `forward_mut` on a batch, and [`train::SpinModel`]. All
-/// of it converts to the runtime-shaped `forward_dyn` / `forward_dyn_mut` and back, so the model
-/// logic is written once per family.
-macro_rules! typed_surface {
-    ($model:ident, $config:ident $(, $m:ident : $mb:ident)?) => {
-        impl<C: $config, E: SpinDtype, D: SpinDevice<E>, B: Dim, T: Tape<E, D> + Merge<T> $(, $m: $mb<C, E, D>)?>
-            Module<Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>> for $model<C, E, D $(, $m)?>
-        {
-            type Output = Tensor<(B, C::Classes), E, D, T>;
-            type Error = D::Err;
-            fn try_forward(
-                &self,
-                x: Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>,
-            ) -> Result<Self::Output, D::Err> {
-                let b = x.shape().0;
-                let img = C::Image::SIZE;
-                let y = self.forward_dyn(x.reshape_like(&(b.size(), 3, img, img)));
-                Ok(y.reshape_like(&(b, Default::default())))
-            }
-        }
-
-        impl<C: $config, E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T> $(, $m: $mb<C, E, D>)?>
-            Module<Tensor<(Const<3>, C::Image, C::Image), E, D, T>> for $model<C, E, D $(, $m)?>
-        {
-            type Output = Tensor<(C::Classes,), E, D, T>;
-            type Error = D::Err;
-            fn try_forward(
-                &self,
-                x: Tensor<(Const<3>, C::Image, C::Image), E, D, T>,
-            ) -> Result<Self::Output, D::Err> {
-                let img = C::Image::SIZE;
-                let y = self.forward_dyn(x.reshape_like(&(1, 3, img, img)));
-                Ok(y.reshape_like(&(Default::default(),)))
-            }
-        }
-
-        impl<C: $config, E: SpinDtype, D: SpinDevice<E>, B: Dim, T: Tape<E, D> + Merge<T> $(, $m: $mb<C, E, D>)?>
-            ModuleMut<Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>> for $model<C, E, D $(, $m)?>
-        {
-            type Output = Tensor<(B, C::Classes), E, D, T>;
-            type Error = D::Err;
-            fn try_forward_mut(
-                &mut self,
-                x: Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>,
-            ) -> Result<Self::Output, D::Err> {
-                let b = x.shape().0;
-                let img = C::Image::SIZE;
-                let y = self.forward_dyn_mut(x.reshape_like(&(b.size(), 3, img, img)));
-                Ok(y.reshape_like(&(b, Default::default())))
-            }
-        }
-
-        impl<C: $config, E: SpinDtype, D: SpinDevice<E> $(, $m: $mb<C, E, D>)?> crate::train::SpinModel<E, D>
-            for $model<C, E, D $(, $m)?>
-        {
-            fn info(&self) -> crate::describe::ModelInfo {
-                $model::info(self)
-            }
-            fn logits<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Nhwc, E, D, T>) -> Tensor<Mat, E, D, T> {
-                self.forward_dyn(x)
-            }
-            fn logits_mut<T: Tape<E, D> + Merge<T>>(
-                &mut self,
-                x: Tensor<Nhwc, E, D, T>,
-            ) -> Tensor<Mat, E, D, T> {
-                self.forward_dyn_mut(x)
-            }
-        }
-    };
-}
-
+pub mod base;
 pub mod checkpoint;
-pub mod conv;
-pub mod convmixer;
 pub mod data;
-pub mod describe;
-pub mod dtype;
+pub mod device;
 pub mod error;
 pub mod fips;
 pub mod fusion;
-pub mod gemm;
-pub mod infer;
-pub mod layers;
-pub mod norm;
-pub mod schedule;
+pub mod kernels;
+pub mod models;
+pub mod nn;
 pub mod sharing;
 pub mod train;
-pub mod vit;
 
+pub use base::{SpinDtype, Variant};
 pub use checkpoint::TimmCheckpoint;
-pub use describe::{Describe, Family, ModelInfo};
-pub use dtype::{SpinDevice, SpinDtype};
+pub use device::SpinDevice;
 pub use error::Error;
-pub use schedule::{Pattern, Schedule};
+pub use models::{Describe, Family, ModelInfo};
+pub use sharing::{Pattern, Schedule};
+
+/// The model rules (schedules, granularities, counts, FiPS plans), shared with the macros.
+pub use spin_rules as rules;
 
 /// Re-exported so generated code and users need only spin-core.
 pub use dfdx;
 
 /// Everything a model declaration needs: dfdx's prelude, spin's traits and the macros.
 pub mod prelude {
+    pub use crate::base::SpinDtype;
     pub use crate::checkpoint::TimmCheckpoint;
-    pub use crate::describe::{Describe, Family, ModelInfo};
-    pub use crate::dtype::{SpinDevice, SpinDtype};
-    pub use crate::schedule::{Pattern, Schedule};
-    pub use crate::sharing::{ConvMixerShare, VitShare};
+    pub use crate::device::SpinDevice;
+    pub use crate::models::{Describe, Family, ModelInfo};
+    pub use crate::sharing::{ConvMixerShare, Pattern, Schedule, VitShare};
     pub use dfdx::prelude::*;
     pub use spin_macros::*;
+}
+
+/// The names the code generated by `spin-macros` refers to, and nothing else. Not an API:
+/// generated code is its only user, and it may change in any release.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::base::{Act, SpinDtype, Variant};
+    pub use crate::device::SpinDevice;
+    pub use crate::fips::{run as fips_run, FipsCompress, FipsRunner};
+    pub use crate::models::convmixer::{info as convmixer_info, ConvMixer, ConvMixerConfig};
+    pub use crate::models::fips_mlps::{info as fips_info, FipsDecl, FipsMlps};
+    pub use crate::models::vit::{info as vit_info, Vit, VitConfig};
+    pub use crate::models::{Describe, ModelInfo};
+    pub use crate::sharing::{SharedStack, StackConfig};
+    pub use dfdx;
+    pub use spin_rules::fips as fips_rules;
+    pub use spin_rules::schedule::make as make_schedule;
+    pub use spin_rules::{counts, ConvMixerShare, Pattern, VitShare};
 }
 
 // The CUDA device gets spin's kernels through the dfdx-op fallbacks (type-checked in CI with

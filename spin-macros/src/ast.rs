@@ -1,5 +1,6 @@
 //! Parsing attribute arguments into typed configs, keeping each argument's span for errors.
 use proc_macro2::{Span, TokenStream};
+use spin_rules::Pattern;
 use syn::meta::ParseNestedMeta;
 use syn::parse::Parser;
 use syn::{Ident, Lit, LitInt, LitStr, Token};
@@ -49,23 +50,13 @@ pub struct FamilyArgs {
     pub name: Option<Arg<String>>,
 }
 
-/// A sharing pattern as written.
-#[derive(Clone, Debug)]
-pub enum PatternArg {
-    Sequential,
-    Strided,
-    CycleRev,
-    Random(u64),
-    List(Vec<usize>),
-}
-
 /// `#[shared_blocks(...)]`.
 #[derive(Clone, Debug)]
 pub struct SharedArgs {
     pub span: Span,
     pub depth: Option<Arg<usize>>,
     pub groups: Option<Arg<usize>>,
-    pub pattern: Option<Arg<PatternArg>>,
+    pub pattern: Option<Arg<Pattern>>,
     pub share: Option<Arg<String>>,
 }
 
@@ -194,13 +185,13 @@ pub fn parse_shared(args: TokenStream, span: Span) -> syn::Result<SharedArgs> {
                 let bracket = syn::bracketed!(content in input);
                 let items = content.parse_terminated(|p| p.parse::<LitInt>(), Token![,])?;
                 let list = items.iter().map(|l| l.base10_parse()).collect::<syn::Result<Vec<usize>>>()?;
-                Arg { value: PatternArg::List(list), span: bracket.span.join() }
+                Arg { value: Pattern::List(list), span: bracket.span.join() }
             } else {
                 let id: Ident = input.parse()?;
                 let value = match id.to_string().as_str() {
-                    "sequential" => PatternArg::Sequential,
-                    "strided" => PatternArg::Strided,
-                    "cycle_rev" => PatternArg::CycleRev,
+                    "sequential" => Pattern::Sequential,
+                    "strided" => Pattern::Strided,
+                    "cycle_rev" => Pattern::CycleRev,
                     "random" => {
                         let content;
                         syn::parenthesized!(content in input);
@@ -210,7 +201,7 @@ pub fn parse_shared(args: TokenStream, span: Span) -> syn::Result<SharedArgs> {
                         }
                         content.parse::<Token![=]>()?;
                         let seed: LitInt = content.parse()?;
-                        PatternArg::Random(seed.base10_parse()?)
+                        Pattern::Random { seed: seed.base10_parse()? }
                     }
                     other => {
                         return Err(syn::Error::new(

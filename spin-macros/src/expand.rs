@@ -1,10 +1,11 @@
-//! Writing the expansion. It only names spin-core items: the config trait impl that fixes the
-//! shapes, inherent consts (`PARAMS`, `MACS`, `SCHEDULE`, …, evaluated by spin-core's `const fn`s),
-//! the builder impl, and the description.
-use crate::ast::{self, FamilyKind, FipsArgs, PatternArg, SharedArgs};
-use crate::valid::{self, Model};
+//! Writing the expansion. It only names items of spin-core's `__private` facade: the config trait
+//! impl that fixes the shapes, inherent consts (`PARAMS`, `MACS`, `SCHEDULE`, …, evaluated by
+//! spin-rules' `const fn`s), the builder impl, and the description.
+use crate::ast::{self, FamilyKind, FipsArgs, SharedArgs};
+use crate::valid::{self, Model, Share};
 use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote};
+use spin_rules::Pattern;
 use syn::spanned::Spanned;
 use syn::{Attribute, ItemStruct};
 
@@ -145,7 +146,7 @@ fn shared_inner(args: TokenStream, item: TokenStream) -> syn::Result<TokenStream
         #[derive(Clone, Copy, Debug, Default)]
         #vis struct #ident;
 
-        impl ::spin_core::sharing::StackConfig for #ident {
+        impl ::spin_core::__private::StackConfig for #ident {
             type Block = #block;
             const DEPTH: usize = #depth;
             const GROUPS: usize = #groups;
@@ -159,28 +160,37 @@ fn shared_inner(args: TokenStream, item: TokenStream) -> syn::Result<TokenStream
             pub const SCHEDULE: [usize; #depth] = #schedule;
         }
 
-        impl<E: ::spin_core::dfdx::shapes::Dtype, D: ::spin_core::dfdx::tensor_ops::Device<E>>
-            ::spin_core::dfdx::nn::BuildOnDevice<D, E> for #ident
+        impl<E: ::spin_core::__private::dfdx::shapes::Dtype, D: ::spin_core::__private::dfdx::tensor_ops::Device<E>>
+            ::spin_core::__private::dfdx::nn::BuildOnDevice<D, E> for #ident
         where
-            #block: ::spin_core::dfdx::nn::BuildOnDevice<D, E>,
+            #block: ::spin_core::__private::dfdx::nn::BuildOnDevice<D, E>,
         {
-            type Built = ::spin_core::sharing::SharedStack<
+            type Built = ::spin_core::__private::SharedStack<
                 #ident,
-                <#block as ::spin_core::dfdx::nn::BuildOnDevice<D, E>>::Built,
+                <#block as ::spin_core::__private::dfdx::nn::BuildOnDevice<D, E>>::Built,
             >;
         }
     })
 }
 
-fn schedule_tokens(depth: usize, groups: usize, pattern: &PatternArg) -> TokenStream {
-    let builtin = match pattern {
-        PatternArg::List(list) => return quote!([#(#list),*]),
-        PatternArg::Sequential => quote!(Sequential),
-        PatternArg::Strided => quote!(Strided),
-        PatternArg::CycleRev => quote!(CycleRev),
-        PatternArg::Random(seed) => quote!(Random(#seed)),
+/// The schedule as an array expression: a list as written, a built-in pattern through the same
+/// `const fn` that builds schedules at run time.
+fn schedule_tokens(depth: usize, groups: usize, pattern: &Pattern) -> TokenStream {
+    let p = quote!(::spin_core::__private::Pattern);
+    let pattern = match pattern {
+        Pattern::List(list) => return quote!([#(#list),*]),
+        Pattern::Sequential => quote!(#p::Sequential),
+        Pattern::Strided => quote!(#p::Strided),
+        Pattern::CycleRev => quote!(#p::CycleRev),
+        Pattern::Random { seed } => quote!(#p::Random { seed: #seed }),
     };
-    quote!(::spin_core::schedule::make::<#depth>(#groups, ::spin_core::schedule::Builtin::#builtin))
+    quote!(::spin_core::__private::make_schedule::<#depth>(#groups, &#pattern))
+}
+
+/// A rules enum value as a path into the facade, e.g. `ConvMixerShare::Pointwise`.
+fn enum_tokens(ty: &str, value: &impl std::fmt::Debug) -> TokenStream {
+    let (ty, variant) = (format_ident!("{ty}"), format_ident!("{value:?}"));
+    quote!(::spin_core::__private::#ty::#variant)
 }
 
 fn model_tokens(s: &ItemStruct, m: &Model, fips: Option<&valid::Fips>) -> TokenStream {
@@ -193,49 +203,49 @@ fn model_tokens(s: &ItemStruct, m: &Model, fips: Option<&valid::Fips>) -> TokenS
     let pattern_name = sh.pattern.name();
     let name = &m.name;
     let (dim, patch, image, grid, classes) = (m.dim, m.patch, m.image, m.grid, m.classes);
-    let share = format_ident!("{}", sh.share);
-    let c = quote!(::spin_core::dfdx::shapes::Const);
+    let share = match sh.share {
+        Share::ConvMixer(s) => enum_tokens("ConvMixerShare", &s),
+        Share::Vit(s) => enum_tokens("VitShare", &s),
+    };
+    let c = quote!(::spin_core::__private::dfdx::shapes::Const);
+    let pv = quote!(::spin_core::__private);
     let common = quote! {
         #(#attrs)*
         #[derive(Clone, Copy, Debug, Default)]
         #vis struct #ident;
     };
-    let describe = match (m.kind, fips) {
-        (FamilyKind::ConvMixer, _) => quote! {
-            fn info() -> ::spin_core::ModelInfo {
-                ::spin_core::convmixer::info::<#ident>()
-            }
-        },
-        (FamilyKind::Vit, None) => quote! {
-            fn info() -> ::spin_core::ModelInfo {
-                ::spin_core::vit::info::<#ident>()
-            }
-            fn fips() -> ::core::option::Option<::spin_core::fips::FipsRunner> {
-                ::core::option::Option::Some(::spin_core::fips::run::<#ident>)
-            }
-        },
-        (FamilyKind::Vit, Some(_)) => quote! {
-            fn info() -> ::spin_core::ModelInfo {
-                ::spin_core::fips::model::info::<#ident>()
-            }
-        },
+    let (info, runner) = match (m.kind, fips) {
+        (FamilyKind::ConvMixer, _) => (quote!(#pv::convmixer_info::<#ident>()), None),
+        (FamilyKind::Vit, None) => (
+            quote!(#pv::vit_info::<#ident>()),
+            Some(quote!(#pv::fips_run::<#ident>)),
+        ),
+        (FamilyKind::Vit, Some(_)) => (quote!(#pv::fips_info::<#ident>()), None),
+    };
+    let runner = match runner {
+        Some(r) => quote!(::core::option::Option::Some(#r)),
+        None => quote!(::core::option::Option::None),
     };
     let common = quote! {
         #common
-        impl ::spin_core::Describe for #ident {
-            #describe
+        impl #pv::Describe for #ident {
+            fn info() -> #pv::ModelInfo {
+                #info
+            }
+        }
+        impl #pv::FipsCompress for #ident {
+            const RUNNER: ::core::option::Option<#pv::FipsRunner> = #runner;
         }
     };
     match m.kind {
         FamilyKind::ConvMixer => {
             let kernel = m.kernel;
-            let act = format_ident!("{}", m.act);
-            let variant = format_ident!("{}", m.variant);
-            let share = quote!(::spin_core::sharing::ConvMixerShare::#share);
+            let act = enum_tokens("Act", &m.act);
+            let variant = enum_tokens("Variant", &m.variant);
             quote! {
                 #common
 
-                impl ::spin_core::convmixer::ConvMixerConfig for #ident {
+                impl #pv::ConvMixerConfig for #ident {
                     type Dim = #c<#dim>;
                     type Kernel = #c<#kernel>;
                     type Patch = #c<#patch>;
@@ -247,9 +257,9 @@ fn model_tokens(s: &ItemStruct, m: &Model, fips: Option<&valid::Fips>) -> TokenS
                     const GROUPS: usize = #groups;
                     const PATTERN: &'static str = #pattern_name;
                     const SCHEDULE: &'static [usize] = &#ident::SCHEDULE;
-                    const SHARE: ::spin_core::sharing::ConvMixerShare = #share;
-                    const ACT: ::spin_core::layers::Act = ::spin_core::layers::Act::#act;
-                    const VARIANT: ::spin_core::convmixer::Variant = ::spin_core::convmixer::Variant::#variant;
+                    const SHARE: #pv::ConvMixerShare = #share;
+                    const ACT: #pv::Act = #act;
+                    const VARIANT: #pv::Variant = #variant;
                 }
 
                 impl #ident {
@@ -258,14 +268,14 @@ fn model_tokens(s: &ItemStruct, m: &Model, fips: Option<&valid::Fips>) -> TokenS
                     pub const GROUPS: usize = #groups;
                     pub const SCHEDULE: [usize; #depth] = #schedule;
                     pub const PARAMS: usize =
-                        ::spin_core::convmixer::params(#dim, #kernel, #patch, #classes, #depth, #groups, #share);
-                    pub const MACS: u64 = ::spin_core::convmixer::macs(#dim, #kernel, #patch, #image, #classes, #depth);
+                        #pv::counts::convmixer_params(#dim, #kernel, #patch, #classes, #depth, #groups, #share);
+                    pub const MACS: u64 = #pv::counts::convmixer_macs(#dim, #kernel, #patch, #image, #classes, #depth);
                 }
 
-                impl<E: ::spin_core::SpinDtype, D: ::spin_core::SpinDevice<E>>
-                    ::spin_core::dfdx::nn::BuildOnDevice<D, E> for #ident
+                impl<E: #pv::SpinDtype, D: #pv::SpinDevice<E>>
+                    #pv::dfdx::nn::BuildOnDevice<D, E> for #ident
                 {
-                    type Built = ::spin_core::convmixer::ConvMixer<#ident, E, D>;
+                    type Built = #pv::ConvMixer<#ident, E, D>;
                 }
             }
         }
@@ -273,41 +283,36 @@ fn model_tokens(s: &ItemStruct, m: &Model, fips: Option<&valid::Fips>) -> TokenS
             let (heads, hidden) = (m.heads, m.hidden);
             let tokens = grid * grid + 1;
             let qkv = 3 * dim;
-            let share = quote!(::spin_core::sharing::VitShare::#share);
-            let vit_params = quote!(::spin_core::vit::params(#dim, #patch, #image, #hidden, #classes, #depth, #groups, #share));
+            let vit_params = quote!(#pv::counts::vit_params(#dim, #patch, #image, #hidden, #classes, #depth, #groups, #share));
             let (fips_const, fips_items, params, built) = match fips {
-                None => (
-                    quote!(),
-                    quote!(),
-                    vit_params,
-                    quote!(::spin_core::vit::Vit<#ident, E, D>),
-                ),
+                None => (quote!(), quote!(), vit_params, quote!(#pv::Vit<#ident, E, D>)),
                 Some(f) => {
                     let (budget, sparsity) = (f.budget, f.sparsity);
                     let n = f.groups.first().map_or(1, Vec::len);
+                    let n_groups = f.groups.len();
                     let groups = f.groups.iter().map(|g| quote!(&[#(#g),*]));
                     (
-                        quote!(const FIPS: ::core::option::Option<::spin_core::fips::FipsDecl> =
+                        quote!(const FIPS: ::core::option::Option<#pv::FipsDecl> =
                             ::core::option::Option::Some(#ident::FIPS);),
                         quote! {
                             /// Rank of every group's basis, from the budget and sparsity.
-                            pub const RANK: usize = ::spin_core::fips::rank(#dim, #n, #budget, #sparsity);
-                            pub const FIPS: ::spin_core::fips::FipsDecl = ::spin_core::fips::FipsDecl {
+                            pub const RANK: usize = #pv::fips_rules::rank(#dim, #n, #budget, #sparsity);
+                            pub const FIPS: #pv::FipsDecl = #pv::FipsDecl {
                                 groups: &[#(#groups),*],
                                 budget: #budget,
                                 sparsity: #sparsity,
                                 rank: #ident::RANK,
                             };
                         },
-                        quote!(::spin_core::fips::model::params(#vit_params, #dim, #hidden, #depth, &#ident::FIPS)),
-                        quote!(::spin_core::vit::Vit<#ident, E, D, ::spin_core::fips::FipsMlps<#ident, E, D>>),
+                        quote!(#pv::fips_rules::model_params(#vit_params, #dim, #hidden, #depth, #n_groups, #ident::RANK, #sparsity)),
+                        quote!(#pv::Vit<#ident, E, D, #pv::FipsMlps<#ident, E, D>>),
                     )
                 }
             };
             quote! {
                 #common
 
-                impl ::spin_core::vit::VitConfig for #ident {
+                impl #pv::VitConfig for #ident {
                     type Dim = #c<#dim>;
                     type Patch = #c<#patch>;
                     type Image = #c<#image>;
@@ -322,7 +327,7 @@ fn model_tokens(s: &ItemStruct, m: &Model, fips: Option<&valid::Fips>) -> TokenS
                     const GROUPS: usize = #groups;
                     const PATTERN: &'static str = #pattern_name;
                     const SCHEDULE: &'static [usize] = &#ident::SCHEDULE;
-                    const SHARE: ::spin_core::sharing::VitShare = #share;
+                    const SHARE: #pv::VitShare = #share;
                     #fips_const
                 }
 
@@ -332,12 +337,12 @@ fn model_tokens(s: &ItemStruct, m: &Model, fips: Option<&valid::Fips>) -> TokenS
                     pub const GROUPS: usize = #groups;
                     pub const SCHEDULE: [usize; #depth] = #schedule;
                     pub const PARAMS: usize = #params;
-                    pub const MACS: u64 = ::spin_core::vit::macs(#dim, #patch, #image, #hidden, #classes, #depth);
+                    pub const MACS: u64 = #pv::counts::vit_macs(#dim, #patch, #image, #hidden, #classes, #depth);
                     #fips_items
                 }
 
-                impl<E: ::spin_core::SpinDtype, D: ::spin_core::SpinDevice<E>>
-                    ::spin_core::dfdx::nn::BuildOnDevice<D, E> for #ident
+                impl<E: #pv::SpinDtype, D: #pv::SpinDevice<E>>
+                    #pv::dfdx::nn::BuildOnDevice<D, E> for #ident
                 {
                     type Built = #built;
                 }

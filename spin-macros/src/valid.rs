@@ -1,7 +1,11 @@
 //! Checking parsed arguments. Every error points at the argument at fault and says what would be
-//! valid; all errors of a declaration are reported together.
-use crate::ast::{Arg, FamilyArgs, FamilyKind, FipsArgs, PatternArg, SharedArgs};
+//! valid; all errors of a declaration are reported together. The rules themselves (schedules,
+//! granularities, FiPS plans) are `spin-rules`'; this file only turns their errors into spanned
+//! compile errors and checks what only a declaration has (missing arguments, sizes that must
+//! divide).
+use crate::ast::{Arg, FamilyArgs, FamilyKind, FipsArgs, SharedArgs};
 use proc_macro2::Span;
+use spin_rules::{parse_name, Act, ConvMixerShare, Field, Pattern, RuleError, Variant, VitShare};
 
 /// A checked model declaration: every number the expansion needs.
 #[derive(Clone, Debug)]
@@ -14,11 +18,18 @@ pub struct Model {
     pub grid: usize,
     pub classes: usize,
     pub kernel: usize,
-    pub act: &'static str,
-    pub variant: &'static str,
+    pub act: Act,
+    pub variant: Variant,
     pub heads: usize,
     pub hidden: usize,
     pub sharing: Sharing,
+}
+
+/// What a model shares, per family.
+#[derive(Clone, Copy, Debug)]
+pub enum Share {
+    ConvMixer(ConvMixerShare),
+    Vit(VitShare),
 }
 
 /// A checked sharing configuration.
@@ -26,21 +37,8 @@ pub struct Model {
 pub struct Sharing {
     pub depth: usize,
     pub groups: usize,
-    pub pattern: PatternArg,
-    /// The spin-core enum variant, e.g. `Pointwise` or `AttnMlp`.
-    pub share: &'static str,
-}
-
-impl PatternArg {
-    pub fn name(&self) -> String {
-        match self {
-            PatternArg::Sequential => "sequential".into(),
-            PatternArg::Strided => "strided".into(),
-            PatternArg::CycleRev => "cycle_rev".into(),
-            PatternArg::Random(seed) => format!("random{seed}"),
-            PatternArg::List(_) => "list".into(),
-        }
-    }
+    pub pattern: Pattern,
+    pub share: Share,
 }
 
 #[derive(Default)]
@@ -79,28 +77,13 @@ fn required(errs: &mut Errors, arg: &Option<Arg<usize>>, name: &str, attr: &str,
     }
 }
 
-fn choice(
-    errs: &mut Errors,
-    arg: &Option<Arg<String>>,
-    name: &str,
-    options: &[(&str, &'static str)],
-) -> &'static str {
-    let Some(a) = arg else { return options[0].1 };
-    match options.iter().find(|(k, _)| *k == a.value) {
-        Some((_, v)) => v,
-        None => {
-            let valid: Vec<&str> = options.iter().map(|(k, _)| *k).collect();
-            errs.push(
-                a.span,
-                format!(
-                    "unknown {name} `{}`; valid values are: {}",
-                    a.value,
-                    valid.join(", ")
-                ),
-            );
-            options[0].1
-        }
-    }
+/// A named choice from one of spin-rules' tables; the table's first entry is the default.
+fn choice<T: Copy>(errs: &mut Errors, arg: &Option<Arg<String>>, what: &str, table: &[(&str, T)]) -> T {
+    let Some(a) = arg else { return table[0].1 };
+    parse_name(table, what, &a.value).unwrap_or_else(|msg| {
+        errs.push(a.span, msg);
+        table[0].1
+    })
 }
 
 pub fn model(f: &FamilyArgs, shared: Option<&SharedArgs>, ident: &syn::Ident) -> syn::Result<Model> {
@@ -128,7 +111,7 @@ pub fn model(f: &FamilyArgs, shared: Option<&SharedArgs>, ident: &syn::Ident) ->
         }
     }
     let (mut kernel, mut heads, mut hidden) = (0, 0, 0);
-    let (mut act, mut variant) = ("Gelu", "Timm");
+    let (mut act, mut variant) = (Act::default(), Variant::default());
     match f.kind {
         FamilyKind::ConvMixer => {
             kernel = required(&mut errs, &f.kernel, "kernel", attr, "9");
@@ -145,13 +128,8 @@ pub fn model(f: &FamilyArgs, shared: Option<&SharedArgs>, ident: &syn::Ident) ->
                     );
                 }
             }
-            act = choice(&mut errs, &f.act, "act", &[("gelu", "Gelu"), ("relu", "Relu")]);
-            variant = choice(
-                &mut errs,
-                &f.variant,
-                "variant",
-                &[("timm", "Timm"), ("spin", "Spin")],
-            );
+            act = choice(&mut errs, &f.act, "act", Act::NAMES);
+            variant = choice(&mut errs, &f.variant, "variant", Variant::NAMES);
         }
         FamilyKind::Vit => {
             heads = required(&mut errs, &f.heads, "heads", attr, "6");
@@ -210,57 +188,41 @@ pub fn model(f: &FamilyArgs, shared: Option<&SharedArgs>, ident: &syn::Ident) ->
         sharing: sharing.unwrap_or(Sharing {
             depth: 1,
             groups: 1,
-            pattern: PatternArg::Sequential,
-            share: "",
+            pattern: Pattern::Sequential,
+            share: default_share(f.kind),
         }),
     })
+}
+
+fn default_share(kind: FamilyKind) -> Share {
+    match kind {
+        FamilyKind::ConvMixer => Share::ConvMixer(ConvMixerShare::NAMES[0].1),
+        FamilyKind::Vit => Share::Vit(VitShare::NAMES[0].1),
+    }
 }
 
 fn sharing(errs: &mut Errors, f: &FamilyArgs, s: Option<&SharedArgs>) -> Option<Sharing> {
     let Some(s) = s else {
         let depth = required(errs, &f.depth, "depth", f.kind.attr(), "8");
-        let share = match f.kind {
-            FamilyKind::ConvMixer => "Pointwise",
-            FamilyKind::Vit => "AttnMlp",
-        };
         return Some(Sharing {
             depth,
             groups: depth,
-            pattern: PatternArg::Sequential,
-            share,
+            pattern: Pattern::Sequential,
+            share: default_share(f.kind),
         });
     };
-    if let (Some(fd), Some(sd)) = (&f.depth, &s.depth) {
+    if let (Some(_), Some(sd)) = (&f.depth, &s.depth) {
         errs.push(
             sd.span,
             "depth is given twice: keep it in #[shared_blocks] and remove it from the family attribute",
         );
-        let _ = fd;
     }
     let depth_arg = s.depth.clone().or_else(|| f.depth.clone());
     let share = match f.kind {
-        FamilyKind::ConvMixer => choice(
-            errs,
-            &s.share,
-            "ConvMixer share",
-            &[
-                ("pointwise", "Pointwise"),
-                ("depthwise", "Depthwise"),
-                ("both", "Both"),
-                ("block", "Block"),
-            ],
-        ),
-        FamilyKind::Vit => choice(
-            errs,
-            &s.share,
-            "ViT share",
-            &[
-                ("attn_mlp", "AttnMlp"),
-                ("attn", "Attn"),
-                ("mlp", "Mlp"),
-                ("all", "All"),
-            ],
-        ),
+        FamilyKind::ConvMixer => {
+            Share::ConvMixer(choice(errs, &s.share, "ConvMixer share", ConvMixerShare::NAMES))
+        }
+        FamilyKind::Vit => Share::Vit(choice(errs, &s.share, "ViT share", VitShare::NAMES)),
     };
     let (depth, groups, pattern) = schedule(errs, s, &depth_arg)?;
     Some(Sharing {
@@ -271,72 +233,28 @@ fn sharing(errs: &mut Errors, f: &FamilyArgs, s: Option<&SharedArgs>) -> Option<
     })
 }
 
-/// Checks depth, groups and pattern of a `#[shared_blocks]`.
+/// Checks depth, groups and pattern of a `#[shared_blocks]` with spin-rules' schedule check.
 pub fn schedule(
     errs: &mut Errors,
     s: &SharedArgs,
     depth: &Option<Arg<usize>>,
-) -> Option<(usize, usize, PatternArg)> {
+) -> Option<(usize, usize, Pattern)> {
     let depth_v = required_at(errs, depth, "depth", s.span)?;
+    let groups = s.groups.as_ref();
     let groups_v = required_at(errs, &s.groups, "groups", s.span)?;
-    let groups = s.groups.as_ref()?;
-    if groups_v > depth_v {
-        errs.push(
-            groups.span,
-            format!("groups ({groups_v}) must be at most depth ({depth_v})"),
-        );
-        return None;
-    }
     let pattern = s
         .pattern
         .as_ref()
         .map(|p| p.value.clone())
-        .unwrap_or(PatternArg::Sequential);
-    let pspan = s.pattern.as_ref().map(|p| p.span).unwrap_or(groups.span);
-    match &pattern {
-        PatternArg::Sequential | PatternArg::Random(_) if depth_v % groups_v != 0 => {
-            let valid: Vec<String> = (1..=depth_v)
-                .filter(|g| depth_v % g == 0)
-                .map(|g| g.to_string())
-                .collect();
-            errs.push(
-                groups.span,
-                format!(
-                    "pattern `{}` needs depth ({depth_v}) to be a multiple of groups ({groups_v}); \
-                     valid group counts: {}, or use pattern = strided or cycle_rev",
-                    pattern.name(),
-                    valid.join(", ")
-                ),
-            );
-        }
-        PatternArg::List(list) => {
-            if list.len() != depth_v {
-                errs.push(
-                    pspan,
-                    format!(
-                        "the pattern list has {} entries but depth is {depth_v}: give one group per layer",
-                        list.len()
-                    ),
-                );
-            } else if let Some((layer, g)) = list.iter().enumerate().find(|(_, &g)| g >= groups_v) {
-                errs.push(pspan, format!("layer {layer} uses group {g}, but groups = {groups_v}: entries must be in 0..{groups_v}"));
-            } else {
-                let unused: Vec<String> = (0..groups_v)
-                    .filter(|g| !list.contains(g))
-                    .map(|g| g.to_string())
-                    .collect();
-                if !unused.is_empty() {
-                    errs.push(
-                        pspan,
-                        format!(
-                            "group(s) {} are used by no layer; every group must appear in the list",
-                            unused.join(", ")
-                        ),
-                    );
-                }
-            }
-        }
-        _ => {}
+        .unwrap_or(Pattern::Sequential);
+    if let Err(RuleError { field, message }) = spin_rules::schedule::check(depth_v, groups_v, &pattern) {
+        let span = match field {
+            Field::Pattern => s.pattern.as_ref().map(|p| p.span),
+            Field::Depth => depth.as_ref().map(|d| d.span),
+            _ => None,
+        };
+        errs.push(span.or(groups.map(|g| g.span)).unwrap_or(s.span), message);
+        return None;
     }
     Some((depth_v, groups_v, pattern))
 }
@@ -359,7 +277,7 @@ fn required_at(errs: &mut Errors, arg: &Option<Arg<usize>>, name: &str, span: Sp
 }
 
 /// Checks a stand-alone `#[shared_blocks]` over a user block.
-pub fn trunk(s: &SharedArgs) -> syn::Result<(usize, usize, PatternArg)> {
+pub fn trunk(s: &SharedArgs) -> syn::Result<(usize, usize, Pattern)> {
     let mut errs = Errors::default();
     if let Some(share) = &s.share {
         errs.push(
@@ -377,11 +295,12 @@ pub struct Fips {
     pub groups: Vec<Vec<usize>>,
     pub budget: f64,
     pub sparsity: f64,
+    pub rank: usize,
 }
 
-/// Checks a `#[fips(...)]` against the model it compresses: a ViT without SPIN sharing, groups
-/// that cover every block once with one size, a budget in (0, 1], a sparsity in [0, 1), and a
-/// non-zero rank.
+/// Checks a `#[fips(...)]` against the model it compresses: a ViT without SPIN sharing, and a
+/// plan that spin-rules accepts (groups that cover every block once with one size, a budget in
+/// (0, 1], a sparsity in [0, 1), a non-zero rank).
 pub fn fips(a: &FipsArgs, m: &Model) -> syn::Result<Fips> {
     let mut errs = Errors::default();
     if m.kind != FamilyKind::Vit {
@@ -393,8 +312,8 @@ pub fn fips(a: &FipsArgs, m: &Model) -> syn::Result<Fips> {
             "#[fips] starts from a ViT whose blocks share nothing: remove #[shared_blocks] (FiPS shares its own bases)",
         );
     }
-    let depth = m.sharing.depth;
     let groups = match &a.groups {
+        Some(g) => g.value.clone(),
         None => {
             errs.push(
                 a.span,
@@ -402,46 +321,8 @@ pub fn fips(a: &FipsArgs, m: &Model) -> syn::Result<Fips> {
             );
             vec![]
         }
-        Some(g) => {
-            let mut seen = vec![false; depth];
-            for &b in g.value.iter().flatten() {
-                if b >= depth {
-                    errs.push(
-                        g.span,
-                        format!("block {b} does not exist: the model has blocks 0..{depth}"),
-                    );
-                } else if std::mem::replace(&mut seen[b], true) {
-                    errs.push(g.span, format!("block {b} is in two groups"));
-                }
-            }
-            let missing: Vec<String> = (0..depth).filter(|&b| !seen[b]).map(|b| b.to_string()).collect();
-            if !missing.is_empty() {
-                errs.push(
-                    g.span,
-                    format!("every block must be in a group; missing: {}", missing.join(", ")),
-                );
-            }
-            let n = g.value.first().map_or(0, Vec::len);
-            if g.value.iter().any(|x| x.len() != n) {
-                errs.push(
-                    g.span,
-                    "groups must all have the same number of blocks (the rank follows from it)",
-                );
-            }
-            g.value.clone()
-        }
     };
     let budget = match &a.budget {
-        Some(b) if !(b.value > 0.0 && b.value <= 1.0) => {
-            errs.push(
-                b.span,
-                format!(
-                    "budget is the fraction of MLP weights kept: it must lie in (0, 1], got {}",
-                    b.value
-                ),
-            );
-            0.5
-        }
         Some(b) => b.value,
         None => {
             errs.push(
@@ -451,28 +332,28 @@ pub fn fips(a: &FipsArgs, m: &Model) -> syn::Result<Fips> {
             0.5
         }
     };
-    let sparsity = match &a.sparsity {
-        Some(s) if !(0.0..1.0).contains(&s.value) => {
-            errs.push(s.span, format!("sparsity must lie in [0, 1), got {}", s.value));
-            0.0
+    let sparsity = a.sparsity.as_ref().map_or(0.0, |s| s.value);
+    let mut rank = 0;
+    if a.groups.is_some() {
+        match spin_rules::fips::check_plan(m.sharing.depth, m.dim, &groups, budget, sparsity) {
+            Ok(r) => rank = r,
+            Err(errors) => {
+                for RuleError { field, message } in errors {
+                    let span = match field {
+                        Field::FipsGroups => a.groups.as_ref().map(|g| g.span),
+                        Field::Budget => a.budget.as_ref().map(|b| b.span),
+                        Field::Sparsity => a.sparsity.as_ref().map(|s| s.span),
+                        _ => None,
+                    };
+                    errs.push(span.unwrap_or(a.span), message);
+                }
+            }
         }
-        Some(s) => s.value,
-        None => 0.0,
-    };
-    // spin_core::fips::rank's formula, evaluated here only to point at the budget when it leaves
-    // no rank (the expansion uses spin-core's const fn for the value).
-    let (d, n) = (m.dim as f64, groups.first().map_or(1, Vec::len) as f64);
-    let rank = (8.0 * n * d * d * budget / (8.0 * n * d * (1.0 - sparsity) + d)) as usize;
-    if rank == 0 {
-        let span = a.budget.as_ref().map_or(a.span, |b| b.span);
-        errs.push(
-            span,
-            "this budget leaves rank 0: raise the budget or the sparsity",
-        );
     }
     errs.finish(|| Fips {
         groups,
         budget,
         sparsity,
+        rank,
     })
 }

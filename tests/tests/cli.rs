@@ -4,7 +4,8 @@ use spin_core::data::{self, DataConfig, DataSpec};
 use spin_core::Error;
 use spin_tests::scratch;
 use std::path::{Path, PathBuf};
-use zoo::cli::{self, Cli, Cmd, Format, ZooArgs};
+use zoo::cli::{self, Cli, Cmd, ZooArgs};
+use zoo::report::Format;
 
 fn parse(args: &[&str]) -> Cli {
     use clap::Parser;
@@ -97,7 +98,7 @@ fn zoo_lists_every_member_with_params_equal_to_the_type_consts() {
         params("deit_base_patch16_224_fips"),
         zoo::deit_base_patch16_224_fips::PARAMS
     );
-    let dense_mlp = 12 * spin_core::vit::mlp_params(768, 3072);
+    let dense_mlp = 12 * spin_core::rules::counts::mlp_params(768, 3072);
     let saved = zoo::deit_base_patch16_224::PARAMS - zoo::deit_base_patch16_224_fips::PARAMS;
     assert!((saved as f64 / dense_mlp as f64 - 0.5).abs() < 0.01, "{saved}");
     // Built at run time by name, the small members count the same parameters.
@@ -163,11 +164,7 @@ fn train_writes_checkpoints_and_metrics_and_resumes_bit_for_bit() {
         read(full.join("checkpoint.safetensors")) == read(split.join("checkpoint.safetensors")),
         "weights differ"
     );
-    let opt = |d: &Path| {
-        spin_core::train::AdamW::load(&d.join("optimizer.safetensors"))
-            .unwrap()
-            .0
-    };
+    let opt = |d: &Path| spin_core::train::RunState::load(d).unwrap().optimizer;
     assert!(opt(&full) == opt(&split), "optimiser state differs");
     assert_eq!(opt(&full).t, 2 * 4); // 2 epochs of ceil(60 / 16) steps
     assert_eq!(

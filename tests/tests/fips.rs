@@ -1,9 +1,11 @@
 //! FiPS: initialisation, parameter counts, block-wise reconstruction, masks and checkpoints.
 use spin_core::fips::reconstruct::{block_errors, calibrate, reconstruct};
 use spin_core::fips::{self, FipsMlps, FipsPlan, ReconConfig};
+use spin_core::models::vit::VitMlps;
+use spin_core::models::SpinModel;
 use spin_core::prelude::*;
-use spin_core::train::{AdamW, Classifier, Runner, SpinModel, StepParams};
-use spin_core::vit::{mlp_params, VitMlps};
+use spin_core::rules::counts::mlp_params;
+use spin_core::train::{AdamW, Classifier, Runner, StepParams};
 use spin_tests::{rel_err, scratch};
 
 #[vit(dim = 16, heads = 2, patch = 4, image = 8, classes = 3, depth = 4)]
@@ -22,7 +24,7 @@ fn f64s(v: Vec<f32>) -> Vec<f64> {
 }
 
 /// Every masked-out entry of every V is exactly zero; returns how many entries are masked out.
-fn pruned_entries_are_zero<C: spin_core::vit::VitConfig>(m: &FipsMlps<C, f32, Cpu>) -> usize {
+fn pruned_entries_are_zero<C: spin_core::models::vit::VitConfig>(m: &FipsMlps<C, f32, Cpu>) -> usize {
     let mut pruned = 0;
     for l in &m.layers {
         for (v, mask) in [(&l.v1, &l.m1), (&l.v2, &l.m2)] {
@@ -287,7 +289,7 @@ fn the_pipeline_runs_from_a_checkpoint_and_reports_per_block_errors() {
             ..Default::default()
         },
     };
-    let runner = <Tiny as Describe>::fips().expect("a dense ViT can be compressed");
+    let runner = <Tiny as fips::FipsCompress>::RUNNER.expect("a dense ViT can be compressed");
     let out = runner(&job, &mut |_, _| {}).unwrap();
     let r = &out.report;
     assert_eq!(r.plan.groups, groups());
@@ -322,5 +324,5 @@ fn the_pipeline_runs_from_a_checkpoint_and_reports_per_block_errors() {
     .to_string();
     assert!(err.contains("does not divide"), "{err}");
     // A FiPS model is not compressed again.
-    assert!(<TinyFips as Describe>::fips().is_none());
+    assert!(<TinyFips as fips::FipsCompress>::RUNNER.is_none());
 }

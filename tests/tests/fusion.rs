@@ -1,7 +1,8 @@
 //! Weight fusion: a shared model from an unshared one, and SPIN's fusion-aware training.
 use spin_core::fusion::{fuse_into, tensor_map, Fusion, Reduction};
+use spin_core::models::SpinModel;
 use spin_core::prelude::*;
-use spin_core::train::{AdamW, Classifier, Runner, SpinModel, StepParams};
+use spin_core::train::{AdamW, Classifier, Runner, StepParams};
 
 #[convmixer(dim = 8, kernel = 3, patch = 2, image = 8, classes = 5, act = gelu, depth = 4)]
 struct Plain;

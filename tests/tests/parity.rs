@@ -159,7 +159,7 @@ fn cached_inference_weights_follow_every_update() {
     let dev = Cpu::seed_from_u64(13);
     let mut m = dev.build_module::<SharedOddVit, f64>();
     let x: Tensor<Rank4<2, 3, 20, 20>, f64, _> = dev.sample_normal();
-    let check = |m: &spin_core::vit::Vit<SharedOddVit, f64, Cpu>, what: &str, before: &[f64]| {
+    let check = |m: &spin_core::models::vit::Vit<SharedOddVit, f64, Cpu>, what: &str, before: &[f64]| {
         let fused = m.forward(x.clone()).as_vec();
         let composed = m.forward(x.trace(m.alloc_grads())).as_vec();
         assert!(rel_err(&fused, &composed) < 1e-12, "{what}: stale weights");

@@ -95,7 +95,7 @@ fn result(name: &str, batch: usize, train: bool, dtype: &str, median: f64, min: 
 /// the members with an f16 path are listed here.
 pub fn bench_f16(name: &str, batch: usize, iters: usize) -> Result<BenchResult, Error> {
     use spin_core::dfdx::dtypes::f16;
-    use spin_core::train::SpinModel;
+    use spin_core::models::SpinModel;
     fn run<X>(batch: usize, iters: usize) -> Result<(f64, f64), Error>
     where
         X: BuildOnDevice<Cpu, f16> + spin_core::Describe,

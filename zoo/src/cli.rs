@@ -1,12 +1,12 @@
 //! The `spin` command line. Each sub-command is a function here so tests can drive it directly.
-use crate::report::{self, Row};
+use crate::report::{self, FipsResult, Format, Row};
 use crate::{data_config, find, DIGITS_COMPARISON, MEMBERS};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use spin_core::checkpoint::StorageDtype;
 use spin_core::data::{self, DataSpec};
 use spin_core::fusion::{read_checkpoint, Reduction};
-use spin_core::train::{self, AdamW, Classifier, TrainConfig};
+use spin_core::train::{self, Classifier, Event, RunOptions, TrainConfig, TrainResult};
 use spin_core::Error;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -142,14 +142,6 @@ pub struct FuseArgs {
     pub out: PathBuf,
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     pub save_dtype: StorageDtype,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-pub enum Format {
-    Table,
-    Csv,
-    Markdown,
-    Json,
 }
 
 #[derive(Args, Debug)]
@@ -332,20 +324,6 @@ pub fn zoo(a: &ZooArgs, out: &mut dyn Write) -> Result<(), Error> {
     report::zoo_table(&rows, a.format, out).map_err(io)
 }
 
-/// What a finished training run reports.
-#[derive(Clone, Debug)]
-pub struct TrainResult {
-    pub name: String,
-    pub params: usize,
-    pub macs: u64,
-    pub test_accuracy: f32,
-    pub test_loss: f32,
-    /// Test accuracy before the first epoch (absent when resuming).
-    pub initial_accuracy: Option<f32>,
-    pub seconds: f64,
-    pub epochs_run: usize,
-}
-
 fn progress(steps: usize, prefix: String, quiet: bool) -> ProgressBar {
     let pb = if quiet {
         ProgressBar::hidden()
@@ -361,8 +339,8 @@ fn progress(steps: usize, prefix: String, quiet: bool) -> ProgressBar {
     pb
 }
 
-/// `spin train`: trains with a checkpoint (timm layout, atomic) and optimiser state each epoch,
-/// per-epoch metrics in `metrics.csv`, and `--resume`.
+/// `spin train`: builds the member (from scratch, fused from `--init-from`, or fusion-aware),
+/// then runs [`spin_core::train::run`] in `--out`, drawing its progress.
 pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<TrainResult, Error> {
     let member = find(&a.model)?;
     let info = (member.info)();
@@ -374,13 +352,6 @@ pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<TrainResult, Error> {
         )));
     }
     let cfg = a.hyper.config();
-    let dir = a.out.clone().unwrap_or_else(|| Path::new("runs").join(info.name));
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-    let (ckpt, state, metrics) = (
-        dir.join("checkpoint.safetensors"),
-        dir.join("optimizer.safetensors"),
-        dir.join("metrics.csv"),
-    );
     let mut model = match (a.fusion, &a.init_from) {
         (Some(_), None) => {
             return Err(Error::Invalid("--fusion needs --init-from CKPT, the trained unshared model".into()))
@@ -411,30 +382,6 @@ pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<TrainResult, Error> {
             m
         }
     };
-    let mut opt = AdamW::new(cfg.weight_decay);
-    let mut start = 0;
-    if a.resume {
-        let (o, meta) = AdamW::load(&state)?;
-        let done: usize = meta
-            .get("epoch")
-            .and_then(|e| e.parse().ok())
-            .ok_or_else(|| Error::Invalid(format!("{}: no epoch recorded", state.display())))?;
-        if meta.get("model").map(String::as_str) != Some(info.name) {
-            return Err(Error::Invalid(format!(
-                "{} was written for another model",
-                state.display()
-            )));
-        }
-        model.load_timm(&ckpt)?;
-        opt = o;
-        start = done + 1;
-    } else {
-        std::fs::write(
-            &metrics,
-            "epoch,lr_peak,train_loss,train_accuracy,test_loss,test_accuracy,seconds,images_per_s\n",
-        )
-        .map_err(|e| Error::io(&metrics, e))?;
-    }
     writeln!(
         out,
         "{}: {} params, {:.1} MMACs/image, {} train / {} test images ({})",
@@ -446,107 +393,59 @@ pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<TrainResult, Error> {
         a.hyper.data
     )
     .map_err(io)?;
-    let t0 = Instant::now();
-    let initial = if start == 0 {
-        let s = train::evaluate(model.as_ref(), &split.test, 256);
-        writeln!(
-            out,
-            "before training: test loss {:.4} acc {:.4}",
-            s.loss, s.accuracy
-        )
-        .map_err(io)?;
-        Some(s.accuracy)
-    } else {
-        None
+    let opts = RunOptions {
+        dir: a.out.clone().unwrap_or_else(|| Path::new("runs").join(info.name)),
+        resume: a.resume,
+        stop_after: a.stop_after,
+        save_dtype: a.save_dtype,
+        eval_batch: 256,
     };
-    let mut last = train::PassStats::default();
-    let end = a.stop_after.unwrap_or(cfg.epochs).min(cfg.epochs);
-    for epoch in start..end {
-        let steps = train::steps_per_epoch(split.train.len(), cfg.batch);
-        let pb = progress(
-            steps,
-            format!("{} {}/{}", info.name, epoch + 1, cfg.epochs),
-            a.quiet,
-        );
-        let te = Instant::now();
-        let stats = train::train_epoch(
-            model.as_mut(),
-            &mut opt,
-            &split.train,
-            &cfg,
-            epoch,
-            &mut |s, loss, acc| {
-                pb.set_position(s as u64);
-                let ips = (s * cfg.batch) as f64 / te.elapsed().as_secs_f64().max(1e-9);
-                pb.set_message(format!("loss {loss:.3} acc {acc:.3} {ips:.0} img/s"));
-            },
-        );
-        pb.finish_and_clear();
-        let stats = match stats {
-            Ok(s) => s,
-            Err(e @ Error::Diverged { .. }) => {
-                let kept = if ckpt.exists() {
-                    format!("the last good checkpoint is {}", ckpt.display())
-                } else {
-                    "no epoch finished, so no checkpoint was written".into()
-                };
-                return Err(Error::Invalid(format!("{e}; stopped, {kept}")));
+    let mut pb = ProgressBar::hidden();
+    let mut epoch_start = Instant::now();
+    train::run(
+        model.as_mut(),
+        &split.train,
+        &split.test,
+        &cfg,
+        &opts,
+        &mut |event| {
+            match event {
+                Event::Initial(s) => writeln!(
+                    out,
+                    "before training: test loss {:.4} acc {:.4}",
+                    s.loss, s.accuracy
+                )
+                .map_err(io)?,
+                Event::EpochStart { epoch, steps } => {
+                    pb = progress(
+                        steps,
+                        format!("{} {}/{}", info.name, epoch + 1, cfg.epochs),
+                        a.quiet,
+                    );
+                    epoch_start = Instant::now();
+                }
+                Event::Step { step, loss, accuracy } => {
+                    pb.set_position(step as u64);
+                    let ips = (step * cfg.batch) as f64 / epoch_start.elapsed().as_secs_f64().max(1e-9);
+                    pb.set_message(format!("loss {loss:.3} acc {accuracy:.3} {ips:.0} img/s"));
+                }
+                Event::Committed { .. } => pb.finish_and_clear(),
+                Event::Epoch(r) => writeln!(
+                out,
+                "epoch {:>3}: train loss {:.4} acc {:.4} | test loss {:.4} acc {:.4} | {:.1}s, {:.0} img/s",
+                r.epoch,
+                r.train.loss,
+                r.train.accuracy,
+                r.test.loss,
+                r.test.accuracy,
+                r.seconds,
+                r.images_per_s()
+            )
+                .map_err(io)?,
             }
-            Err(e) => return Err(e),
-        };
-        let secs = te.elapsed().as_secs_f64();
-        last = train::evaluate(model.as_ref(), &split.test, 256);
-        model.save_timm(&ckpt, a.save_dtype)?;
-        opt.save(
-            &state,
-            &[
-                ("epoch", epoch.to_string()),
-                ("model", info.name.to_string()),
-                ("seed", cfg.seed.to_string()),
-            ],
-        )?;
-        let row = format!(
-            "{},{},{:.6},{:.6},{:.6},{:.6},{:.3},{:.1}\n",
-            epoch + 1,
-            cfg.lr,
-            stats.loss,
-            stats.accuracy,
-            last.loss,
-            last.accuracy,
-            secs,
-            stats.images as f64 / secs
-        );
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&metrics)
-            .map_err(|e| Error::io(&metrics, e))?;
-        f.write_all(row.as_bytes()).map_err(|e| Error::io(&metrics, e))?;
-        writeln!(
-            out,
-            "epoch {:>3}: train loss {:.4} acc {:.4} | test loss {:.4} acc {:.4} | {:.1}s, {:.0} img/s",
-            epoch + 1,
-            stats.loss,
-            stats.accuracy,
-            last.loss,
-            last.accuracy,
-            secs,
-            stats.images as f64 / secs
-        )
-        .map_err(io)?;
-    }
-    if start >= end {
-        last = train::evaluate(model.as_ref(), &split.test, 256);
-    }
-    Ok(TrainResult {
-        name: info.name.to_string(),
-        params: info.params,
-        macs: info.macs,
-        test_accuracy: last.accuracy,
-        test_loss: last.loss,
-        initial_accuracy: initial,
-        seconds: t0.elapsed().as_secs_f64(),
-        epochs_run: end.saturating_sub(start),
-    })
+            Ok(())
+        },
+    )
 }
 
 fn load(model: &str, weights: &Path) -> Result<Box<dyn Classifier>, Error> {
@@ -700,34 +599,13 @@ fn parse_groups(s: &str) -> Result<Vec<Vec<usize>>, Error> {
         .collect()
 }
 
-/// What `spin fips` measured, as `--json` prints it.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct FipsResult {
-    pub model: String,
-    pub groups: Vec<Vec<usize>>,
-    pub rank: usize,
-    pub budget: f64,
-    pub sparsity: f64,
-    pub dense_params: usize,
-    pub fips_params: usize,
-    pub dense_mlp_params: usize,
-    pub fips_mlp_params: usize,
-    pub init_block_mse: Vec<f64>,
-    pub final_block_mse: Vec<f64>,
-    pub dense_accuracy: f32,
-    pub one_shot_accuracy: f32,
-    pub reconstructed_accuracy: f32,
-    pub finetuned_accuracy: Option<f32>,
-    pub seconds: f64,
-}
-
 /// `spin fips`: loads the dense ViT, compresses its MLPs (SVD init, gradual pruning, block-wise
 /// reconstruction), optionally fine-tunes end to end, reports, and saves the FiPS checkpoint.
 pub fn fips(a: &FipsArgs, out: &mut dyn Write) -> Result<FipsResult, Error> {
     let start = Instant::now();
     let member = find(&a.model)?;
     let info = (member.info)();
-    let runner = (member.fips)().ok_or_else(|| {
+    let runner = member.fips.ok_or_else(|| {
         Error::Invalid(format!(
             "{} cannot be compressed by FiPS: it needs a dense ViT (FiPS shares MLP weights of ViT blocks)",
             info.name
@@ -783,25 +661,24 @@ pub fn fips(a: &FipsArgs, out: &mut dyn Write) -> Result<FipsResult, Error> {
             clip: Some(1.0),
             seed: a.seed,
         };
-        let mut opt = AdamW::new(cfg.weight_decay);
-        let steps = train::steps_per_epoch(split.train.len(), cfg.batch);
-        for epoch in 0..cfg.epochs {
-            let pb = progress(
-                steps,
-                format!("fine-tune {}/{}", epoch + 1, cfg.epochs),
-                a.quiet || a.json,
-            );
-            train::train_epoch(
-                model.as_mut(),
-                &mut opt,
-                &split.train,
-                &cfg,
-                epoch,
-                &mut |_, _, _| pb.inc(1),
-            )?;
-            pb.finish_and_clear();
-        }
-        finetuned = Some(acc(model.as_ref()));
+        let mut pb = ProgressBar::hidden();
+        let stats = train::fine_tune(model.as_mut(), &split.train, &split.test, &cfg, &mut |event| {
+            match event {
+                Event::EpochStart { epoch, steps } => {
+                    pb.finish_and_clear();
+                    pb = progress(
+                        steps,
+                        format!("fine-tune {}/{}", epoch + 1, cfg.epochs),
+                        a.quiet || a.json,
+                    );
+                }
+                Event::Step { step, .. } => pb.set_position(step as u64),
+                _ => {}
+            }
+            Ok(())
+        })?;
+        pb.finish_and_clear();
+        finetuned = stats.last().map(|s| s.accuracy);
     }
     if let Some(dir) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;

@@ -6,12 +6,14 @@
 //! Shared members are named `<base>_ws<r>_<pattern>`: r = depth / groups layers per shared tensor.
 //! ConvMixers share their pointwise conv (SPIN's choice); DeiTs share attention and MLP with
 //! LayerNorms per layer, and `_ws12_all` shares everything (ALBERT).
-use spin_core::convmixer::ConvMixerConfig;
 use spin_core::data::DataConfig;
 use spin_core::dfdx::prelude::*;
+use spin_core::fips::{FipsCompress, FipsRunner};
 use spin_core::fusion::{Fusion, Reduction};
-use spin_core::train::{Classifier, Runner, SpinModel};
-use spin_core::{Describe, Error, Family, ModelInfo};
+use spin_core::models::convmixer::ConvMixerConfig;
+use spin_core::models::SpinModel;
+use spin_core::train::{Classifier, Runner};
+use spin_core::{Describe, Error, ModelInfo};
 
 pub use spin_core::prelude::{convmixer, fips, shared_blocks, vit};
 
@@ -30,7 +32,7 @@ pub struct Member {
     /// base model's D tensors and fuses them every forward pass (SPIN's WFWS).
     pub fusion: Option<FusionBuilder>,
     /// For a dense ViT: its FiPS compression pipeline (`spin fips`).
-    pub fips: fn() -> Option<spin_core::fips::FipsRunner>,
+    pub fips: Option<FipsRunner>,
 }
 
 fn build_fusion<B: ConvMixerConfig, S: ConvMixerConfig>(
@@ -64,7 +66,7 @@ macro_rules! zoo {
                 info: <$name as Describe>::info,
                 build: build_member::<$name>,
                 fusion: zoo!(@fusion $name $($base)?),
-                fips: <$name as Describe>::fips,
+                fips: <$name as FipsCompress>::RUNNER,
             }, )+
         ];
     };
@@ -269,21 +271,9 @@ pub fn build(name: &str, seed: u64) -> Result<Box<dyn Classifier>, Error> {
     Ok((find(name)?.build)(seed))
 }
 
-/// How a member expects its input, as timm's data config would give it: ImageNet statistics and
-/// crop (0.96 for ConvMixer, 0.875 for DeiT) at 224; CIFAR-10 statistics at 32; inputs centred
-/// to [-1, 1] for the 8×8 digits members.
+/// How a member expects its input (see [`DataConfig::for_model`]).
 pub fn data_config(info: &ModelInfo) -> DataConfig {
-    match (info.image, info.family) {
-        (8, _) => DataConfig::centred(8),
-        (32, _) => DataConfig {
-            image: 32,
-            mean: [0.4914, 0.4822, 0.4465],
-            std: [0.2470, 0.2435, 0.2616],
-            crop_pct: 1.0,
-        },
-        (img, Family::ConvMixer) => DataConfig::imagenet(img, 0.96),
-        (img, Family::Vit) => DataConfig::imagenet(img, 0.875),
-    }
+    DataConfig::for_model(info)
 }
 
 /// The digits members `spin compare` trains by default: shared against unshared, per family.

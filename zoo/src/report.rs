@@ -1,11 +1,42 @@
 //! Tables and plots: `spin zoo` in four formats, and `spin compare`'s table, CSV and figure.
-use crate::cli::{Format, TrainResult};
+use clap::ValueEnum;
 use comfy_table::{presets, CellAlignment, Table};
 use plotters::prelude::*;
 use serde::Serialize;
+use spin_core::train::TrainResult;
 use spin_core::{Error, Family, ModelInfo};
 use std::io::Write;
 use std::path::Path;
+
+/// How `spin zoo` prints its list.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Csv,
+    Markdown,
+    Json,
+}
+
+/// What `spin fips` measured, as `--json` prints it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FipsResult {
+    pub model: String,
+    pub groups: Vec<Vec<usize>>,
+    pub rank: usize,
+    pub budget: f64,
+    pub sparsity: f64,
+    pub dense_params: usize,
+    pub fips_params: usize,
+    pub dense_mlp_params: usize,
+    pub fips_mlp_params: usize,
+    pub init_block_mse: Vec<f64>,
+    pub final_block_mse: Vec<f64>,
+    pub dense_accuracy: f32,
+    pub one_shot_accuracy: f32,
+    pub reconstructed_accuracy: f32,
+    pub finetuned_accuracy: Option<f32>,
+    pub seconds: f64,
+}
 
 /// One member as `spin zoo` lists it. Sizes count each stored tensor once (shared tensors once)
 /// plus BatchNorm running statistics, in MB of 10⁶ bytes.
@@ -294,7 +325,7 @@ fn draw<DB: DrawingBackend>(
 }
 
 /// `spin fips`'s report: the plan, parameters, per-block errors and accuracies.
-pub fn fips_table(r: &crate::cli::FipsResult, calib_rows: usize, out: &mut dyn Write) -> std::io::Result<()> {
+pub fn fips_table(r: &FipsResult, calib_rows: usize, out: &mut dyn Write) -> std::io::Result<()> {
     let groups: Vec<String> = r.groups.iter().map(|g| format!("{g:?}")).collect();
     writeln!(
         out,

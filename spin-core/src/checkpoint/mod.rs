@@ -1,0 +1,216 @@
+//! timm checkpoints: safetensors files with timm's key names and PyTorch's layouts.
+//!
+//! A model lists its parameters as [`Slot`]s: one stored tensor and every timm key that names it.
+//! An unshared tensor has one key; a shared one has a key per layer that uses it, so a saved
+//! shared model is an ordinary timm checkpoint (tied copies), and loading one into a shared model
+//! checks that the copies agree.
+mod io;
+mod packed;
+
+pub use io::{read_file, read_tensors, write_atomic, write_file, TensorMap};
+
+use crate::base::SpinDtype;
+use crate::nn::param::{PackedSlot, TimmKeys};
+use crate::Error;
+use io::encode;
+use packed::{pack, unpack};
+use safetensors::tensor::{Dtype as StDtype, TensorView};
+use std::collections::BTreeSet;
+use std::path::Path;
+
+/// The dtype tensors are stored in on disk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StorageDtype {
+    #[default]
+    F32,
+    F16,
+    BF16,
+    /// Full precision, for f64 models.
+    F64,
+}
+
+impl std::str::FromStr for StorageDtype {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            "bf16" => Ok(Self::BF16),
+            "f64" => Ok(Self::F64),
+            _ => Err(Error::Invalid(format!(
+                "unknown storage dtype `{s}`: use f32, f16, bf16 or f64"
+            ))),
+        }
+    }
+}
+
+/// Loading and saving timm checkpoints; implemented for every model that lists its tensors.
+pub trait TimmCheckpoint {
+    /// Loads a timm safetensors checkpoint (F32, F16, BF16 or F64 tensors). Every model key must be
+    /// present with its exact shape, no other key may be (BatchNorm's `num_batches_tracked` is
+    /// ignored), and tied copies of a shared tensor must be equal. Nothing is changed on error.
+    fn load_timm(&mut self, path: impl AsRef<Path>) -> Result<(), Error>;
+    /// Saves in timm's layout as F32.
+    fn save_timm(&self, path: impl AsRef<Path>) -> Result<(), Error> {
+        self.save_timm_as(path, StorageDtype::F32)
+    }
+    /// Saves in timm's layout in the given storage dtype, atomically (temporary file, then rename).
+    fn save_timm_as(&self, path: impl AsRef<Path>, dtype: StorageDtype) -> Result<(), Error>;
+}
+
+impl<M: TimmKeys + Clone> TimmCheckpoint for M {
+    fn load_timm(&mut self, path: impl AsRef<Path>) -> Result<(), Error> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        load_tensors(self, path, &read_tensors(path, &bytes)?)
+    }
+
+    fn save_timm_as(&self, path: impl AsRef<Path>, dtype: StorageDtype) -> Result<(), Error> {
+        // Tensors are shared Arcs: the clone copies no data.
+        save_keys(&mut self.clone(), path.as_ref(), dtype)
+    }
+}
+
+/// Saves any model that lists its tensors (also behind `dyn TimmKeys`) in timm's layout, in the
+/// given storage dtype, atomically: shared tensors under every key that names them, pruned ones as
+/// values and bit masks.
+pub fn save_keys<E: SpinDtype>(
+    model: &mut dyn TimmKeys<Elem = E>,
+    path: &Path,
+    dtype: StorageDtype,
+) -> Result<(), Error> {
+    {
+        let mut buffers: Vec<(String, Vec<usize>, StDtype, Vec<u8>)> = Vec::new();
+        for slot in model.timm_slots() {
+            let dims = slot.tensor.dims();
+            let data: Vec<f64> = slot.tensor.read().into_iter().map(|v| v.as_f64()).collect();
+            let first_key = slot.keys.first().cloned().unwrap_or_default();
+            let (st, bytes) = encode(path, &first_key, &data, dtype)?;
+            for key in &slot.keys {
+                if let Some(bn) = key.strip_suffix(".running_mean") {
+                    // timm's BatchNorm also saves a step counter; PyTorch accepts it either way.
+                    buffers.push((
+                        format!("{bn}.num_batches_tracked"),
+                        vec![],
+                        StDtype::I64,
+                        0i64.to_le_bytes().to_vec(),
+                    ));
+                }
+                buffers.push((key.clone(), dims.clone(), st, bytes.clone()));
+            }
+        }
+        for p in model.packed_slots() {
+            let (cols, mask) = (*p.mask.dims().last().unwrap_or(&1), p.mask.read());
+            let kept: Vec<f64> = p
+                .values
+                .read()
+                .iter()
+                .zip(&mask)
+                .filter(|(_, m)| m.as_f64() != 0.0)
+                .map(|(v, _)| v.as_f64())
+                .collect();
+            let (st, bytes) = encode(path, &p.values_key, &kept, dtype)?;
+            buffers.push((p.values_key.clone(), vec![kept.len()], st, bytes));
+            let (shape, bits) = pack(&mask, cols);
+            buffers.push((p.mask_key.clone(), shape, StDtype::U8, bits));
+        }
+        let views = buffers
+            .iter()
+            .map(|(k, shape, st, bytes)| {
+                TensorView::new(*st, shape.clone(), bytes)
+                    .map(|v| (k.clone(), v))
+                    .map_err(|e| Error::Invalid(format!("{key}: {e}", key = k)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let bytes = safetensors::tensor::serialize(views, &None).map_err(|e| Error::Safetensors {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
+        write_atomic(path, &bytes)
+    }
+}
+
+/// Loads `values` (read from `path`, which errors name) into `model` with [`TimmCheckpoint`]'s
+/// checks; nothing is changed on error.
+pub fn load_tensors<M: TimmKeys + Clone>(
+    model: &mut M,
+    path: &Path,
+    values: &TensorMap,
+) -> Result<(), Error> {
+    {
+        let slots = model.timm_slots();
+        let mut updates = Vec::with_capacity(slots.len());
+        let mut known = BTreeSet::new();
+        for slot in slots.iter() {
+            let dims = slot.tensor.dims();
+            let mut first: Option<(&String, &Vec<f64>)> = None;
+            for key in &slot.keys {
+                known.insert(key.clone());
+                let (found, data) = values.get(key).ok_or_else(|| Error::MissingKey {
+                    path: path.into(),
+                    key: key.clone(),
+                    expected: dims.clone(),
+                })?;
+                if *found != dims {
+                    return Err(Error::Shape {
+                        path: path.into(),
+                        key: key.clone(),
+                        expected: dims.clone(),
+                        found: found.clone(),
+                    });
+                }
+                match first {
+                    None => first = Some((key, data)),
+                    Some((k0, d0)) => {
+                        let max_diff = d0
+                            .iter()
+                            .zip(data)
+                            .map(|(a, b)| (a - b).abs())
+                            .fold(0.0, f64::max);
+                        if max_diff > 0.0 {
+                            return Err(Error::TiedDiffer {
+                                path: path.into(),
+                                first: k0.clone(),
+                                other: key.clone(),
+                                max_diff,
+                            });
+                        }
+                    }
+                }
+            }
+            let data = first.map(|(_, d)| d.iter().map(|&v| M::Elem::cast(v)).collect::<Vec<_>>());
+            updates.push(data.unwrap_or_default());
+        }
+        drop(slots);
+        let mut packed_updates = Vec::new();
+        for p in model.packed_slots() {
+            known.insert(p.values_key.clone());
+            known.insert(p.mask_key.clone());
+            packed_updates.push(unpack(path, values, &p)?);
+        }
+        if let Some((key, (shape, _))) = values
+            .iter()
+            .find(|(k, _)| !known.contains(*k) && !k.ends_with("num_batches_tracked"))
+        {
+            return Err(Error::UnexpectedKey {
+                path: path.into(),
+                key: key.clone(),
+                shape: shape.clone(),
+            });
+        }
+        // Written into a copy (tensor storage is copy-on-write), kept only if it checks out.
+        let mut loaded = model.clone();
+        for (slot, data) in loaded.timm_slots().iter_mut().zip(updates) {
+            if !slot.keys.is_empty() {
+                slot.tensor.write(&data);
+            }
+        }
+        for (p, (values, mask)) in loaded.packed_slots().into_iter().zip(packed_updates) {
+            p.values.write(&values);
+            p.mask.write(&mask);
+        }
+        loaded.check_loaded()?;
+        *model = loaded;
+        Ok(())
+    }
+}

@@ -1,0 +1,112 @@
+//! The cache of a ViT's blocks' host weights between inference calls, keyed by the identity of
+//! the model's tensor buffers.
+use super::SpinDevice;
+use crate::base::SpinDtype;
+use crate::kernels::blocks::VitBlockHost;
+use dfdx::nn::tensor_collection::{RecursiveWalker, TensorVisitor, ViewTensorRef};
+use dfdx::prelude::*;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+
+/// Every block's host weights, kept between inference calls: copying and re-laying out the
+/// weights took a quarter of DeiT-Tiny's forward pass.
+///
+/// The entry is valid while every tensor of the model still uses the buffer it had when the entry
+/// was made. It holds a clone of the model (shared buffers, no copy), so those buffers stay alive
+/// and unchanged: dfdx writes to a shared buffer by copying it first (`Arc::make_mut`), so an
+/// update moves the written tensor to a new buffer, and the next call sees a different key and
+/// refills. A traced (training) forward drops the entry.
+pub struct BlockCache<E, M> {
+    slot: Mutex<Option<Box<CacheEntry<E, M>>>>,
+}
+
+struct CacheEntry<E, M> {
+    keys: Vec<[usize; 2]>,
+    _source: M,
+    blocks: Arc<Vec<VitBlockHost<E>>>,
+}
+
+impl<E, M> Default for BlockCache<E, M> {
+    fn default() -> Self {
+        Self {
+            slot: Mutex::new(None),
+        }
+    }
+}
+
+impl<E, M> std::fmt::Debug for BlockCache<E, M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BlockCache")
+    }
+}
+
+impl<E, M> BlockCache<E, M> {
+    /// The blocks of a model whose tensors have buffer `keys` (see [`buffer_keys`]): the cached
+    /// ones while the keys match, else `make()`'s, cached with `source()` (a clone of the model).
+    /// Without keys (a device without host buffers) nothing is cached.
+    pub fn get(
+        &self,
+        keys: Option<Vec<[usize; 2]>>,
+        source: impl FnOnce() -> M,
+        make: impl FnOnce() -> Vec<VitBlockHost<E>>,
+    ) -> Arc<Vec<VitBlockHost<E>>> {
+        let Some(keys) = keys else {
+            return Arc::new(make());
+        };
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = slot.as_ref() {
+            if e.keys == keys {
+                return e.blocks.clone();
+            }
+        }
+        *slot = None; // the old weights go before the new ones are made
+        let blocks = Arc::new(make());
+        *slot = Some(Box::new(CacheEntry {
+            keys,
+            _source: source(),
+            blocks: blocks.clone(),
+        }));
+        blocks
+    }
+
+    /// Drops the entry (training is about to change the weights).
+    pub fn clear(&self) {
+        *self.slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// The buffer key ([`super::InferKernels::buffer_key`]) of every tensor of `m`, in visiting
+/// order; `None` if the device has none.
+pub fn buffer_keys<M: TensorCollection<E, D>, E: SpinDtype, D: SpinDevice<E>>(
+    m: &M,
+) -> Option<Vec<[usize; 2]>> {
+    let mut keys = BufferKeys::<E, D> {
+        out: Some(Vec::new()),
+        _d: PhantomData,
+    };
+    M::iter_tensors(&mut RecursiveWalker { m, f: &mut keys }).ok()?;
+    keys.out
+}
+
+struct BufferKeys<E, D> {
+    out: Option<Vec<[usize; 2]>>,
+    _d: PhantomData<(E, D)>,
+}
+
+impl<E: SpinDtype, D: SpinDevice<E>> TensorVisitor<E, D> for BufferKeys<E, D> {
+    type Viewer = ViewTensorRef;
+    type Err = D::Err;
+    type E2 = E;
+    type D2 = D;
+    fn visit<S: Shape>(
+        &mut self,
+        _opts: TensorOptions<S, E, D>,
+        t: &Tensor<S, E, D>,
+    ) -> Result<Option<Tensor<S, E, D>>, D::Err> {
+        match (D::buffer_key(t), self.out.as_mut()) {
+            (Some(k), Some(out)) => out.push(k),
+            _ => self.out = None,
+        }
+        Ok(None)
+    }
+}

@@ -1,0 +1,97 @@
+//! The device layer: spin's ops on dfdx devices, one trait per op in dfdx's style. Each op file
+//! holds the trait, the CPU impl (a host kernel from [`crate::kernels`] registered on dfdx's tape
+//! with `Tape::add_backward_op`), the fallback for other devices (built from dfdx's own ops, and
+//! the reference the tests check the CPU kernel against), and its tests.
+//!
+//! [`SpinDevice`] is every op together: the bound every model is generic over.
+mod cache;
+mod depthwise;
+mod gelu;
+mod infer;
+mod linear;
+mod norm;
+mod patchify;
+
+pub use cache::{buffer_keys, BlockCache};
+pub use depthwise::{dwconv_fallback, DepthwiseKernel};
+pub use gelu::{gelu_fallback, GeluKernel};
+pub use infer::InferKernels;
+pub use linear::{linear_composed, LinearKernel};
+pub use norm::{affine_composed, batch_norm_train_composed, layer_norm_composed, NormKernels};
+pub use patchify::{patchify_fallback, PatchifyKernel};
+
+use crate::base::SpinDtype;
+use crate::kernels::blocks::HostLinear;
+use crate::kernels::gemm::transpose_into;
+use dfdx::prelude::*;
+
+/// A dfdx device with the ops spin needs: dfdx's own plus spin's, hand-written on the CPU and
+/// dfdx-op fallbacks elsewhere.
+///
+/// ```
+/// use spin_core::prelude::*;
+/// fn takes_any_spin_device<D: SpinDevice<f32>>(_dev: &D) {}
+/// takes_any_spin_device(&Cpu::default());
+/// ```
+pub trait SpinDevice<E: SpinDtype>:
+    Device<E>
+    + LinearKernel<E>
+    + DepthwiseKernel<E>
+    + PatchifyKernel<E>
+    + GeluKernel<E>
+    + NormKernels<E>
+    + InferKernels<E>
+{
+}
+
+impl<E: SpinDtype, D> SpinDevice<E> for D where
+    D: Device<E>
+        + LinearKernel<E>
+        + DepthwiseKernel<E>
+        + PatchifyKernel<E>
+        + GeluKernel<E>
+        + NormKernels<E>
+        + InferKernels<E>
+{
+}
+
+/// A CPU tensor's values: one memcpy (dfdx's `as_vec` walks strided indices one by one).
+pub fn host<S: Shape, E: SpinDtype>(t: &Tensor<S, E, Cpu>) -> Vec<E> {
+    let t = t.clone().contiguous();
+    let mut v = vec![E::zero(); t.shape().num_elements()];
+    t.copy_into(&mut v);
+    v
+}
+
+/// A tensor's values into `buf` (resized; no allocation once it has the size).
+pub fn to_host<S: Shape, E: SpinDtype, D: Device<E>>(t: &Tensor<S, E, D>, buf: &mut Vec<E>) {
+    let t = t.clone().contiguous();
+    buf.resize(t.shape().num_elements(), E::zero());
+    t.copy_into(buf);
+}
+
+/// Copies a dfdx weight and bias into host buffers, reusing them. The weight is `(out, in)` as
+/// PyTorch's, or already `(in, out)` when `in_major`.
+pub fn fill_linear<S: Shape, B: Shape, E: SpinDtype, D: Device<E>>(
+    l: &mut HostLinear<E>,
+    w: &Tensor<S, E, D>,
+    b: &Tensor<B, E, D>,
+    in_major: bool,
+) {
+    to_host(b, &mut l.b);
+    if in_major {
+        to_host(w, &mut l.wt);
+    } else {
+        let mut raw = Vec::new();
+        to_host(w, &mut raw);
+        let out = l.b.len();
+        transpose_into(&mut l.wt, &raw, out, raw.len() / out.max(1));
+    }
+}
+
+/// `m` `(rows, cols)` transposed into a new buffer.
+fn transpose<E: Copy + Send + Sync + 'static>(m: &[E], rows: usize, cols: usize) -> Vec<E> {
+    let mut t = Vec::new();
+    transpose_into(&mut t, m, rows, cols);
+    t
+}

@@ -1,0 +1,184 @@
+//! The normalisation ops on channels-last matrices `(rows, C)`: a per-channel affine map
+//! (BatchNorm at inference), BatchNorm with batch statistics, LayerNorm. On the CPU each is one
+//! fused op on dfdx's tape ([`crate::kernels::norm`]); elsewhere, and as the reference, dfdx's ops.
+use super::host;
+use crate::base::{Mat, SpinDtype, BN_EPS, LN_EPS};
+use crate::kernels::elementwise::add_into;
+use crate::kernels::norm;
+use dfdx::prelude::*;
+use dfdx::tensor::{Storage, Tape};
+
+/// The normalisation ops on a device.
+pub trait NormKernels<E: SpinDtype>: Storage<E> + Sized {
+    /// `x · s + t` per column of `(rows, C)`.
+    fn channel_affine<T: Tape<E, Self> + Merge<T>>(
+        x: Tensor<(usize, usize), E, Self, T>,
+        s: Tensor<(usize,), E, Self, T>,
+        t: Tensor<(usize,), E, Self, T>,
+    ) -> Tensor<(usize, usize), E, Self, T>;
+
+    /// BatchNorm of `(rows, C)` with batch statistics; also returns the batch mean and biased variance.
+    fn batch_norm_train<T: Tape<E, Self> + Merge<T>>(
+        x: Tensor<(usize, usize), E, Self, T>,
+        g: Tensor<(usize,), E, Self, T>,
+        b: Tensor<(usize,), E, Self, T>,
+    ) -> (Tensor<(usize, usize), E, Self, T>, Vec<E>, Vec<E>);
+
+    /// LayerNorm of each row of `(rows, C)`, eps 1e-6.
+    fn layer_norm<T: Tape<E, Self> + Merge<T>>(
+        x: Tensor<(usize, usize), E, Self, T>,
+        g: Tensor<(usize,), E, Self, T>,
+        b: Tensor<(usize,), E, Self, T>,
+    ) -> Tensor<(usize, usize), E, Self, T>;
+}
+
+impl<E: SpinDtype> NormKernels<E> for Cpu {
+    fn channel_affine<T: Tape<E, Self> + Merge<T>>(
+        x: Tensor<(usize, usize), E, Self, T>,
+        s: Tensor<(usize,), E, Self, T>,
+        t: Tensor<(usize,), E, Self, T>,
+    ) -> Tensor<(usize, usize), E, Self, T> {
+        fused3(
+            x,
+            s,
+            t,
+            |x, s, t| (norm::affine_fwd(x, s, t), ()),
+            |x, s, _, gy| norm::affine_bwd(x, s, gy),
+        )
+        .0
+    }
+
+    fn batch_norm_train<T: Tape<E, Self> + Merge<T>>(
+        x: Tensor<(usize, usize), E, Self, T>,
+        g: Tensor<(usize,), E, Self, T>,
+        b: Tensor<(usize,), E, Self, T>,
+    ) -> (Tensor<(usize, usize), E, Self, T>, Vec<E>, Vec<E>) {
+        let (y, cache) = fused3(
+            x,
+            g,
+            b,
+            |x, g, b| norm::batch_norm_fwd(x, g, b, BN_EPS),
+            |x, g, cache, gy| norm::batch_norm_bwd(x, g, cache, gy),
+        );
+        (y, cache.mean.clone(), cache.var.clone())
+    }
+
+    fn layer_norm<T: Tape<E, Self> + Merge<T>>(
+        x: Tensor<(usize, usize), E, Self, T>,
+        g: Tensor<(usize,), E, Self, T>,
+        b: Tensor<(usize,), E, Self, T>,
+    ) -> Tensor<(usize, usize), E, Self, T> {
+        fused3(
+            x,
+            g,
+            b,
+            |x, g, b| norm::layer_norm_fwd(x, g, b, LN_EPS),
+            |x, g, stats, gy| norm::layer_norm_bwd(x, g, stats, gy),
+        )
+        .0
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl<E: SpinDtype> NormKernels<E> for dfdx::tensor::Cuda
+where
+    dfdx::tensor::Cuda: Device<E>,
+{
+    fn channel_affine<T: Tape<E, Self> + Merge<T>>(
+        x: Tensor<(usize, usize), E, Self, T>,
+        s: Tensor<(usize,), E, Self, T>,
+        t: Tensor<(usize,), E, Self, T>,
+    ) -> Tensor<(usize, usize), E, Self, T> {
+        affine_composed(x, s, t)
+    }
+
+    fn batch_norm_train<T: Tape<E, Self> + Merge<T>>(
+        x: Tensor<(usize, usize), E, Self, T>,
+        g: Tensor<(usize,), E, Self, T>,
+        b: Tensor<(usize,), E, Self, T>,
+    ) -> (Tensor<(usize, usize), E, Self, T>, Vec<E>, Vec<E>) {
+        batch_norm_train_composed(x, g, b)
+    }
+
+    fn layer_norm<T: Tape<E, Self> + Merge<T>>(
+        x: Tensor<(usize, usize), E, Self, T>,
+        g: Tensor<(usize,), E, Self, T>,
+        b: Tensor<(usize,), E, Self, T>,
+    ) -> Tensor<(usize, usize), E, Self, T> {
+        layer_norm_composed(x, g, b)
+    }
+}
+
+/// Registers a fused op with three inputs (x, γ, β) on the tape: `fwd` computes the output and a
+/// cache from the input values, `bwd` the three input gradients from the cache and dL/dy.
+fn fused3<E, T, C>(
+    x: Tensor<(usize, usize), E, Cpu, T>,
+    g: Tensor<(usize,), E, Cpu, T>,
+    b: Tensor<(usize,), E, Cpu, T>,
+    fwd: impl FnOnce(&[E], &[E], &[E]) -> (Vec<E>, C),
+    bwd: impl FnOnce(&[E], &[E], &C, &[E]) -> (Vec<E>, Vec<E>, Vec<E>) + 'static,
+) -> (Tensor<(usize, usize), E, Cpu, T>, std::sync::Arc<C>)
+where
+    E: SpinDtype,
+    T: dfdx::tensor::Tape<E, Cpu> + Merge<T>,
+    C: Send + Sync + 'static,
+{
+    let (x, tx) = x.split_tape();
+    let (g, tg) = g.split_tape();
+    let (b, tb) = b.split_tape();
+    let mut tape = tx.merge(tg).merge(tb);
+    let (xs, gs) = (host(&x), host(&g));
+    let (y, cache) = fwd(&xs, &gs, &host(&b));
+    let cache = std::sync::Arc::new(cache);
+    let y = x.device().tensor_from_vec(y, *x.shape());
+    if T::OWNS_TAPE {
+        let (y_keep, cache) = (y.clone(), cache.clone());
+        tape.add_backward_op(move |grads| {
+            let gy = host(&grads.get(&y_keep));
+            let (gx, gg, gb) = bwd(&xs, &gs, &cache, &gy);
+            add_into(grads.get_or_alloc_mut(&x)?, &gx);
+            add_into(grads.get_or_alloc_mut(&g)?, &gg);
+            add_into(grads.get_or_alloc_mut(&b)?, &gb);
+            Ok(())
+        });
+    }
+    (y.put_tape(tape), cache)
+}
+
+/// Per-column affine map `x · s + t` from dfdx ops (the fallback of [`NormKernels::channel_affine`]).
+pub fn affine_composed<E: SpinDtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
+    x: Tensor<Mat, E, D, T>,
+    s: Tensor<(usize,), E, D, T>,
+    t: Tensor<(usize,), E, D, T>,
+) -> Tensor<Mat, E, D, T> {
+    let shape = *x.shape();
+    x * s.broadcast_like::<_, Axis<0>>(&shape) + t.broadcast_like::<_, Axis<0>>(&shape)
+}
+
+/// [`crate::nn::functional::layer_norm`] from dfdx ops (fallback and reference).
+pub fn layer_norm_composed<E: SpinDtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
+    x: Tensor<Mat, E, D, T>,
+    g: Tensor<(usize,), E, D, T>,
+    b: Tensor<(usize,), E, D, T>,
+) -> Tensor<Mat, E, D, T> {
+    affine_composed(x.normalize::<Axis<1>>(LN_EPS), g, b)
+}
+
+/// [`crate::nn::functional::batch_norm_train`] from dfdx ops (fallback and reference).
+pub fn batch_norm_train_composed<E: SpinDtype, D: Device<E>, T: Tape<E, D> + Merge<T>>(
+    x: Tensor<Mat, E, D, T>,
+    g: Tensor<(usize,), E, D, T>,
+    b: Tensor<(usize,), E, D, T>,
+) -> (Tensor<Mat, E, D, T>, Vec<E>, Vec<E>) {
+    let shape = *x.shape();
+    // Each intermediate keeps its own tape (never `retaped`, which would drop the recorded ops
+    // and with them the gradient through the batch statistics).
+    let mean = x.with_empty_tape().mean::<_, Axis<0>>();
+    let mean_v = mean.as_vec();
+    let centered = x - mean.broadcast_like::<_, Axis<0>>(&shape);
+    let var = centered.with_empty_tape().square().mean::<_, Axis<0>>();
+    let var_v = var.as_vec();
+    let inv = (var + E::cast(BN_EPS)).sqrt().recip();
+    let xhat = centered * inv.broadcast_like::<_, Axis<0>>(&shape);
+    (affine_composed(xhat, g, b), mean_v, var_v)
+}

@@ -1,0 +1,104 @@
+//! The attention core on timm's qkv layout, on host buffers: one task per (image, block of query
+//! rows), every head in it, with a vectorised softmax.
+use super::gemm::{matmul, MatRef};
+use crate::base::{SpinDtype, F32_LANES};
+use multiversion::multiversion;
+use rayon::prelude::*;
+
+/// `softmax(q·kᵀ/√head_dim)·v` for every head, on timm's qkv layout: `qkv` `(B·N, 3·D)` with
+/// columns (3, heads, head_dim), into `out` `(B·N, D)`. q, k and v are read in place (strided).
+pub fn attention_core<E: SpinDtype>(qkv: &[E], out: &mut [E], batch: usize, heads: usize, d: usize) {
+    assert_eq!(
+        qkv.len(),
+        3 * out.len(),
+        "attention: qkv must be three times the output"
+    );
+    let rows = out.len() / d;
+    let n = rows / batch;
+    let hd = d / heads;
+    let scale = E::cast((hd as f64).powf(-0.5));
+    // Blocks of query rows per image: enough tasks to keep every thread busy at batch 1.
+    let per_image = (2 * rayon::current_num_threads()).div_ceil(batch).max(1);
+    let qb = n.div_ceil(per_image);
+    let mut tasks: Vec<(usize, usize, &mut [E])> = Vec::new();
+    let mut rest = out;
+    for b in 0..batch {
+        let mut q0 = 0;
+        while q0 < n {
+            let q1 = (q0 + qb).min(n);
+            let (head, tail) = rest.split_at_mut((q1 - q0) * d);
+            tasks.push((b, q0, head));
+            rest = tail;
+            q0 = q1;
+        }
+    }
+    // kᵀ per (image, head), `(head_dim, n)` row-major, made once: read in place, k would be
+    // gathered column by column in every task's product.
+    let mut kt = vec![E::zero(); rows * d];
+    kt.par_chunks_mut(hd * n).enumerate().for_each(|(bh, t)| {
+        let (b, h) = (bh / heads, bh % heads);
+        for i in 0..n {
+            let k = &qkv[(b * n + i) * 3 * d + d + h * hd..][..hd];
+            for (l, &v) in k.iter().enumerate() {
+                t[l * n + i] = v;
+            }
+        }
+    });
+    tasks.into_par_iter().for_each(|(b, q0, o)| {
+        let m = o.len() / d;
+        let img = &qkv[b * n * 3 * d..(b + 1) * n * 3 * d];
+        let mut s = vec![E::zero(); m * n];
+        for h in 0..heads {
+            let q = MatRef::strided(&img[q0 * 3 * d + h * hd..], m, hd, 3 * d);
+            let k_t = MatRef::row_major(&kt[(b * heads + h) * hd * n..][..hd * n], hd, n);
+            let v = MatRef::strided(&img[2 * d + h * hd..], n, hd, 3 * d);
+            matmul(&mut s, n, q, k_t, scale, false);
+            softmax_rows(&mut s, n);
+            matmul(
+                &mut o[h * hd..],
+                d,
+                MatRef::row_major(&s, m, n),
+                v,
+                E::one(),
+                false,
+            );
+        }
+    });
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+/// Softmax of every row of `s` (rows of `n`), in place; sixteen independent accumulators per
+/// reduction, since one running max or sum is a serial chain the compiler may not reorder.
+pub fn softmax_rows<E: SpinDtype>(s: &mut [E], n: usize) {
+    for row in s.chunks_mut(n) {
+        let mut m = [E::neg_infinity(); F32_LANES];
+        let mut tail = row.chunks_exact(F32_LANES);
+        for c in &mut tail {
+            for l in 0..F32_LANES {
+                m[l] = if c[l] > m[l] { c[l] } else { m[l] };
+            }
+        }
+        let max = tail
+            .remainder()
+            .iter()
+            .chain(&m)
+            .fold(E::neg_infinity(), |a, &b| a.max(b));
+        let mut acc = [E::zero(); F32_LANES];
+        let mut tail = row.chunks_exact_mut(F32_LANES);
+        for c in &mut tail {
+            for l in 0..F32_LANES {
+                c[l] = (c[l] - max).exp_nonpos();
+                acc[l] += c[l];
+            }
+        }
+        let mut sum = E::zero();
+        for v in tail.into_remainder() {
+            *v = (*v - max).exp_nonpos();
+            sum += *v;
+        }
+        let inv = E::one() / acc.iter().fold(sum, |a, &b| a + b);
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+    }
+}

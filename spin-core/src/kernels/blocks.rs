@@ -1,0 +1,203 @@
+//! Fused inference forwards on host buffers (ViT encoder blocks, a ConvMixer trunk) and the host
+//! weights they take.
+//!
+//! Without a tape nothing needs to be kept for a backward pass, so a block can run as a few
+//! passes over row chunks, each a rayon task that normalises its rows, multiplies them through
+//! [`super::gemm`] and applies bias, activation and residual while they are still in cache —
+//! instead of a dfdx op per step, several of which run on one thread. Only attention mixes rows
+//! ([`super::attention`]). The model code decides when these apply
+//! ([`crate::device::InferKernels`] returns `None` elsewhere) and fills the weights.
+use super::attention::attention_core;
+use super::depthwise::{forward_into, DwGeometry};
+use super::elementwise::{add_bias_rows, gelu_inplace};
+use super::epilogue::{epilogue_rows, Epilogue};
+use super::gemm::{matmul, row_chunk, MatRef};
+use super::norm::layer_norm_rows;
+use crate::base::{Act, SpinDtype};
+use rayon::prelude::*;
+
+/// A Linear layer's weight and bias on the host, the weight as `Wᵀ` `(in, out)` row-major: then
+/// gemm packs it with contiguous copies, where PyTorch's `(out, in)` needs a strided gather on
+/// every call (a quarter of DeiT-Tiny's inference time in the profile).
+#[derive(Clone, Debug, Default)]
+pub struct HostLinear<E> {
+    /// The weight as `Wᵀ`, `(in, out)` row-major.
+    pub wt: Vec<E>,
+    /// The bias, `(out,)`.
+    pub b: Vec<E>,
+}
+
+impl<E: SpinDtype> HostLinear<E> {
+    /// The weight as the `(in, out)` right-hand side of `x · Wᵀ`.
+    pub fn rhs(&self) -> MatRef<'_, E> {
+        let out = self.b.len();
+        MatRef::row_major(&self.wt, self.wt.len() / out.max(1), out)
+    }
+}
+
+/// One pre-norm encoder block's weights on the host.
+#[derive(Clone, Debug, Default)]
+pub struct VitBlockHost<E> {
+    /// LayerNorm 1's scale and shift.
+    pub norm1: (Vec<E>, Vec<E>),
+    /// The qkv projection.
+    pub qkv: HostLinear<E>,
+    /// The output projection.
+    pub proj: HostLinear<E>,
+    /// LayerNorm 2's scale and shift.
+    pub norm2: (Vec<E>, Vec<E>),
+    /// The MLP's first Linear.
+    pub fc1: HostLinear<E>,
+    /// The MLP's second Linear.
+    pub fc2: HostLinear<E>,
+}
+
+/// Buffers reused from block to block.
+#[derive(Default)]
+pub struct VitScratch<E> {
+    qkv: Vec<E>,
+    attn: Vec<E>,
+}
+
+/// One timm encoder block at inference, in place on `x` `(batch·n, d)`:
+/// `x += proj(attn(LN1(x)))`, then `x += fc2(GELU(fc1(LN2(x))))`.
+pub fn vit_block<E: SpinDtype>(
+    x: &mut [E],
+    w: &VitBlockHost<E>,
+    batch: usize,
+    heads: usize,
+    scratch: &mut VitScratch<E>,
+) {
+    let d = w.norm1.0.len();
+    let rows = x.len() / d;
+    let hidden = w.fc1.b.len();
+    let chunk = row_chunk(rows);
+    scratch.qkv.resize(rows * 3 * d, E::zero());
+    scratch.attn.resize(rows * d, E::zero());
+
+    // LN1 and qkv.
+    scratch
+        .qkv
+        .par_chunks_mut(chunk * 3 * d)
+        .zip(x.par_chunks(chunk * d))
+        .for_each(|(qkv, xs)| {
+            let r = xs.len() / d;
+            let mut z = vec![E::zero(); r * d];
+            layer_norm_rows(&mut z, xs, &w.norm1.0, &w.norm1.1);
+            linear_into(qkv, &z, r, &w.qkv, false);
+        });
+
+    attention_core(&scratch.qkv, &mut scratch.attn, batch, heads, d);
+
+    // Projection and residual, LN2, MLP and residual: all row-local.
+    let attn = &scratch.attn;
+    x.par_chunks_mut(chunk * d)
+        .zip(attn.par_chunks(chunk * d))
+        .for_each(|(xs, a)| {
+            let r = xs.len() / d;
+            linear_into(xs, a, r, &w.proj, true);
+            let mut z = vec![E::zero(); r * d];
+            layer_norm_rows(&mut z, xs, &w.norm2.0, &w.norm2.1);
+            let mut h = vec![E::zero(); r * hidden];
+            linear_into(&mut h, &z, r, &w.fc1, false);
+            gelu_inplace(&mut h);
+            linear_into(xs, &h, r, &w.fc2, true);
+        });
+}
+
+/// `out = x · Wᵀ + b` over all rows of `x`, split across threads.
+pub fn linear_rows<E: SpinDtype>(x: &[E], l: &HostLinear<E>, out: &mut [E]) {
+    let rhs = l.rhs();
+    let (k, n) = (rhs.rows, rhs.cols);
+    let chunk = row_chunk(x.len() / k.max(1));
+    out.par_chunks_mut(chunk * n)
+        .zip(x.par_chunks(chunk * k))
+        .for_each(|(o, xs)| linear_into(o, xs, xs.len() / k, l, false));
+}
+
+/// `out (= or +=) x · Wᵀ + b` for `r` rows.
+pub fn linear_into<E: SpinDtype>(out: &mut [E], x: &[E], r: usize, l: &HostLinear<E>, accumulate: bool) {
+    let rhs = l.rhs();
+    let n = rhs.cols;
+    matmul(
+        out,
+        n,
+        MatRef::row_major(x, r, rhs.rows),
+        rhs,
+        E::one(),
+        accumulate,
+    );
+    add_bias_rows(out, &l.b);
+}
+
+/// One ConvMixer block's inference weights on the host: the depthwise kernel as `(K·K, C)`, the
+/// pointwise weight as `Wᵀ`, both BatchNorms folded into a scale and shift.
+#[derive(Clone, Debug, Default)]
+pub struct MixerBlockHost<E> {
+    /// The depthwise kernel, `(K·K, C)`.
+    pub dw_wt: Vec<E>,
+    /// The depthwise bias.
+    pub dw_bias: Vec<E>,
+    /// The first BatchNorm folded into a scale and shift.
+    pub bn1: (Vec<E>, Vec<E>),
+    /// The pointwise conv.
+    pub pw: HostLinear<E>,
+    /// The second BatchNorm folded into a scale and shift.
+    pub bn2: (Vec<E>, Vec<E>),
+    /// The activation.
+    pub act: Act,
+}
+
+/// A ConvMixer pointwise half at inference, into `out`: `act(x · Wᵀ + b)·s + t` (BatchNorm
+/// folded into the epilogue's scale and shift), plus `x` when `residual`. `x` is `(rows, C)`.
+pub fn pointwise_into<E: SpinDtype>(
+    x: &[E],
+    l: &HostLinear<E>,
+    epi: &Epilogue<'_, E>,
+    residual: bool,
+    out: &mut [E],
+) {
+    let c = l.b.len();
+    let chunk = row_chunk(x.len() / c);
+    out.par_chunks_mut(chunk * c)
+        .zip(x.par_chunks(chunk * c))
+        .for_each(|(ys, xs)| {
+            let r = xs.len() / c;
+            matmul(ys, c, MatRef::row_major(xs, r, c), l.rhs(), E::one(), false);
+            epilogue_rows(ys, epi, residual.then_some(xs));
+        });
+}
+
+/// A ConvMixer trunk's `depth` blocks at inference, in place on `x` `(B·G·G, C)` with
+/// `(b, g, k)` = (images, grid side, kernel size); block i's weights come from `fill(i, w)`. Each
+/// block is two fused passes: depthwise + bias + act + folded BN + residual, then
+/// [`pointwise_into`] (with a residual for SPIN's variant).
+pub fn mixer_trunk<E: SpinDtype>(
+    x: &mut Vec<E>,
+    (b, g, k): (usize, usize, usize),
+    depth: usize,
+    pw_residual: bool,
+    fill: &mut dyn FnMut(usize, &mut MixerBlockHost<E>),
+) {
+    let c = x.len() / (b * g * g).max(1);
+    let geo = DwGeometry::new((b, g, g, c), k);
+    let mut ys = vec![E::zero(); x.len()];
+    let mut w = MixerBlockHost::default();
+    for i in 0..depth {
+        fill(i, &mut w);
+        let epi = Epilogue {
+            bias: &w.dw_bias,
+            scale: &w.bn1.0,
+            shift: &w.bn1.1,
+            act: w.act,
+        };
+        forward_into(&geo, x, &w.dw_wt, &w.dw_bias, Some(&epi), &mut ys);
+        let epi = Epilogue {
+            bias: &w.pw.b,
+            scale: &w.bn2.0,
+            shift: &w.bn2.1,
+            act: w.act,
+        };
+        pointwise_into(&ys, &w.pw, &epi, pw_residual, x);
+    }
+}

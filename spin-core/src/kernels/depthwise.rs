@@ -1,0 +1,341 @@
+//! Depthwise K×K convolution ('same' zero padding, stride 1) on channels-last host buffers
+//! `(B, H, W, C)`: the forward (a register-tiled AVX-512 kernel for f32, a per-pixel kernel
+//! compiled for AVX-512/AVX2 otherwise, both with an optional fused epilogue) and the backward.
+use super::epilogue::Epilogue;
+use crate::base::{Nhwc, SpinDtype, F32_LANES};
+use multiversion::multiversion;
+use rayon::prelude::*;
+use std::any::TypeId;
+
+/// Sizes of one depthwise convolution.
+#[derive(Clone, Copy, Debug)]
+pub struct DwGeometry {
+    /// Images.
+    pub b: usize,
+    /// Height.
+    pub h: usize,
+    /// Width.
+    pub w: usize,
+    /// Channels.
+    pub c: usize,
+    /// Kernel size (odd).
+    pub k: usize,
+    /// Padding on each side, `k / 2`.
+    pub p: usize,
+}
+
+impl DwGeometry {
+    pub fn new((b, h, w, c): Nhwc, k: usize) -> Self {
+        assert!(k % 2 == 1, "dwconv: 'same' padding needs an odd kernel, got {k}");
+        assert!(k <= MAX_K, "dwconv: kernels up to {MAX_K} are supported, got {k}");
+        Self {
+            b,
+            h,
+            w,
+            c,
+            k,
+            p: k / 2,
+        }
+    }
+    /// Output columns `wi` for which input column `wi + kx - p` exists.
+    fn out_cols(&self, kx: usize) -> std::ops::Range<usize> {
+        self.p.saturating_sub(kx)..(self.w + self.p).saturating_sub(kx).min(self.w)
+    }
+}
+
+#[inline(always)]
+fn fma_row<E: SpinDtype>(out: &mut [E], x: &[E], w: &[E]) {
+    for ((o, &xv), &wv) in out.iter_mut().zip(x).zip(w) {
+        *o += xv * wv;
+    }
+}
+
+/// Channels per register block of the per-pixel forward kernel: four AVX-512 registers of f32.
+const CH: usize = 4 * F32_LANES;
+
+/// Largest kernel the depthwise kernels take (rows kept on the stack).
+const MAX_K: usize = 31;
+
+/// Forward: one rayon task per output row (b, h). For each output pixel and block of CH channels
+/// the K×K taps accumulate in a fixed-size array the compiler keeps in vector registers, so each
+/// input value is loaded once per tap and each output written once. `wt` is `(K·K, C)`.
+pub fn forward<E: SpinDtype>(
+    g: &DwGeometry,
+    x: &[E],
+    wt: &[E],
+    bias: &[E],
+    epi: Option<&Epilogue<'_, E>>,
+) -> Vec<E> {
+    let mut out = vec![E::zero(); g.b * g.h * g.w * g.c];
+    forward_into(g, x, wt, bias, epi, &mut out);
+    out
+}
+
+/// [`forward`] into a given buffer: the register-tiled kernel for f32 where the CPU has
+/// AVX-512, the per-pixel one otherwise.
+pub fn forward_into<E: SpinDtype>(
+    g: &DwGeometry,
+    x: &[E],
+    wt: &[E],
+    bias: &[E],
+    epi: Option<&Epilogue<'_, E>>,
+    out: &mut [E],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if TypeId::of::<E>() == TypeId::of::<f32>() && std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: E is f32 (its TypeId was just compared), so a `[E]` is a `[f32]` of the same
+        // length and layout: the casts only restate the type.
+        let cast = |v: &[E]| unsafe { std::slice::from_raw_parts(v.as_ptr() as *const f32, v.len()) };
+        let (x32, bias32) = (cast(x), cast(bias));
+        let epi32 = epi.map(|e| Epilogue {
+            bias: cast(e.bias),
+            scale: cast(e.scale),
+            shift: cast(e.shift),
+            act: e.act,
+        });
+        // SAFETY: as above; `out` is borrowed mutably for as long as `out32` lives.
+        let out32 = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut f32, out.len()) };
+        // SAFETY: AVX-512F was detected above.
+        unsafe { dw_tiled_avx512(g, x32, cast(wt), bias32, epi32.as_ref(), out32) };
+        return;
+    }
+    out.par_chunks_mut(g.w * g.c)
+        .enumerate()
+        .for_each(|(row, o)| dw_forward_row(g, x, wt, bias, row, o, epi));
+}
+
+/// Output pixels per tile of the tiled kernel.
+const PIX: usize = 8;
+/// The output of the tiled kernel, written by tasks that own disjoint sets of channels.
+struct SharedOut(*mut f32);
+// SAFETY: the pointer is only written through, by tasks that each own a disjoint block of
+// channels (see `dw_tiled_avx512`), while the buffer it points into is borrowed mutably.
+unsafe impl Send for SharedOut {}
+// SAFETY: as for Send: no two tasks write the same element, and none reads through it.
+unsafe impl Sync for SharedOut {}
+
+/// [`forward`] for f32 with AVX-512, one task per (image, block of 16 channels). A task copies
+/// its slice of the input into a zero-padded slab `(H+K−1, W'+K−1, 16)` (a few dozen KiB, so it
+/// stays in cache and the inner loops have no edge cases), then sweeps tiles of 8 output pixels:
+/// the 8 accumulators stay in registers while the K×K taps stream past, so each multiply-add
+/// costs one load of input (the weight vector is shared by the 8 pixels) instead of the two of
+/// the per-pixel kernel ([`dw_forward_row`]).
+///
+/// # Safety
+/// The CPU must support AVX-512F. Buffer sizes are asserted, so slices of any size are safe.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dw_tiled_avx512(
+    g: &DwGeometry,
+    x: &[f32],
+    wt: &[f32],
+    bias: &[f32],
+    epi: Option<&Epilogue<'_, f32>>,
+    out: &mut [f32],
+) {
+    // SAFETY: AVX-512F is present (the caller's contract); every pointer read stays inside the
+    // slab or `wv` and every write inside `out`, as the comments below show.
+    unsafe {
+        use std::arch::x86_64::*;
+        let (h, w, c, k, p) = (g.h, g.w, g.c, g.k, g.p);
+        let (hp, wp) = (h + k - 1, w.div_ceil(PIX) * PIX + k - 1);
+        assert!(x.len() == g.b * h * w * c && out.len() == x.len() && wt.len() == k * k * c);
+        let cblocks = c.div_ceil(F32_LANES);
+        let dst = SharedOut(out.as_mut_ptr());
+        (0..g.b * cblocks).into_par_iter().for_each(|task| {
+            let dst = &dst;
+            let (b, c0) = (task / cblocks, (task % cblocks) * F32_LANES);
+            let n = F32_LANES.min(c - c0);
+            let mut slab = vec![0.0f32; hp * wp * F32_LANES];
+            for hi in 0..h {
+                for wi in 0..w {
+                    let src = &x[((b * h + hi) * w + wi) * c + c0..][..n];
+                    slab[((hi + p) * wp + wi + p) * F32_LANES..][..n].copy_from_slice(src);
+                }
+            }
+            let mut wv = vec![0.0f32; k * k * F32_LANES];
+            for t in 0..k * k {
+                wv[t * F32_LANES..][..n].copy_from_slice(&wt[t * c + c0..][..n]);
+            }
+            let mut tmp = [0.0f32; F32_LANES];
+            tmp[..n].copy_from_slice(&bias[c0..c0 + n]);
+            // In bounds (all pointer reads): rows hi + ky < hp and columns p0 + q + kx < wp index inside
+            // the slab; taps ky·k + kx < k² inside `wv`.
+            let init = _mm512_loadu_ps(tmp.as_ptr());
+            for hi in 0..h {
+                for p0 in (0..w).step_by(PIX) {
+                    let mut acc = [init; PIX];
+                    for ky in 0..k {
+                        let xrow = slab.as_ptr().add(((hi + ky) * wp + p0) * F32_LANES);
+                        let wrow = wv.as_ptr().add(ky * k * F32_LANES);
+                        for kx in 0..k {
+                            let wk = _mm512_loadu_ps(wrow.add(kx * F32_LANES));
+                            for (q, a) in acc.iter_mut().enumerate() {
+                                *a = _mm512_fmadd_ps(_mm512_loadu_ps(xrow.add((q + kx) * F32_LANES)), wk, *a);
+                            }
+                        }
+                    }
+                    for (q, a) in acc.iter().enumerate().take(w - p0) {
+                        _mm512_storeu_ps(tmp.as_mut_ptr(), *a);
+                        let at = ((b * h + hi) * w + p0 + q) * c + c0;
+                        // In bounds: `at..at + n` lies in `out` (asserted sizes) and holds channels
+                        // c0..c0 + n, which only this task writes.
+                        let o = std::slice::from_raw_parts_mut(dst.0.add(at), n);
+                        match epi {
+                            None => o.copy_from_slice(&tmp[..n]),
+                            Some(e) => e.apply(o, &tmp[..n], c0, Some(&x[at..][..n])),
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// One output row of [`forward`], compiled for AVX-512 and AVX2 too and picked at run time
+/// (the build targets baseline x86-64, whose 16 SSE registers cannot hold the accumulators). For
+/// each output pixel and block of CH channels the K×K taps accumulate in a fixed-size array the
+/// compiler keeps in vector registers, so each input value is loaded once per tap and each output
+/// written once, through the epilogue when there is one. `wt` is `(K·K, C)`.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn dw_forward_row<E: SpinDtype>(
+    g: &DwGeometry,
+    x: &[E],
+    wt: &[E],
+    bias: &[E],
+    row: usize,
+    o: &mut [E],
+    epi: Option<&Epilogue<'_, E>>,
+) {
+    let (h, w, c, k, p) = (g.h, g.w, g.c, g.k, g.p);
+    let (bi, hi) = (row / h, row % h);
+    let mut rows: [(usize, &[E]); MAX_K] = [(0, &[]); MAX_K];
+    let mut nrows = 0;
+    for ky in 0..k {
+        if let Some(hh) = (hi + ky).checked_sub(p).filter(|&hh| hh < h) {
+            rows[nrows] = (ky, &x[(bi * h + hh) * w * c..][..w * c]);
+            nrows += 1;
+        }
+    }
+    let rows = &rows[..nrows];
+    let skip = &x[row * w * c..][..w * c];
+    for wi in 0..w {
+        let kx0 = p.saturating_sub(wi);
+        let kx1 = (w + p - wi).min(k);
+        let mut c0 = 0;
+        while c0 < c {
+            let n = CH.min(c - c0);
+            let mut acc = [E::zero(); CH];
+            acc[..n].copy_from_slice(&bias[c0..c0 + n]);
+            for &(ky, xrow) in rows {
+                for kx in kx0..kx1 {
+                    let xi = wi + kx - p;
+                    let xs = &xrow[xi * c + c0..][..n];
+                    let ws = &wt[(ky * k + kx) * c + c0..][..n];
+                    if n == CH {
+                        let (xs, ws): (&[E; CH], &[E; CH]) = (xs.try_into().unwrap(), ws.try_into().unwrap());
+                        for j in 0..CH {
+                            acc[j] += xs[j] * ws[j];
+                        }
+                    } else {
+                        for j in 0..n {
+                            acc[j] += xs[j] * ws[j];
+                        }
+                    }
+                }
+            }
+            let at = wi * c + c0;
+            match epi {
+                None => o[at..][..n].copy_from_slice(&acc[..n]),
+                Some(e) => e.apply(&mut o[at..][..n], &acc[..n], c0, Some(&skip[at..][..n])),
+            }
+            c0 += n;
+        }
+    }
+}
+
+/// Backward: returns (dL/dx, dL/dw in `(K·K, C)`, dL/db).
+pub fn backward<E: SpinDtype>(g: &DwGeometry, x: &[E], wt: &[E], gy: &[E]) -> (Vec<E>, Vec<E>, Vec<E>) {
+    let (h, w, c, k) = (g.h, g.w, g.c, g.k);
+    // dL/dx: input row hh collects from output rows hh + p - ky.
+    let mut gx = vec![E::zero(); x.len()];
+    gx.par_chunks_mut(w * c)
+        .enumerate()
+        .for_each(|(row, o)| dw_backward_x_row(g, wt, gy, row, o));
+    // dL/dw and dL/db: partial sums over fixed blocks of output rows, added in block order, so
+    // the result does not depend on how rayon schedules the work (training is reproducible).
+    let kkc = k * k * c;
+    let rows = g.b * h;
+    let block = rows.div_ceil(32).max(1);
+    let partials: Vec<Vec<E>> = (0..rows.div_ceil(block))
+        .into_par_iter()
+        .map(|blk| dw_backward_w_block(g, x, gy, blk * block..((blk + 1) * block).min(rows)))
+        .collect();
+    let mut sums = vec![E::zero(); kkc + c];
+    for part in partials {
+        for (s, v) in sums.iter_mut().zip(part) {
+            *s += v;
+        }
+    }
+    let gb = sums[kkc..].to_vec();
+    let mut gw = sums;
+    gw.truncate(kkc);
+    (gx, gw, gb)
+}
+
+/// dL/dx for one input row: input row hh collects from output rows hh + p − ky. Compiled for
+/// AVX-512 and AVX2 too, like the forward.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn dw_backward_x_row<E: SpinDtype>(g: &DwGeometry, wt: &[E], gy: &[E], row: usize, o: &mut [E]) {
+    let (h, w, c, k, p) = (g.h, g.w, g.c, g.k, g.p);
+    let (bi, hh) = (row / h, row % h);
+    for ky in 0..k {
+        let Some(ho) = (hh + p).checked_sub(ky).filter(|&ho| ho < h) else {
+            continue;
+        };
+        let grow = &gy[(bi * h + ho) * w * c..][..w * c];
+        for kx in 0..k {
+            let wk = &wt[(ky * k + kx) * c..][..c];
+            for wi in g.out_cols(kx) {
+                let xi = wi + kx - p;
+                fma_row(&mut o[xi * c..][..c], &grow[wi * c..][..c], wk);
+            }
+        }
+    }
+}
+
+/// The dL/dw `(K·K, C)` and dL/db partial sums of a block of output rows.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn dw_backward_w_block<E: SpinDtype>(
+    g: &DwGeometry,
+    x: &[E],
+    gy: &[E],
+    rows: std::ops::Range<usize>,
+) -> Vec<E> {
+    let (h, w, c, k, p) = (g.h, g.w, g.c, g.k, g.p);
+    let kkc = k * k * c;
+    let mut acc = vec![E::zero(); kkc + c];
+    for row in rows {
+        let (bi, hi) = (row / h, row % h);
+        let grow = &gy[row * w * c..][..w * c];
+        for px in grow.chunks(c) {
+            for (a, &v) in acc[kkc..].iter_mut().zip(px) {
+                *a += v;
+            }
+        }
+        for ky in 0..k {
+            let Some(hh) = (hi + ky).checked_sub(p).filter(|&hh| hh < h) else {
+                continue;
+            };
+            let xrow = &x[(bi * h + hh) * w * c..][..w * c];
+            for kx in 0..k {
+                let a = &mut acc[(ky * k + kx) * c..][..c];
+                for wi in g.out_cols(kx) {
+                    let xi = wi + kx - p;
+                    fma_row(a, &grow[wi * c..][..c], &xrow[xi * c..][..c]);
+                }
+            }
+        }
+    }
+    acc
+}

@@ -1,0 +1,249 @@
+//! Fused normalisation kernels on channels-last matrices `(rows, C)`: BatchNorm with batch
+//! statistics, a per-channel affine map (BatchNorm at inference), and LayerNorm over each row.
+//!
+//! Each is one pass in and one out, split across cores, instead of the half-dozen single-threaded
+//! dfdx ops (broadcasts, reductions, elementwise) the composed forms in [`crate::device`] take.
+//! Column sums use fixed row blocks added in order, so results do not depend on thread timing.
+use crate::base::{SpinDtype, F32_LANES, LN_EPS};
+use multiversion::multiversion;
+use rayon::prelude::*;
+
+/// Rows per block of a column reduction.
+const BLOCK: usize = 64;
+
+/// Σ over rows of `f(row)`'s contribution, per column, as f64: fixed blocks, ordered sum.
+pub fn col_sums(rows: usize, c: usize, f: impl Fn(usize, &mut [f64]) + Sync) -> Vec<f64> {
+    let partials: Vec<Vec<f64>> = (0..rows.div_ceil(BLOCK))
+        .into_par_iter()
+        .map(|b| {
+            let mut acc = vec![0.0; c];
+            for r in b * BLOCK..((b + 1) * BLOCK).min(rows) {
+                f(r, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    let mut out = vec![0.0; c];
+    for p in partials {
+        for (o, v) in out.iter_mut().zip(p) {
+            *o += v;
+        }
+    }
+    out
+}
+
+pub fn add_row<E: SpinDtype>(acc: &mut [f64], row: &[E]) {
+    for (a, &v) in acc.iter_mut().zip(row) {
+        *a += v.as_f64();
+    }
+}
+
+fn cast<E: SpinDtype>(v: &[f64]) -> Vec<E> {
+    v.iter().map(|&x| E::cast(x)).collect()
+}
+
+/// `x · s + t` per column: forward, and backward given dL/dy → (dL/dx, dL/ds, dL/dt).
+pub fn affine_fwd<E: SpinDtype>(x: &[E], s: &[E], t: &[E]) -> Vec<E> {
+    let c = s.len();
+    let mut y = vec![E::zero(); x.len()];
+    y.par_chunks_mut(c * BLOCK)
+        .zip(x.par_chunks(c * BLOCK))
+        .for_each(|(yb, xb)| {
+            for (yr, xr) in yb.chunks_mut(c).zip(xb.chunks(c)) {
+                for j in 0..c {
+                    yr[j] = xr[j] * s[j] + t[j];
+                }
+            }
+        });
+    y
+}
+
+pub fn affine_bwd<E: SpinDtype>(x: &[E], s: &[E], gy: &[E]) -> (Vec<E>, Vec<E>, Vec<E>) {
+    let c = s.len();
+    let rows = x.len() / c;
+    let mut gx = vec![E::zero(); x.len()];
+    gx.par_chunks_mut(c * BLOCK)
+        .zip(gy.par_chunks(c * BLOCK))
+        .for_each(|(gb, yb)| {
+            for (gr, yr) in gb.chunks_mut(c).zip(yb.chunks(c)) {
+                for j in 0..c {
+                    gr[j] = yr[j] * s[j];
+                }
+            }
+        });
+    let gs = col_sums(rows, c, |r, acc| {
+        for ((a, &g), &v) in acc.iter_mut().zip(&gy[r * c..][..c]).zip(&x[r * c..][..c]) {
+            *a += (g * v).as_f64();
+        }
+    });
+    let gt = col_sums(rows, c, |r, acc| add_row(acc, &gy[r * c..][..c]));
+    (gx, cast(&gs), cast(&gt))
+}
+
+/// Batch statistics of a BatchNorm in training mode.
+#[derive(Clone, Debug)]
+pub struct BnCache<E> {
+    pub mean: Vec<E>,
+    pub var: Vec<E>,
+    pub inv: Vec<E>,
+}
+
+/// BatchNorm over rows with batch statistics: returns y and (mean, biased var, 1/σ).
+pub fn batch_norm_fwd<E: SpinDtype>(x: &[E], g: &[E], b: &[E], eps: f64) -> (Vec<E>, BnCache<E>) {
+    let c = g.len();
+    let rows = x.len() / c;
+    let n = rows as f64;
+    let mean = col_sums(rows, c, |r, acc| add_row(acc, &x[r * c..][..c]));
+    let mean: Vec<f64> = mean.iter().map(|s| s / n).collect();
+    let var = col_sums(rows, c, |r, acc| {
+        for ((a, &v), &m) in acc.iter_mut().zip(&x[r * c..][..c]).zip(&mean) {
+            let d = v.as_f64() - m;
+            *a += d * d;
+        }
+    });
+    let var: Vec<f64> = var.iter().map(|s| s / n).collect();
+    let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    // y = x·(γ/σ) + (β − μ·γ/σ)
+    let scale: Vec<E> = (0..c).map(|j| E::cast(g[j].as_f64() * inv[j])).collect();
+    let shift: Vec<E> = (0..c)
+        .map(|j| E::cast(b[j].as_f64() - mean[j] * g[j].as_f64() * inv[j]))
+        .collect();
+    let y = affine_fwd(x, &scale, &shift);
+    (
+        y,
+        BnCache {
+            mean: cast(&mean),
+            var: cast(&var),
+            inv: cast(&inv),
+        },
+    )
+}
+
+/// Backward of [`batch_norm_fwd`]: with x̂ = (x − μ)/σ, dβ = Σ dy, dγ = Σ dy·x̂,
+/// dx = γ/(σN) · (N·dy − dβ − x̂·dγ).
+pub fn batch_norm_bwd<E: SpinDtype>(
+    x: &[E],
+    g: &[E],
+    cache: &BnCache<E>,
+    gy: &[E],
+) -> (Vec<E>, Vec<E>, Vec<E>) {
+    let c = g.len();
+    let rows = x.len() / c;
+    let n = rows as f64;
+    let mean: Vec<f64> = cache.mean.iter().map(|v| v.as_f64()).collect();
+    let inv: Vec<f64> = cache.inv.iter().map(|v| v.as_f64()).collect();
+    let gb = col_sums(rows, c, |r, acc| add_row(acc, &gy[r * c..][..c]));
+    let gg = col_sums(rows, c, |r, acc| {
+        let (xr, gr) = (&x[r * c..][..c], &gy[r * c..][..c]);
+        for j in 0..c {
+            acc[j] += gr[j].as_f64() * (xr[j].as_f64() - mean[j]) * inv[j];
+        }
+    });
+    // dx = a·dy + b·x + d per column, with a = γ/σ, b = −γ/σ·dγ/(σN), d = −γ/σ·(dβ − μ·dγ/σ)/N.
+    let a: Vec<E> = (0..c).map(|j| E::cast(g[j].as_f64() * inv[j])).collect();
+    let bx: Vec<E> = (0..c)
+        .map(|j| E::cast(-g[j].as_f64() * inv[j] * inv[j] * gg[j] / n))
+        .collect();
+    let d: Vec<E> = (0..c)
+        .map(|j| E::cast(-g[j].as_f64() * inv[j] * (gb[j] - mean[j] * inv[j] * gg[j]) / n))
+        .collect();
+    let mut gx = vec![E::zero(); x.len()];
+    gx.par_chunks_mut(c * BLOCK)
+        .zip(x.par_chunks(c * BLOCK))
+        .zip(gy.par_chunks(c * BLOCK))
+        .for_each(|((ob, xb), gb_)| {
+            for ((or, xr), gr) in ob.chunks_mut(c).zip(xb.chunks(c)).zip(gb_.chunks(c)) {
+                for j in 0..c {
+                    or[j] = a[j] * gr[j] + bx[j] * xr[j] + d[j];
+                }
+            }
+        });
+    (gx, cast(&gg), cast(&gb))
+}
+
+/// LayerNorm over each row: returns y and per-row (mean, 1/σ).
+pub fn layer_norm_fwd<E: SpinDtype>(x: &[E], g: &[E], b: &[E], eps: f64) -> (Vec<E>, Vec<f64>) {
+    let c = g.len();
+    let mut y = vec![E::zero(); x.len()];
+    let mut stats = vec![0.0; 2 * (x.len() / c)];
+    y.par_chunks_mut(c)
+        .zip(x.par_chunks(c))
+        .zip(stats.par_chunks_mut(2))
+        .for_each(|((yr, xr), st)| {
+            let mean = xr.iter().map(|v| v.as_f64()).sum::<f64>() / c as f64;
+            let var = xr.iter().map(|v| (v.as_f64() - mean).powi(2)).sum::<f64>() / c as f64;
+            let inv = 1.0 / (var + eps).sqrt();
+            for j in 0..c {
+                yr[j] = E::cast((xr[j].as_f64() - mean) * inv * g[j].as_f64() + b[j].as_f64());
+            }
+            st[0] = mean;
+            st[1] = inv;
+        });
+    (y, stats)
+}
+
+/// Backward of [`layer_norm_fwd`]: with ĝ = dy·γ, dx = (ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))/σ per row.
+pub fn layer_norm_bwd<E: SpinDtype>(x: &[E], g: &[E], stats: &[f64], gy: &[E]) -> (Vec<E>, Vec<E>, Vec<E>) {
+    let c = g.len();
+    let rows = x.len() / c;
+    let xhat = |r: usize, j: usize| (x[r * c + j].as_f64() - stats[2 * r]) * stats[2 * r + 1];
+    let mut gx = vec![E::zero(); x.len()];
+    gx.par_chunks_mut(c).enumerate().for_each(|(r, gr)| {
+        let (mut m1, mut m2) = (0.0, 0.0);
+        for j in 0..c {
+            let gh = gy[r * c + j].as_f64() * g[j].as_f64();
+            m1 += gh;
+            m2 += gh * xhat(r, j);
+        }
+        let (m1, m2) = (m1 / c as f64, m2 / c as f64);
+        for j in 0..c {
+            let gh = gy[r * c + j].as_f64() * g[j].as_f64();
+            gr[j] = E::cast((gh - m1 - xhat(r, j) * m2) * stats[2 * r + 1]);
+        }
+    });
+    let gg = col_sums(rows, c, |r, acc| {
+        let (xr, gr) = (&x[r * c..][..c], &gy[r * c..][..c]);
+        let (m, i) = (stats[2 * r], stats[2 * r + 1]);
+        for j in 0..c {
+            acc[j] += gr[j].as_f64() * (xr[j].as_f64() - m) * i;
+        }
+    });
+    let gb = col_sums(rows, c, |r, acc| add_row(acc, &gy[r * c..][..c]));
+    (gx, cast(&gg), cast(&gb))
+}
+
+/// LayerNorm (eps 1e-6) of each row of `x` into `out`; statistics in f64 as the training kernel.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+pub fn layer_norm_rows<E: SpinDtype>(out: &mut [E], x: &[E], g: &[E], b: &[E]) {
+    let c = g.len();
+    for (o, xr) in out.chunks_mut(c).zip(x.chunks(c)) {
+        let mut acc = [0.0f64; F32_LANES];
+        let mut tail = xr.chunks_exact(F32_LANES);
+        for ch in &mut tail {
+            for l in 0..F32_LANES {
+                acc[l] += ch[l].as_f64();
+            }
+        }
+        let sum = tail.remainder().iter().map(|v| v.as_f64()).sum::<f64>() + acc.iter().sum::<f64>();
+        let mean = sum / c as f64;
+        let mut acc = [0.0f64; F32_LANES];
+        let mut tail = xr.chunks_exact(F32_LANES);
+        for ch in &mut tail {
+            for l in 0..F32_LANES {
+                let v = ch[l].as_f64() - mean;
+                acc[l] += v * v;
+            }
+        }
+        let sq = tail
+            .remainder()
+            .iter()
+            .map(|v| (v.as_f64() - mean).powi(2))
+            .sum::<f64>();
+        let var = (sq + acc.iter().sum::<f64>()) / c as f64;
+        let inv = 1.0 / (var + LN_EPS).sqrt();
+        let (m, s) = (E::cast(mean), E::cast(inv));
+        for j in 0..c {
+            o[j] = (xr[j] - m) * s * g[j] + b[j];
+        }
+    }
+}

@@ -1,0 +1,434 @@
+//! ViT/DeiT as timm's `VisionTransformer`, with SPIN's sharing.
+//!
+//! patch embedding → prepend the cls token → add the position embedding → pre-norm blocks
+//! `x + attn(norm1(x))`, `x + mlp(norm2(x))` → final LayerNorm → cls-token pooling → head.
+use super::fips_mlps::FipsDecl;
+use super::{Family, ModelInfo};
+use crate::base::{Mat, Nchw, SpinDtype};
+use crate::device::{buffer_keys, fill_linear, to_host, BlockCache, SpinDevice};
+use crate::kernels::blocks::{HostLinear, VitBlockHost};
+use crate::nn::init::reset_trunc_normal;
+use crate::nn::layers::{Attention, LayerNorm, Mlp, PatchConv, VitLinear};
+use crate::nn::param::{param2, push_slots, PackedSlot, ParamSlot, Slot, TimmKeys};
+use crate::nn::storage::{names, vec_fields};
+use dfdx::prelude::*;
+use dfdx::tensor::Tape;
+use spin_rules::counts::{vit_macs, vit_params};
+use spin_rules::{count, slot, users, VitShare};
+use std::marker::PhantomData;
+use std::ops::{Deref, DerefMut};
+
+/// A ViT declaration, as `#[vit(...)]` generates it. `Grid` is `Image / Patch`, `Tokens` is
+/// `Grid² + 1`, `Qkv` is `3·Dim`, `Hidden` is `mlp_ratio·Dim`.
+pub trait VitConfig: 'static + Clone + Copy + std::fmt::Debug + Default + Send + Sync {
+    type Dim: ConstDim;
+    type Patch: ConstDim;
+    type Image: ConstDim;
+    type Grid: ConstDim;
+    type Tokens: ConstDim;
+    type Qkv: ConstDim;
+    type Hidden: ConstDim;
+    type Classes: ConstDim;
+    const NAME: &'static str;
+    const HEADS: usize;
+    const DEPTH: usize;
+    const GROUPS: usize;
+    const PATTERN: &'static str;
+    const SCHEDULE: &'static [usize];
+    const SHARE: VitShare;
+    /// The FiPS compression a `#[fips(...)]` declaration asks for (`None` for a dense ViT).
+    const FIPS: Option<FipsDecl> = None;
+}
+
+/// The description of a declared ViT.
+pub fn info<C: VitConfig>() -> ModelInfo {
+    let (d, p, img, h, cls) = (
+        C::Dim::SIZE,
+        C::Patch::SIZE,
+        C::Image::SIZE,
+        C::Hidden::SIZE,
+        C::Classes::SIZE,
+    );
+    let (depth, groups) = (C::DEPTH, C::GROUPS);
+    ModelInfo {
+        params: vit_params(d, p, img, h, cls, depth, groups, C::SHARE),
+        macs: vit_macs(d, p, img, h, cls, depth),
+        unshared_params: vit_params(d, p, img, h, cls, depth, depth, C::SHARE),
+        ..ModelInfo::declared(
+            C::NAME,
+            Family::Vit,
+            (d, img, cls),
+            depth,
+            groups,
+            C::PATTERN,
+            C::SCHEDULE,
+            C::SHARE.name(),
+        )
+    }
+}
+
+/// How a ViT stores its blocks' MLPs: timm's dense MLPs under SPIN's schedule ([`DenseMlps`]) or
+/// FiPS factors ([`super::fips_mlps::FipsMlps`]).
+pub trait VitMlps<C: VitConfig, E: SpinDtype, D: SpinDevice<E>>:
+    TensorCollection<E, D> + Clone + std::fmt::Debug
+{
+    /// Block `layer`'s MLP on its normalised tokens `(rows, Dim)`.
+    fn forward<T: Tape<E, D> + Merge<T>>(
+        &self,
+        layer: usize,
+        x: Tensor<Mat, E, D, T>,
+    ) -> Tensor<Mat, E, D, T>;
+    /// Block `layer`'s fc1 and fc2 as dense weights on the host, for the fused inference path.
+    fn host_weights(&self, layer: usize, fc1: &mut HostLinear<E>, fc2: &mut HostLinear<E>);
+    /// The MLP tensors under their checkpoint keys.
+    fn slots(&mut self) -> Vec<Slot<'_, E>>;
+    /// Pruned MLP tensors, stored as values and bit masks.
+    fn packed_slots(&mut self) -> Vec<PackedSlot<'_, E>> {
+        Vec::new()
+    }
+    /// Corrects a dense ViT's description for this storage (parameter count, sharing).
+    fn describe(&self, _info: &mut ModelInfo) {}
+    /// Checks a loaded checkpoint beyond keys and shapes.
+    fn check(&self) -> Result<(), crate::Error> {
+        Ok(())
+    }
+}
+
+/// timm's MLPs, one per group of SPIN's schedule (or per layer when unshared).
+#[derive(Debug)]
+pub struct DenseMlps<C: VitConfig, E: Dtype, D: Storage<E>>(pub Vec<Mlp<C::Dim, C::Hidden, E, D>>);
+
+impl<C: VitConfig, E: Dtype, D: Storage<E>> Clone for DenseMlps<C, E, D> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<C: VitConfig, E: Dtype, D: Storage<E>> Deref for DenseMlps<C, E, D> {
+    type Target = Vec<Mlp<C::Dim, C::Hidden, E, D>>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl<C: VitConfig, E: Dtype, D: Storage<E>> DerefMut for DenseMlps<C, E, D> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> TensorCollection<E, D> for DenseMlps<C, E, D> {
+    type To<E2: Dtype, D2: Device<E2>> = DenseMlps<C, E2, D2>;
+    fn iter_tensors<V: ModuleVisitor<Self, E, D>>(
+        visitor: &mut V,
+    ) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
+        let n: Vec<String> = (0..count(C::SHARE.mlp(), C::DEPTH, C::GROUPS))
+            .map(|j| j.to_string())
+            .collect();
+        visitor.visit_fields(vec_fields::<Self, _, E, D>(&n, |s| &s.0, |s| &mut s.0), DenseMlps)
+    }
+}
+
+impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> VitMlps<C, E, D> for DenseMlps<C, E, D> {
+    fn forward<T: Tape<E, D> + Merge<T>>(
+        &self,
+        layer: usize,
+        x: Tensor<Mat, E, D, T>,
+    ) -> Tensor<Mat, E, D, T> {
+        self.0[slot(C::SHARE.mlp(), C::SCHEDULE, layer)].forward(x)
+    }
+    fn host_weights(&self, layer: usize, fc1: &mut HostLinear<E>, fc2: &mut HostLinear<E>) {
+        let m = &self.0[slot(C::SHARE.mlp(), C::SCHEDULE, layer)];
+        fill_linear(fc1, &m.fc1.weight, &m.fc1.bias, false);
+        fill_linear(fc2, &m.fc2.weight, &m.fc2.bias, false);
+    }
+    fn slots(&mut self) -> Vec<Slot<'_, E>> {
+        let mut out = Vec::new();
+        for (j, m) in self.0.iter_mut().enumerate() {
+            let prefixes: Vec<String> = users(C::SHARE.mlp(), C::SCHEDULE, j)
+                .into_iter()
+                .map(|i| format!("blocks.{i}.mlp"))
+                .collect();
+            push_slots(&mut out, &prefixes, m.slots());
+        }
+        out
+    }
+}
+
+/// A built ViT; block parts are stored per group or per layer (see [`crate::nn::storage`]), the MLPs
+/// as `M` says.
+#[derive(Debug)]
+pub struct Vit<C: VitConfig, E: Dtype, D: Storage<E>, M = DenseMlps<C, E, D>> {
+    pub patch_embed: PatchConv<C::Dim, C::Patch, E, D>,
+    pub cls_token: Tensor<(Const<1>, Const<1>, C::Dim), E, D>,
+    pub pos_embed: Tensor<(Const<1>, C::Tokens, C::Dim), E, D>,
+    pub norm1: Vec<LayerNorm<C::Dim, E, D>>,
+    pub attn: Vec<Attention<C::Dim, C::Qkv, E, D>>,
+    pub norm2: Vec<LayerNorm<C::Dim, E, D>>,
+    pub mlp: M,
+    pub norm: LayerNorm<C::Dim, E, D>,
+    pub head: VitLinear<C::Dim, C::Classes, E, D>,
+    /// The blocks' weights laid out for the fused inference kernels, kept between calls.
+    infer: BlockCache<E, Vit<C, E, D, M>>,
+    _config: PhantomData<C>,
+}
+
+impl<C: VitConfig, E: Dtype, D: Storage<E>, M: Clone> Clone for Vit<C, E, D, M> {
+    fn clone(&self) -> Self {
+        Self {
+            patch_embed: self.patch_embed.clone(),
+            cls_token: self.cls_token.clone(),
+            pos_embed: self.pos_embed.clone(),
+            norm1: self.norm1.clone(),
+            attn: self.attn.clone(),
+            norm2: self.norm2.clone(),
+            mlp: self.mlp.clone(),
+            norm: self.norm.clone(),
+            head: self.head.clone(),
+            infer: BlockCache::default(),
+            _config: PhantomData,
+        }
+    }
+}
+
+impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: TensorCollection<E, D>> TensorCollection<E, D>
+    for Vit<C, E, D, M>
+{
+    type To<E2: Dtype, D2: Device<E2>> = Vit<C, E2, D2, M::To<E2, D2>>;
+
+    fn iter_tensors<V: ModuleVisitor<Self, E, D>>(
+        visitor: &mut V,
+    ) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
+        let s = C::SHARE;
+        let (dn, gn) = (C::DEPTH, C::GROUPS);
+        let n1 = names("norm1", count(s.norms(), dn, gn));
+        let at = names("attn", count(s.attn(), dn, gn));
+        let n2 = names("norm2", count(s.norms(), dn, gn));
+        visitor.visit_fields(
+            (
+                (
+                    Self::module("patch_embed", |s| &s.patch_embed, |s| &mut s.patch_embed),
+                    Self::tensor(
+                        "cls_token",
+                        |s| &s.cls_token,
+                        |s| &mut s.cls_token,
+                        TensorOptions::reset_with(reset_trunc_normal),
+                    ),
+                    Self::tensor(
+                        "pos_embed",
+                        |s| &s.pos_embed,
+                        |s| &mut s.pos_embed,
+                        TensorOptions::reset_with(reset_trunc_normal),
+                    ),
+                ),
+                vec_fields::<Self, _, E, D>(&n1, |s| &s.norm1, |s| &mut s.norm1),
+                vec_fields::<Self, _, E, D>(&at, |s| &s.attn, |s| &mut s.attn),
+                vec_fields::<Self, _, E, D>(&n2, |s| &s.norm2, |s| &mut s.norm2),
+                (
+                    Self::module("mlp", |s| &s.mlp, |s| &mut s.mlp),
+                    Self::module("norm", |s| &s.norm, |s| &mut s.norm),
+                    Self::module("head", |s| &s.head, |s| &mut s.head),
+                ),
+            ),
+            |((patch_embed, cls_token, pos_embed), norm1, attn, norm2, (mlp, norm, head))| Vit {
+                patch_embed,
+                cls_token,
+                pos_embed,
+                norm1,
+                attn,
+                norm2,
+                mlp,
+                norm,
+                head,
+                infer: BlockCache::default(),
+                _config: PhantomData,
+            },
+        )
+    }
+}
+
+impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> Vit<C, E, D, M> {
+    pub fn info(&self) -> ModelInfo {
+        let mut i = info::<C>();
+        self.mlp.describe(&mut i);
+        i
+    }
+
+    /// The same model with other MLP storage (e.g. FiPS factors made from these MLPs).
+    pub fn with_mlps<M2>(self, mlp: M2) -> Vit<C, E, D, M2> {
+        Vit {
+            patch_embed: self.patch_embed,
+            cls_token: self.cls_token,
+            pos_embed: self.pos_embed,
+            norm1: self.norm1,
+            attn: self.attn,
+            norm2: self.norm2,
+            mlp,
+            norm: self.norm,
+            head: self.head,
+            infer: BlockCache::default(),
+            _config: PhantomData,
+        }
+    }
+
+    /// Each block's MLP input (its normalised tokens) and MLP output, on NCHW images: what FiPS's
+    /// block-wise reconstruction matches (attention is untouched, so matching the MLP output is
+    /// matching the block output).
+    pub fn mlp_io(&self, x: Tensor<Nchw, E, D>) -> Vec<(Tensor<Mat, E, D>, Tensor<Mat, E, D>)> {
+        let mut out = Vec::with_capacity(C::DEPTH);
+        self.blocks(
+            x,
+            Some(&mut |_, z: &Tensor<Mat, E, D>, y: &Tensor<Mat, E, D>| out.push((z.clone(), y.clone()))),
+        );
+        out
+    }
+
+    /// Embedding and blocks (no final norm) on NCHW images: `(B·N, D)` token features. `observe`
+    /// sees each block's MLP input and output.
+    fn blocks<T: Tape<E, D> + Merge<T>>(
+        &self,
+        x: Tensor<Nchw, E, D, T>,
+        mut observe: Option<&mut dyn FnMut(usize, &Tensor<Mat, E, D>, &Tensor<Mat, E, D>)>,
+    ) -> Tensor<Mat, E, D, T> {
+        let b = x.shape().0;
+        let (d, n) = (C::Dim::SIZE, C::Tokens::SIZE);
+        let patches = self.patch_embed.forward(x).reshape_like(&(b, n - 1, d));
+        let cls = param2::<_, _, _, T>(&self.cls_token, 1, d)
+            .reshape_like(&(d,))
+            .broadcast_like::<_, Axes2<0, 1>>(&(b, 1, d));
+        let tokens = (cls, patches).concat_along(Axis::<1>);
+        let pos = param2::<_, _, _, T>(&self.pos_embed, n, d).broadcast_like::<_, Axis<0>>(&(b, n, d));
+        let mut x = (tokens + pos).reshape_like(&(b * n, d));
+        let (s, sched) = (C::SHARE, C::SCHEDULE);
+        if !T::OWNS_TAPE && observe.is_none() {
+            // Inference: every block in the device's fused kernel, where it has one.
+            let (x0, tape) = x.split_tape();
+            let blocks = || {
+                self.infer.get(
+                    buffer_keys::<_, E, D>(self),
+                    || self.clone(),
+                    || (0..C::DEPTH).map(|i| self.host_block(i)).collect(),
+                )
+            };
+            if let Some(y) = D::vit_blocks_infer(&x0, b, C::HEADS, &blocks) {
+                return y.put_tape(tape);
+            }
+            x = x0.put_tape(tape);
+        } else if T::OWNS_TAPE {
+            self.infer.clear();
+        }
+        for i in 0..C::DEPTH {
+            let (jn, ja) = (slot(s.norms(), sched, i), slot(s.attn(), sched, i));
+            let skip = x.with_empty_tape();
+            x = self.attn[ja].forward(self.norm1[jn].forward(x), b, C::HEADS) + skip;
+            let skip = x.with_empty_tape();
+            let z = self.norm2[jn].forward(x);
+            let z_seen = observe.as_ref().map(|_| z.retaped::<NoneTape>());
+            let y = self.mlp.forward(i, z);
+            if let (Some(f), Some(z)) = (observe.as_mut(), z_seen) {
+                f(i, &z, &y.retaped::<NoneTape>());
+            }
+            x = y + skip;
+        }
+        x
+    }
+
+    /// Block `i`'s weights on the host, as the fused inference kernel takes them.
+    fn host_block(&self, i: usize) -> VitBlockHost<E> {
+        let (s, sched) = (C::SHARE, C::SCHEDULE);
+        let (jn, ja) = (slot(s.norms(), sched, i), slot(s.attn(), sched, i));
+        let (n1, n2, at) = (&self.norm1[jn], &self.norm2[jn], &self.attn[ja]);
+        let mut w = VitBlockHost::default();
+        to_host(&n1.weight, &mut w.norm1.0);
+        to_host(&n1.bias, &mut w.norm1.1);
+        to_host(&n2.weight, &mut w.norm2.0);
+        to_host(&n2.bias, &mut w.norm2.1);
+        fill_linear(&mut w.qkv, &at.qkv.weight, &at.qkv.bias, false);
+        fill_linear(&mut w.proj, &at.proj.weight, &at.proj.bias, false);
+        self.mlp.host_weights(i, &mut w.fc1, &mut w.fc2);
+        w
+    }
+
+    /// Logits for a runtime-shaped batch `(B, 3, H, W)`; panics if H, W differ from the declared size.
+    pub fn forward_dyn<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Nchw, E, D, T>) -> Tensor<Mat, E, D, T> {
+        let &(b, c, h, w) = x.shape();
+        let img = C::Image::SIZE;
+        assert!(
+            c == 3 && h == img && w == img,
+            "{} takes (B, 3, {img}, {img}) images, got (B, {c}, {h}, {w})",
+            C::NAME
+        );
+        let (d, n) = (C::Dim::SIZE, C::Tokens::SIZE);
+        let x = self.norm.forward(self.blocks(x, None));
+        let cls = x
+            .reshape_like(&(b, n, d))
+            .slice((.., 0..1, ..))
+            .reshape_like(&(b, d));
+        self.head.forward(cls)
+    }
+
+    /// A ViT has no BatchNorm and no dropout: training and inference forwards are the same.
+    pub fn forward_dyn_mut<T: Tape<E, D> + Merge<T>>(
+        &mut self,
+        x: Tensor<Nchw, E, D, T>,
+    ) -> Tensor<Mat, E, D, T> {
+        self.forward_dyn(x)
+    }
+
+    /// timm's `forward_features`: normalised tokens, cls first, shape in the type.
+    pub fn forward_features<B: Dim, T: Tape<E, D> + Merge<T>>(
+        &self,
+        x: Tensor<(B, Const<3>, C::Image, C::Image), E, D, T>,
+    ) -> Tensor<(B, C::Tokens, C::Dim), E, D, T> {
+        let b = x.shape().0;
+        let img = C::Image::SIZE;
+        let y = self
+            .norm
+            .forward(self.blocks(x.reshape_like(&(b.size(), 3, img, img)), None));
+        y.reshape_like(&(b, Default::default(), Default::default()))
+    }
+}
+
+typed_surface!(Vit, VitConfig, M: VitMlps);
+
+impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> TimmKeys for Vit<C, E, D, M> {
+    type Elem = E;
+    fn timm_slots(&mut self) -> Vec<Slot<'_, E>> {
+        let (s, sched) = (C::SHARE, C::SCHEDULE);
+        let mut out = Vec::new();
+        let layers = |shared: bool, j: usize, suffix: &str| -> Vec<String> {
+            users(shared, sched, j)
+                .into_iter()
+                .map(|i| format!("blocks.{i}.{suffix}"))
+                .collect()
+        };
+        push_slots(&mut out, &["patch_embed.proj".into()], self.patch_embed.slots());
+        out.push(Slot {
+            keys: vec!["cls_token".into()],
+            tensor: &mut self.cls_token as &mut dyn ParamSlot<E>,
+        });
+        out.push(Slot {
+            keys: vec!["pos_embed".into()],
+            tensor: &mut self.pos_embed as &mut dyn ParamSlot<E>,
+        });
+        for (j, m) in self.norm1.iter_mut().enumerate() {
+            push_slots(&mut out, &layers(s.norms(), j, "norm1"), m.slots());
+        }
+        for (j, m) in self.attn.iter_mut().enumerate() {
+            push_slots(&mut out, &layers(s.attn(), j, "attn"), m.slots());
+        }
+        for (j, m) in self.norm2.iter_mut().enumerate() {
+            push_slots(&mut out, &layers(s.norms(), j, "norm2"), m.slots());
+        }
+        out.extend(self.mlp.slots());
+        push_slots(&mut out, &["norm".into()], self.norm.slots());
+        push_slots(&mut out, &["head".into()], self.head.slots());
+        out
+    }
+    fn packed_slots(&mut self) -> Vec<PackedSlot<'_, E>> {
+        self.mlp.packed_slots()
+    }
+    fn check_loaded(&self) -> Result<(), crate::Error> {
+        self.mlp.check()
+    }
+}

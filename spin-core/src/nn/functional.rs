@@ -1,0 +1,238 @@
+//! timm-exact layers as functions on runtime shapes `(rows, features)`: the math every model
+//! shares, written on the device ops, so it is compiled once per dtype and device, not once per
+//! model.
+use crate::base::{Act, Mat, SpinDtype, BN_EPS};
+use crate::device::{linear_composed, SpinDevice};
+use crate::kernels::gemm::has_kernels;
+use dfdx::prelude::*;
+use dfdx::tensor::Tape;
+
+/// The activation `act` of `x`.
+pub fn activation<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D>>(
+    act: Act,
+    x: Tensor<Mat, E, D, T>,
+) -> Tensor<Mat, E, D, T> {
+    match act {
+        Act::Gelu => gelu(x),
+        Act::Relu => x.relu(),
+    }
+}
+
+/// Exact GELU, `x·Φ(x) = 0.5·x·(1 + erf(x/√2))`, as PyTorch's default `nn.GELU`.
+///
+/// Not dfdx's `accurate_gelu`: dfdx 0.13 computes the right values but its derivative drops the
+/// 1/√2 of the inner term, so gradients through it are wrong (checked by the tests below).
+pub fn gelu<S: Shape, E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D>>(
+    x: Tensor<S, E, D, T>,
+) -> Tensor<S, E, D, T> {
+    D::gelu(x)
+}
+
+/// Depthwise K×K 'same' convolution of `(B·H·W, C)` features with weight `(C, K·K)`, bias `(C,)`.
+pub fn depthwise<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
+    x: Tensor<Mat, E, D, T>,
+    w: Tensor<Mat, E, D, T>,
+    bias: Tensor<(usize,), E, D, T>,
+    (b, h, wd): (usize, usize, usize),
+    k: usize,
+) -> Tensor<Mat, E, D, T> {
+    let (rows, c) = *x.shape();
+    D::dwconv(x.reshape_like(&(b, h, wd, c)), w, bias, k)
+        .unwrap()
+        .reshape_like(&(rows, c))
+}
+
+/// `x · Wᵀ + b` with PyTorch's `(out, in)` weight.
+pub fn linear<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
+    x: Tensor<Mat, E, D, T>,
+    w: Tensor<Mat, E, D, T>,
+    b: Tensor<(usize,), E, D, T>,
+) -> Tensor<Mat, E, D, T> {
+    if has_kernels::<E>() {
+        D::linear(x, w, b)
+    } else {
+        linear_composed(x, w, b)
+    }
+}
+
+/// LayerNorm over the features of each row, eps 1e-6, with scale and shift.
+pub fn layer_norm<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
+    x: Tensor<Mat, E, D, T>,
+    g: Tensor<(usize,), E, D, T>,
+    b: Tensor<(usize,), E, D, T>,
+) -> Tensor<Mat, E, D, T> {
+    D::layer_norm(x, g, b)
+}
+
+/// BatchNorm with given statistics (inference): `(x − mean)/sqrt(var + eps)·γ + β`.
+pub fn batch_norm_eval<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
+    x: Tensor<Mat, E, D, T>,
+    mean: &[E],
+    var: &[E],
+    g: Tensor<(usize,), E, D, T>,
+    b: Tensor<(usize,), E, D, T>,
+) -> Tensor<Mat, E, D, T> {
+    let dev = x.device().clone();
+    let c = mean.len();
+    let inv: Vec<E> = var
+        .iter()
+        .map(|&v| E::one() / (v + E::cast(BN_EPS)).sqrt())
+        .collect();
+    let neg_mean_inv: Vec<E> = mean.iter().zip(&inv).map(|(&m, &i)| -m * i).collect();
+    let inv = dev.tensor_from_vec(inv, (c,));
+    let shift = dev.tensor_from_vec(neg_mean_inv, (c,));
+    // x·(inv·γ) + (−mean·inv·γ + β): the same map folded into one scale and one shift.
+    let scale = g.with_empty_tape() * inv;
+    let shift = g * shift + b;
+    D::channel_affine(x, scale, shift)
+}
+
+/// BatchNorm with batch statistics (training). Returns the output and the batch mean and biased
+/// variance, which the caller folds into its running statistics.
+pub fn batch_norm_train<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
+    x: Tensor<Mat, E, D, T>,
+    g: Tensor<(usize,), E, D, T>,
+    b: Tensor<(usize,), E, D, T>,
+) -> (Tensor<Mat, E, D, T>, Vec<E>, Vec<E>) {
+    D::batch_norm_train(x, g, b)
+}
+
+/// Multi-head self-attention as timm: one qkv Linear whose outputs are laid out
+/// (3, heads, head_dim), softmax(q·kᵀ·head_dim^-0.5)·v, then the output projection.
+/// `x` is `(B·N, D)` for `batch` sequences of N tokens.
+#[allow(clippy::too_many_arguments)]
+pub fn attention<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
+    x: Tensor<Mat, E, D, T>,
+    batch: usize,
+    heads: usize,
+    qkv_w: Tensor<Mat, E, D, T>,
+    qkv_b: Tensor<(usize,), E, D, T>,
+    proj_w: Tensor<Mat, E, D, T>,
+    proj_b: Tensor<(usize,), E, D, T>,
+) -> Tensor<Mat, E, D, T> {
+    let qkv = linear(x, qkv_w, qkv_b);
+    if !T::OWNS_TAPE {
+        // Inference: the core in one kernel where the device has it.
+        let (q, tape) = qkv.split_tape();
+        if let Some(core) = D::attention_core_infer(&q, batch, heads) {
+            return linear(core.put_tape(tape), proj_w, proj_b);
+        }
+        return attention_core_composed(q.put_tape(tape), batch, heads, proj_w, proj_b);
+    }
+    attention_core_composed(qkv, batch, heads, proj_w, proj_b)
+}
+
+/// The attention core from dfdx ops (training, other devices, and the reference).
+fn attention_core_composed<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
+    qkv: Tensor<Mat, E, D, T>,
+    batch: usize,
+    heads: usize,
+    proj_w: Tensor<Mat, E, D, T>,
+    proj_b: Tensor<(usize,), E, D, T>,
+) -> Tensor<Mat, E, D, T> {
+    let (rows, three_d) = *qkv.shape();
+    let (n, dim) = (rows / batch, three_d / 3);
+    let hd = dim / heads;
+    let qkv = qkv
+        .reshape_like(&(batch, n, 3, heads, hd))
+        .permute::<_, Axes5<2, 0, 3, 1, 4>>();
+    let part = |qkv: Tensor<(usize, usize, usize, usize, usize), E, D, T>, i: usize| {
+        qkv.slice((i..i + 1, .., .., .., ..))
+            .reshape_like(&(batch, heads, n, hd))
+    };
+    let q = part(qkv.with_empty_tape(), 0);
+    let k = part(qkv.with_empty_tape(), 1);
+    let v = part(qkv, 2);
+    let scale = E::cast((hd as f64).powf(-0.5));
+    let attn = (q * scale)
+        .matmul(k.permute::<_, Axes4<0, 1, 3, 2>>())
+        .softmax::<Axis<3>>();
+    let out = attn
+        .matmul(v)
+        .permute::<_, Axes4<0, 2, 1, 3>>()
+        .reshape_like(&(rows, dim));
+    linear(out, proj_w, proj_b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::gelu_fallback;
+    type T = OwnedTape<f64, Cpu>;
+
+    /// Checks d(Σ f(x) ⊙ r)/dx against central differences, for a function of one matrix.
+    fn check_grad(name: &str, shape: Mat, f: impl Fn(Tensor<Mat, f64, Cpu, T>) -> Tensor<Mat, f64, Cpu, T>) {
+        let dev = Cpu::seed_from_u64(5);
+        let x: Tensor<Mat, f64, Cpu> = dev.sample_normal_like(&shape);
+        let probe = f(x.leaky_trace());
+        let r: Tensor<Mat, f64, Cpu> = dev.sample_normal_like(probe.shape());
+        let g = (probe * r.clone()).sum::<(), _>().backward();
+        let analytic = g.get(&x).as_vec();
+        let base = x.as_vec();
+        let eps = 1e-6;
+        for k in 0..base.len() {
+            let eval = |d: f64| {
+                let mut v = base.clone();
+                v[k] += d;
+                let y = f(dev.tensor_from_vec(v, shape).leaky_trace());
+                (y.retaped::<NoneTape>() * r.clone()).sum::<(), _>().array()
+            };
+            let num = (eval(eps) - eval(-eps)) / (2.0 * eps);
+            assert!(
+                (num - analytic[k]).abs() < 1e-6 * (1.0 + num.abs()),
+                "{name}: entry {k}: numeric {num}, analytic {}",
+                analytic[k]
+            );
+        }
+    }
+
+    #[test]
+    fn attention_inference_kernel_equals_the_composed_ops() {
+        let dev = Cpu::seed_from_u64(9);
+        let x: Tensor<Mat, f64, Cpu> = dev.sample_normal_like(&(2 * 5, 8));
+        let w: Tensor<Mat, f64, Cpu> = dev.sample_normal_like(&(24, 8));
+        let bq: Tensor<(usize,), f64, Cpu> = dev.sample_normal_like(&(24,));
+        let wp: Tensor<Mat, f64, Cpu> = dev.sample_normal_like(&(8, 8));
+        let bp: Tensor<(usize,), f64, Cpu> = dev.sample_normal_like(&(8,));
+        let fused = attention(x.clone(), 2, 2, w.clone(), bq.clone(), wp.clone(), bp.clone()).as_vec();
+        let composed = attention(
+            x.leaky_trace(),
+            2,
+            2,
+            w.retaped(),
+            bq.retaped(),
+            wp.retaped(),
+            bp.retaped(),
+        );
+        for (a, b) in fused.iter().zip(composed.as_vec()) {
+            assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let dev = Cpu::seed_from_u64(6);
+        let g: Tensor<(usize,), f64, Cpu> = dev.sample_normal_like(&(4,));
+        let b: Tensor<(usize,), f64, Cpu> = dev.sample_normal_like(&(4,));
+        check_grad("gelu", (3, 4), gelu);
+        check_grad("gelu_fallback", (3, 4), gelu_fallback);
+        check_grad("layer_norm", (3, 4), |x| layer_norm(x, g.retaped(), b.retaped()));
+        check_grad("batch_norm_train", (5, 4), |x| {
+            batch_norm_train(x, g.retaped(), b.retaped()).0
+        });
+        let mean = [0.1, -0.2, 0.3, 0.0];
+        let var = [1.5, 0.5, 2.0, 1.0];
+        check_grad("batch_norm_eval", (5, 4), |x| {
+            batch_norm_eval(x, &mean, &var, g.retaped(), b.retaped())
+        });
+        let w: Tensor<Mat, f64, Cpu> = dev.sample_normal_like(&(12, 4));
+        let bq: Tensor<(usize,), f64, Cpu> = dev.sample_normal_like(&(12,));
+        let wp: Tensor<Mat, f64, Cpu> = dev.sample_normal_like(&(4, 4));
+        check_grad("attention", (6, 4), |x| {
+            attention(x, 2, 2, w.retaped(), bq.retaped(), wp.retaped(), b.retaped())
+        });
+        check_grad("mean_pool", (6, 4), |x| {
+            x.reshape_like(&(2, 3, 4)).mean::<_, Axis<1>>()
+        });
+    }
+}

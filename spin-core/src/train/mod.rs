@@ -1,0 +1,14 @@
+//! Training and evaluation on the CPU as a library: AdamW with decoupled weight decay, SPIN's
+//! one-cycle learning rate, label smoothing, clipping by global L2 norm ([`optim`], [`fit`]); an
+//! object-safe [`Classifier`] so a model chosen by name at run time can be trained
+//! ([`classifier`]); and whole runs with checkpoints, metrics, resume and a stop on divergence
+//! ([`run`]), which `spin train` only calls.
+pub mod classifier;
+pub mod fit;
+pub mod optim;
+pub mod run;
+
+pub use classifier::{count_correct, smooth_targets, Classifier, Runner, StepParams, StepStats};
+pub use fit::{epoch_order, evaluate, steps_per_epoch, train_epoch, PassStats, TrainConfig};
+pub use optim::{AdamW, OneCycle};
+pub use run::{fine_tune, run, EpochRecord, Event, RunOptions, RunState, TrainResult};

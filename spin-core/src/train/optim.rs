@@ -1,0 +1,254 @@
+//! The optimiser and the learning-rate schedule.
+//!
+//! AdamW is spin's own rather than dfdx's `Adam`, whose moments are private: resuming a run needs
+//! them saved and restored exactly.
+use crate::checkpoint::TensorMap;
+use crate::Error;
+use dfdx::nn::tensor_collection::{RecursiveWalker, TensorVisitor, ViewTensorMut, ViewTensorRef};
+use dfdx::prelude::*;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// AdamW (decoupled weight decay, as PyTorch's `AdamW`), with optional clipping of the global
+/// gradient L2 norm. Weight decay skips 1-D tensors (biases and norm scales), as timm does.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdamW {
+    /// The moments' decay rates.
+    pub betas: (f32, f32),
+    /// Added to the second moment's root.
+    pub eps: f32,
+    /// Decoupled weight decay (skipped for 1-D tensors).
+    pub weight_decay: f32,
+    /// Steps taken so far.
+    pub t: u64,
+    m: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+impl AdamW {
+    /// PyTorch's defaults (betas 0.9, 0.999; eps 1e-8) with this weight decay.
+    pub fn new(weight_decay: f32) -> Self {
+        Self {
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay,
+            t: 0,
+            m: vec![],
+            v: vec![],
+        }
+    }
+
+    /// One update of every trainable tensor of `model` from `grads`; returns the gradient norm
+    /// before clipping.
+    pub fn step<M: TensorCollection<f32, Cpu>>(
+        &mut self,
+        model: &mut M,
+        grads: &Gradients<f32, Cpu>,
+        lr: f32,
+        clip: Option<f32>,
+    ) -> f32 {
+        let mut gather = Gather { grads, out: vec![] };
+        let _ = M::iter_tensors(&mut RecursiveWalker {
+            m: &*model,
+            f: &mut gather,
+        });
+        let g = gather.out;
+        let norm = g
+            .iter()
+            .flat_map(|v| v.iter())
+            .map(|&x| (x as f64) * (x as f64))
+            .sum::<f64>()
+            .sqrt() as f32;
+        let scale = match clip {
+            Some(c) if norm > c => c / (norm + 1e-6),
+            _ => 1.0,
+        };
+        if self.m.len() != g.len() {
+            self.m = g.iter().map(|v| vec![0.0; v.len()]).collect();
+            self.v = self.m.clone();
+        }
+        self.t += 1;
+        let mut update = Update {
+            opt: self,
+            grads: &g,
+            lr,
+            scale,
+            i: 0,
+        };
+        let _ = M::iter_tensors(&mut RecursiveWalker {
+            m: model,
+            f: &mut update,
+        });
+        norm
+    }
+
+    /// The optimiser's state as tensors (`adamw.m.NNNN`, `adamw.v.NNNN`) and metadata
+    /// (`adamw.t`, `adamw.weight_decay`), for a run's resumable state.
+    pub fn to_tensors(&self) -> (TensorMap, BTreeMap<String, String>) {
+        let mut tensors = TensorMap::new();
+        for (which, moments) in [("m", &self.m), ("v", &self.v)] {
+            for (i, m) in moments.iter().enumerate() {
+                let values = m.iter().map(|&x| x as f64).collect();
+                tensors.insert(format!("adamw.{which}.{i:04}"), (vec![m.len()], values));
+            }
+        }
+        let meta = BTreeMap::from([
+            ("adamw.t".to_string(), self.t.to_string()),
+            ("adamw.weight_decay".to_string(), self.weight_decay.to_string()),
+        ]);
+        (tensors, meta)
+    }
+
+    /// Restores what [`AdamW::to_tensors`] gave; other tensors are ignored. `source` names the
+    /// file in errors.
+    pub fn from_tensors(
+        source: &Path,
+        tensors: &TensorMap,
+        meta: &HashMap<String, String>,
+    ) -> Result<Self, Error> {
+        let bad = |reason: String| Error::Safetensors {
+            path: source.into(),
+            reason,
+        };
+        let get = |k: &str| meta.get(k).ok_or_else(|| bad(format!("missing metadata `{k}`")));
+        let mut opt = AdamW::new(
+            get("adamw.weight_decay")?
+                .parse()
+                .map_err(|_| bad("bad `adamw.weight_decay`".into()))?,
+        );
+        opt.t = get("adamw.t")?.parse().map_err(|_| bad("bad `adamw.t`".into()))?;
+        // BTreeMap order: adamw.m.0000, adamw.m.0001, …, then adamw.v.….
+        for (k, (_, v)) in tensors {
+            let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+            match k.strip_prefix("adamw.").and_then(|k| k.split_once('.')) {
+                Some(("m", _)) => opt.m.push(v),
+                Some(("v", _)) => opt.v.push(v),
+                _ => {}
+            }
+        }
+        if opt.m.len() != opt.v.len() {
+            return Err(bad(
+                "the optimiser's first and second moments differ in count".into()
+            ));
+        }
+        Ok(opt)
+    }
+}
+
+/// Copies out the gradient of every trainable tensor, in visiting order.
+struct Gather<'a> {
+    grads: &'a Gradients<f32, Cpu>,
+    out: Vec<Vec<f32>>,
+}
+
+impl TensorVisitor<f32, Cpu> for Gather<'_> {
+    type Viewer = ViewTensorRef;
+    type Err = dfdx::tensor::CpuError;
+    type E2 = f32;
+    type D2 = Cpu;
+    fn visit<S: Shape>(
+        &mut self,
+        opts: TensorOptions<S, f32, Cpu>,
+        t: &Tensor<S, f32, Cpu>,
+    ) -> Result<Option<Tensor<S, f32, Cpu>>, Self::Err> {
+        if opts.do_gradient_update {
+            self.out.push(self.grads.get(t).as_vec());
+        }
+        Ok(None)
+    }
+}
+
+struct Update<'a> {
+    opt: &'a mut AdamW,
+    grads: &'a [Vec<f32>],
+    lr: f32,
+    scale: f32,
+    i: usize,
+}
+
+impl TensorVisitor<f32, Cpu> for Update<'_> {
+    type Viewer = ViewTensorMut;
+    type Err = dfdx::tensor::CpuError;
+    type E2 = f32;
+    type D2 = Cpu;
+    fn visit<S: Shape>(
+        &mut self,
+        opts: TensorOptions<S, f32, Cpu>,
+        t: &mut Tensor<S, f32, Cpu>,
+    ) -> Result<Option<Tensor<S, f32, Cpu>>, Self::Err> {
+        if !opts.do_gradient_update {
+            return Ok(None);
+        }
+        let i = self.i;
+        self.i += 1;
+        let o = &mut *self.opt;
+        let (b1, b2) = o.betas;
+        let bc1 = 1.0 - b1.powi(o.t as i32);
+        let bc2 = 1.0 - b2.powi(o.t as i32);
+        let decay = if S::NUM_DIMS > 1 {
+            1.0 - self.lr * o.weight_decay
+        } else {
+            1.0
+        };
+        let mut p = t.as_vec();
+        let (m, v) = (&mut o.m[i], &mut o.v[i]);
+        for (k, pk) in p.iter_mut().enumerate() {
+            let g = self.grads[i][k] * self.scale;
+            m[k] = b1 * m[k] + (1.0 - b1) * g;
+            v[k] = b2 * v[k] + (1.0 - b2) * g * g;
+            let step = (m[k] / bc1) / ((v[k] / bc2).sqrt() + o.eps);
+            *pk = *pk * decay - self.lr * step;
+        }
+        t.copy_from(&p);
+        Ok(None)
+    }
+}
+
+/// SPIN's "one-cycle" learning rate: piecewise linear through (0, 0), (0.4T, lr), (0.8T, lr/20),
+/// (T, 0) over T steps.
+#[derive(Clone, Copy, Debug)]
+pub struct OneCycle {
+    /// The peak learning rate.
+    pub lr: f32,
+    /// Steps of the whole schedule.
+    pub total_steps: usize,
+}
+
+impl OneCycle {
+    /// The learning rate at `step`.
+    pub fn at(&self, step: usize) -> f32 {
+        let t = self.total_steps.max(1) as f32;
+        let s = step as f32;
+        let pts = [
+            (0.0, 0.0),
+            (0.4 * t, self.lr),
+            (0.8 * t, self.lr / 20.0),
+            (t, 0.0),
+        ];
+        for w in pts.windows(2) {
+            let ((x0, y0), (x1, y1)) = (w[0], w[1]);
+            if s <= x1 {
+                return y0 + (y1 - y0) * (s - x0) / (x1 - x0).max(1e-12);
+            }
+        }
+        0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_cycle_passes_through_its_points() {
+        let s = OneCycle {
+            lr: 1.0,
+            total_steps: 100,
+        };
+        assert_eq!(s.at(0), 0.0);
+        assert!((s.at(40) - 1.0).abs() < 1e-6);
+        assert!((s.at(20) - 0.5).abs() < 1e-6);
+        assert!((s.at(80) - 0.05).abs() < 1e-6);
+        assert!(s.at(100).abs() < 1e-6);
+    }
+}
