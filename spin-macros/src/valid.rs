@@ -295,7 +295,6 @@ pub struct Fips {
     pub groups: Vec<Vec<usize>>,
     pub budget: f64,
     pub sparsity: f64,
-    pub rank: usize,
 }
 
 /// Checks a `#[fips(...)]` against the model it compresses: a ViT without SPIN sharing, and a
@@ -333,10 +332,10 @@ pub fn fips(a: &FipsArgs, m: &Model) -> syn::Result<Fips> {
         }
     };
     let sparsity = a.sparsity.as_ref().map_or(0.0, |s| s.value);
-    let mut rank = 0;
     if a.groups.is_some() {
+        // The rank itself is evaluated in the expansion, by the same const fn.
         match spin_rules::fips::check_plan(m.sharing.depth, m.dim, &groups, budget, sparsity) {
-            Ok(r) => rank = r,
+            Ok(_) => {}
             Err(errors) => {
                 for RuleError { field, message } in errors {
                     let span = match field {
@@ -354,6 +353,5 @@ pub fn fips(a: &FipsArgs, m: &Model) -> syn::Result<Fips> {
         groups,
         budget,
         sparsity,
-        rank,
     })
 }

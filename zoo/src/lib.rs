@@ -17,6 +17,7 @@ use spin_core::{Describe, Error, ModelInfo};
 
 pub use spin_core::prelude::{convmixer, fips, shared_blocks, vit};
 
+pub mod args;
 pub mod bench;
 pub mod cli;
 pub mod report;

@@ -70,7 +70,7 @@ pub const fn mask_bytes(depth: usize, rank: usize, hidden: usize) -> usize {
 ///
 /// ```
 /// use spin_rules::fips::check_plan;
-/// assert_eq!(check_plan(4, 64, &[vec![0, 1], vec![2, 3]], 0.5, 0.5), Ok(42));
+/// assert_eq!(check_plan(4, 64, &[vec![0, 1], vec![2, 3]], 0.5, 0.5), Ok(56));
 /// let errors = check_plan(4, 64, &[vec![0, 1], vec![1, 4]], 1.5, 0.5).unwrap_err();
 /// assert_eq!(errors.len(), 4); // block 1 twice, block 4, blocks 2 and 3 missing, the budget
 /// ```

@@ -1,6 +1,6 @@
 //! safetensors files: atomic writes, and tensors read into f64 and encoded from it.
 use super::StorageDtype;
-use crate::Error;
+use crate::error::Error;
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

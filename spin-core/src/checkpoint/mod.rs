@@ -10,8 +10,8 @@ mod packed;
 pub use io::{read_file, read_tensors, write_atomic, write_file, TensorMap};
 
 use crate::base::SpinDtype;
-use crate::nn::param::{PackedSlot, TimmKeys};
-use crate::Error;
+use crate::error::Error;
+use crate::nn::param::TimmKeys;
 use io::encode;
 use packed::{pack, unpack};
 use safetensors::tensor::{Dtype as StDtype, TensorView};
@@ -22,8 +22,11 @@ use std::path::Path;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum StorageDtype {
     #[default]
+    /// IEEE single precision (the default).
     F32,
+    /// IEEE half precision; values beyond ±65504 are refused.
     F16,
+    /// bfloat16: f32's range, 8 bits of mantissa.
     BF16,
     /// Full precision, for f64 models.
     F64,

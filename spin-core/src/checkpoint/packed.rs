@@ -1,7 +1,7 @@
 //! Pruned tensors on disk: their kept values and a bit mask.
 use crate::base::SpinDtype;
+use crate::error::Error;
 use crate::nn::param::PackedSlot;
-use crate::Error;
 use std::collections::BTreeMap;
 use std::path::Path;
 

@@ -2,7 +2,7 @@
 //! folder of class sub-directories. Every reader names the file and the problem in its errors.
 use super::image::{decode, hwc_to_chw};
 use super::Raw;
-use crate::Error;
+use crate::error::Error;
 use std::path::{Path, PathBuf};
 
 pub(super) fn cifar_names() -> Vec<String> {

@@ -1,6 +1,6 @@
 //! Decoding one image file and timm's eval transform.
 use super::DataConfig;
-use crate::Error;
+use crate::error::Error;
 use std::path::Path;
 
 /// An RGB image `(size, size)` as CHW.

@@ -8,8 +8,8 @@ mod image;
 pub use self::image::{decode, preprocess};
 pub use formats::{check_cifar_batch, check_digits};
 
+use crate::error::Error;
 use crate::models::{Family, ModelInfo};
-use crate::Error;
 use formats::{cifar_names, read_cifar_batch, read_digits, read_folder};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -103,6 +103,7 @@ impl Dataset {
     pub fn len(&self) -> usize {
         self.labels.len()
     }
+    /// Whether there are no images.
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }
@@ -140,15 +141,20 @@ impl Dataset {
 /// A train/test split.
 #[derive(Clone, Debug)]
 pub struct Split {
+    /// The images trained on.
     pub train: Dataset,
+    /// The held-out images.
     pub test: Dataset,
 }
 
 /// Which data set to read: `digits`, `cifar10:DIR` or `folder:DIR`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DataSpec {
+    /// The UCI handwritten digits shipped with spin (`digits`).
     Digits,
+    /// CIFAR-10's binary batches in a directory (`cifar10:DIR`).
     Cifar10(PathBuf),
+    /// A directory with a sub-directory of images per class (`folder:DIR`).
     Folder(PathBuf),
 }
 

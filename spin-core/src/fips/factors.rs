@@ -1,6 +1,6 @@
 //! FiPS's math on plain `f64` matrices: the SVD initialisation, global magnitude masks and the
 //! cubic sparsity schedule.
-use crate::Error;
+use crate::error::Error;
 use spin_rules::fips::{kept, MATRICES_PER_BLOCK};
 
 /// Gradual pruning (Zhu & Gupta's cubic schedule): sparsity at `step` of `total`, from `initial`
@@ -14,10 +14,15 @@ pub fn cubic_sparsity(step: usize, total: usize, initial: f64, target: f64) -> f
 /// fc1ᵀ of block 0, fc2 of block 0, fc1ᵀ of block 1, ….
 #[derive(Clone, Debug, PartialEq)]
 pub struct Factors {
+    /// Rows of U: the model width.
     pub d: usize,
+    /// Columns of each V: the MLP hidden width.
     pub hidden: usize,
+    /// The rank.
     pub r: usize,
+    /// The shared basis U, `(d, r)` row-major.
     pub u: Vec<f64>,
+    /// One V per matrix, `(r, hidden)` row-major.
     pub v: Vec<Vec<f64>>,
 }
 

@@ -3,10 +3,10 @@
 use super::plan::FipsPlan;
 use super::reconstruct::{block_errors, calibrate, reconstruct, ReconConfig};
 use crate::checkpoint::TimmCheckpoint;
+use crate::error::Error;
 use crate::models::fips_mlps::FipsMlps;
 use crate::models::vit::{Vit, VitConfig};
 use crate::train::{Classifier, Runner};
-use crate::Error;
 use dfdx::prelude::*;
 use std::path::Path;
 
@@ -17,37 +17,50 @@ pub struct FipsJob<'a> {
     pub checkpoint: &'a Path,
     /// Explicit groups, or consecutive groups of `group_size` blocks.
     pub groups: Option<Vec<Vec<usize>>>,
+    /// Blocks per group when `groups` is not given.
     pub group_size: usize,
+    /// Fraction of the MLP weights kept.
     pub budget: f64,
+    /// Fraction of the factors' entries pruned.
     pub sparsity: f64,
     /// Calibration images, NCHW at the model's size, preprocessed.
     pub calib: &'a [f32],
+    /// How many images `calib` holds.
     pub calib_n: usize,
+    /// The reconstruction's hyper-parameters.
     pub recon: ReconConfig,
 }
 
 /// What the pipeline measured.
 #[derive(Clone, Debug)]
 pub struct FipsReport {
+    /// The plan carried out.
     pub plan: FipsPlan,
     /// MLP parameters of the original model and of the FiPS model (each U once, V non-zeros,
     /// biases).
     pub dense_mlp_params: usize,
+    /// MLP parameters of the FiPS model.
     pub fips_mlp_params: usize,
     /// Per-block MSE after SVD initialisation and one-shot pruning to the target sparsity, and
     /// after block-wise reconstruction.
     pub init_errors: Vec<f64>,
+    /// Per-block MSE after reconstruction.
     pub final_errors: Vec<f64>,
     /// The reconstruction loss (Σ_blocks MSE) at every step.
     pub losses: Vec<f32>,
+    /// The factors' sparsity reached.
     pub sparsity: f64,
+    /// Token rows per block the calibration produced.
     pub calib_rows: usize,
 }
 
 /// The compressed models (one-shot initialisation and the optimised one) and the report.
 pub struct FipsOutcome {
+    /// The one-shot model: SVD initialisation pruned to the target at once.
     pub init: Box<dyn Classifier>,
+    /// The reconstructed model.
     pub model: Box<dyn Classifier>,
+    /// What was measured.
     pub report: FipsReport,
 }
 

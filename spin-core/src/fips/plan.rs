@@ -2,9 +2,9 @@
 use super::factors::{init, magnitude_masks};
 use crate::base::SpinDtype;
 use crate::device::SpinDevice;
+use crate::error::Error;
 use crate::models::fips_mlps::{FipsDecl, FipsMlps};
 use crate::models::vit::{DenseMlps, VitConfig};
-use crate::Error;
 use dfdx::prelude::*;
 use spin_rules::fips::MATRICES_PER_BLOCK;
 

@@ -5,10 +5,10 @@
 //! MLP: the MSE of the block outputs is the MSE of the MLP outputs on the block's own (original)
 //! normalised MLP inputs, which is what is stored and matched.
 use super::factors::cubic_sparsity;
+use crate::error::Error;
 use crate::models::fips_mlps::FipsMlps;
 use crate::models::vit::{Vit, VitConfig, VitMlps};
 use crate::train::AdamW;
-use crate::Error;
 use dfdx::prelude::*;
 use rand::{Rng, SeedableRng};
 
@@ -19,15 +19,18 @@ pub struct ReconConfig {
     pub steps: usize,
     /// Peak learning rate of AdamW, decayed to zero by a cosine.
     pub lr: f32,
+    /// AdamW's decoupled weight decay.
     pub weight_decay: f32,
     /// Token rows drawn per block per step.
     pub rows: usize,
     /// Sparsity at step 0; the cubic schedule reaches the plan's sparsity at
     /// `prune_until · steps` and holds it.
     pub initial_sparsity: f64,
+    /// Fraction of the steps over which the sparsity ramps up.
     pub prune_until: f64,
     /// Steps between mask updates.
     pub prune_every: usize,
+    /// Seeds the row sampling.
     pub seed: u64,
 }
 
@@ -49,9 +52,13 @@ impl Default for ReconConfig {
 /// Each block's MLP inputs and outputs in the original model, `(rows, Dim)` row-major.
 #[derive(Clone, Debug)]
 pub struct Calibration {
+    /// The model width.
     pub dim: usize,
+    /// Token rows per block.
     pub rows: usize,
+    /// Each block's normalised MLP inputs, `(rows, dim)` row-major.
     pub inputs: Vec<Vec<f32>>,
+    /// Each block's MLP outputs in the original model.
     pub targets: Vec<Vec<f32>>,
 }
 

@@ -2,11 +2,11 @@
 use super::{fuse_into, tensor_map, Reduction};
 use crate::base::{Mat, Nchw, SpinDtype};
 use crate::device::SpinDevice;
+use crate::error::Error;
 use crate::models::convmixer::{info, ConvMixer, ConvMixerConfig, Fused};
 use crate::models::{ModelInfo, SpinModel};
 use crate::nn::param::{param1, param2, Slot, TimmKeys};
 use crate::nn::storage::names;
-use crate::Error;
 use dfdx::prelude::*;
 use dfdx::tensor::Tape;
 use spin_rules::users;
@@ -17,13 +17,17 @@ use std::marker::PhantomData;
 /// depthwise shared, BatchNorms per layer).
 #[derive(Debug)]
 pub struct FusionMixer<CU: ConvMixerConfig, CS: ConvMixerConfig, E: Dtype, D: Storage<E>> {
+    /// The unshared model: all D tensors train.
     pub base: ConvMixer<CU, E, D>,
     /// α_l, one per layer (scalar_weighted_mean), for the pointwise and the depthwise conv.
     pub alpha_pw: Vec<Tensor<Rank1<1>, E, D>>,
+    /// α_l of the depthwise conv.
     pub alpha_dw: Vec<Tensor<Rank1<1>, E, D>>,
     /// γ_l, one per output channel and layer (channel_weighted_mean).
     pub gamma_pw: Vec<Tensor<(CU::Dim,), E, D>>,
+    /// γ_l of the depthwise conv.
     pub gamma_dw: Vec<Tensor<(CU::Dim,), E, D>>,
+    /// How each group is fused.
     pub reduction: Reduction,
     _shared: PhantomData<CS>,
 }

@@ -14,8 +14,8 @@ mod mixer;
 pub use mixer::{Fusion, FusionMixer};
 
 use crate::base::SpinDtype;
+use crate::error::Error;
 use crate::nn::param::TimmKeys;
-use crate::Error;
 use std::collections::BTreeMap;
 use std::path::Path;
 

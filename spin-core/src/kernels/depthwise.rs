@@ -25,6 +25,7 @@ pub struct DwGeometry {
 }
 
 impl DwGeometry {
+    /// The geometry of a convolution of `x` with a K×K kernel; panics on an even or too large K.
     pub fn new((b, h, w, c): Nhwc, k: usize) -> Self {
         assert!(k % 2 == 1, "dwconv: 'same' padding needs an odd kernel, got {k}");
         assert!(k <= MAX_K, "dwconv: kernels up to {MAX_K} are supported, got {k}");

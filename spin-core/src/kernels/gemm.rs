@@ -10,10 +10,15 @@ use std::any::TypeId;
 /// A read-only strided matrix: element (i, j) is `data[i·rs + j·cs]`.
 #[derive(Clone, Copy, Debug)]
 pub struct MatRef<'a, E> {
+    /// The buffer.
     pub data: &'a [E],
+    /// Rows.
     pub rows: usize,
+    /// Columns.
     pub cols: usize,
+    /// Distance between rows, in elements.
     pub rs: usize,
+    /// Distance between columns, in elements.
     pub cs: usize,
 }
 

@@ -32,6 +32,7 @@ pub fn col_sums(rows: usize, c: usize, f: impl Fn(usize, &mut [f64]) + Sync) -> 
     out
 }
 
+/// Adds a row to per-column f64 sums.
 pub fn add_row<E: SpinDtype>(acc: &mut [f64], row: &[E]) {
     for (a, &v) in acc.iter_mut().zip(row) {
         *a += v.as_f64();
@@ -58,6 +59,7 @@ pub fn affine_fwd<E: SpinDtype>(x: &[E], s: &[E], t: &[E]) -> Vec<E> {
     y
 }
 
+/// Backward of [`affine_fwd`]: (dL/dx, dL/ds, dL/dt).
 pub fn affine_bwd<E: SpinDtype>(x: &[E], s: &[E], gy: &[E]) -> (Vec<E>, Vec<E>, Vec<E>) {
     let c = s.len();
     let rows = x.len() / c;
@@ -83,8 +85,11 @@ pub fn affine_bwd<E: SpinDtype>(x: &[E], s: &[E], gy: &[E]) -> (Vec<E>, Vec<E>, 
 /// Batch statistics of a BatchNorm in training mode.
 #[derive(Clone, Debug)]
 pub struct BnCache<E> {
+    /// Per-channel batch mean.
     pub mean: Vec<E>,
+    /// Per-channel biased batch variance.
     pub var: Vec<E>,
+    /// Per-channel 1/√(var + eps).
     pub inv: Vec<E>,
 }
 

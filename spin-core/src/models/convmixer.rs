@@ -24,19 +24,33 @@ pub type Fused<E, D, T> = (Tensor<Mat, E, D, T>, Tensor<(usize,), E, D, T>);
 /// A ConvMixer declaration, as `#[convmixer(...)]` generates it. The dims are type-level so that
 /// tensor shapes are fixed in the model's type; `Grid` is `Image / Patch`.
 pub trait ConvMixerConfig: 'static + Clone + Copy + std::fmt::Debug + Default + Send + Sync {
+    /// Channels.
     type Dim: ConstDim;
+    /// Depthwise kernel size.
     type Kernel: ConstDim;
+    /// Patch size of the stem.
     type Patch: ConstDim;
+    /// Input image side.
     type Image: ConstDim;
+    /// Feature map side, `Image / Patch`.
     type Grid: ConstDim;
+    /// Output classes.
     type Classes: ConstDim;
+    /// The member's name.
     const NAME: &'static str;
+    /// Blocks.
     const DEPTH: usize;
+    /// Parameter groups the blocks use.
     const GROUPS: usize;
+    /// The sharing pattern's name.
     const PATTERN: &'static str;
+    /// The group of every block.
     const SCHEDULE: &'static [usize];
+    /// What the blocks of a group share.
     const SHARE: ConvMixerShare;
+    /// The activation.
     const ACT: Act;
+    /// timm's block, or SPIN's with a residual around the pointwise part.
     const VARIANT: Variant;
 }
 
@@ -67,12 +81,19 @@ pub fn info<C: ConvMixerConfig>() -> ModelInfo {
 /// when not (see [`crate::nn::storage`]).
 #[derive(Debug)]
 pub struct ConvMixer<C: ConvMixerConfig, E: Dtype, D: Storage<E>> {
+    /// The patch-embedding convolution (`stem.0`).
     pub stem: PatchConv<C::Dim, C::Patch, E, D>,
+    /// The stem's BatchNorm (`stem.2`).
     pub stem_bn: BatchNorm<C::Dim, E, D>,
+    /// Depthwise convs (`blocks.i.0.fn.0`).
     pub dw: Vec<DwConv<C::Dim, C::Kernel, E, D>>,
+    /// Their BatchNorms (`blocks.i.0.fn.2`).
     pub bn1: Vec<BatchNorm<C::Dim, E, D>>,
+    /// Pointwise convs (`blocks.i.1`).
     pub pw: Vec<Pointwise<C::Dim, E, D>>,
+    /// Their BatchNorms (`blocks.i.3`).
     pub bn2: Vec<BatchNorm<C::Dim, E, D>>,
+    /// The classifier (`head`).
     pub head: Linear<C::Dim, C::Classes, E, D>,
     _config: PhantomData<C>,
 }
@@ -139,6 +160,7 @@ enum Bn {
 }
 
 impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>> ConvMixer<C, E, D> {
+    /// The model's description.
     pub fn info(&self) -> ModelInfo {
         info::<C>()
     }

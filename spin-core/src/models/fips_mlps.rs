@@ -10,34 +10,21 @@
 //!   weight is `U·V`, with `fc2.bias` `(dim,)`.
 //!
 //! The masks are applied in the forward pass, so a pruned entry has no effect and no gradient.
+pub use super::vit::FipsDecl;
 use super::vit::{VitConfig, VitMlps};
 use super::ModelInfo;
 use crate::base::{Mat, SpinDtype};
 use crate::device::{fill_linear, SpinDevice};
+use crate::error::Error;
 use crate::kernels::blocks::HostLinear;
 use crate::nn::functional::gelu;
 use crate::nn::init::reset_trunc_normal;
 use crate::nn::param::{param1, param2, PackedSlot, ParamSlot, Slot};
 use crate::nn::storage::vec_fields;
-use crate::Error;
 use dfdx::prelude::*;
 use dfdx::tensor::Tape;
 use spin_rules::counts::mlp_params;
 use spin_rules::fips::{mask_bytes, model_params, MATRICES_PER_BLOCK};
-
-/// What a `#[fips(groups = [...], budget = p, sparsity = s)]` declaration fixes; the macro
-/// computes the rank.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct FipsDecl {
-    /// The blocks that share each basis.
-    pub groups: &'static [&'static [usize]],
-    /// The fraction of the MLP weights kept.
-    pub budget: f64,
-    /// The fraction of the factors' entries pruned.
-    pub sparsity: f64,
-    /// The rank the budget allows (spin-rules' `fips::rank`).
-    pub rank: usize,
-}
 
 /// A tensor dimension fixed when the model is made (rank, number of groups, depth), not in the
 /// type: FiPS picks its rank from a budget at run time. dfdx 0.13 registers only tensors whose
@@ -122,11 +109,17 @@ fn reset_block_group<C: VitConfig, E: SpinDtype, D: SpinDevice<E>>(
 /// One block's FiPS MLP: fc1 = (U·(v1 ⊙ m1))ᵀ with bias b1, fc2 = U·(v2 ⊙ m2) with bias b2.
 #[derive(Clone, Debug)]
 pub struct FipsLayer<C: VitConfig, E: Dtype, D: Storage<E>> {
+    /// fc1's factor V.
     pub v1: Tensor<FactorShape<C>, E, D>,
+    /// fc1's 0/1 mask (not trained).
     pub m1: Tensor<FactorShape<C>, E, D>,
+    /// fc1's bias.
     pub b1: Tensor<(C::Hidden,), E, D>,
+    /// fc2's factor V.
     pub v2: Tensor<FactorShape<C>, E, D>,
+    /// fc2's 0/1 mask (not trained).
     pub m2: Tensor<FactorShape<C>, E, D>,
+    /// fc2's bias.
     pub b2: Tensor<(C::Dim,), E, D>,
 }
 
@@ -163,8 +156,11 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> TensorCollection<E, D> for Fi
 /// `layers` the per-block factors.
 #[derive(Clone, Debug)]
 pub struct FipsMlps<C: VitConfig, E: Dtype, D: Storage<E>> {
+    /// Every group's basis U, `(groups, Dim, rank)`.
     pub bases: Tensor<(MadeDim, C::Dim, MadeDim), E, D>,
+    /// The group of each block (detached).
     pub block_group: Tensor<(MadeDim,), E, D>,
+    /// Each block's factors and biases.
     pub layers: Vec<FipsLayer<C, E, D>>,
 }
 

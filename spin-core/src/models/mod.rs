@@ -3,8 +3,8 @@
 //! and what every model offers at run time ([`SpinModel`], [`ModelInfo`]).
 use crate::base::{Mat, Nchw, SpinDtype};
 use crate::device::SpinDevice;
+use crate::error::Error;
 use crate::nn::param::TimmKeys;
-use crate::Error;
 use dfdx::prelude::*;
 use dfdx::tensor::Tape;
 

@@ -2,7 +2,6 @@
 //!
 //! patch embedding → prepend the cls token → add the position embedding → pre-norm blocks
 //! `x + attn(norm1(x))`, `x + mlp(norm2(x))` → final LayerNorm → cls-token pooling → head.
-use super::fips_mlps::FipsDecl;
 use super::{Family, ModelInfo};
 use crate::base::{Mat, Nchw, SpinDtype};
 use crate::device::{buffer_keys, fill_linear, to_host, BlockCache, SpinDevice};
@@ -18,23 +17,52 @@ use spin_rules::{count, slot, users, VitShare};
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 
+/// What a `#[fips(groups = [...], budget = p, sparsity = s)]` declaration fixes; the macro
+/// computes the rank.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FipsDecl {
+    /// The blocks that share each basis.
+    pub groups: &'static [&'static [usize]],
+    /// The fraction of the MLP weights kept.
+    pub budget: f64,
+    /// The fraction of the factors' entries pruned.
+    pub sparsity: f64,
+    /// The rank the budget allows (spin-rules' `fips::rank`).
+    pub rank: usize,
+}
+
 /// A ViT declaration, as `#[vit(...)]` generates it. `Grid` is `Image / Patch`, `Tokens` is
 /// `Grid² + 1`, `Qkv` is `3·Dim`, `Hidden` is `mlp_ratio·Dim`.
 pub trait VitConfig: 'static + Clone + Copy + std::fmt::Debug + Default + Send + Sync {
+    /// Embedding width.
     type Dim: ConstDim;
+    /// Patch size.
     type Patch: ConstDim;
+    /// Input image side.
     type Image: ConstDim;
+    /// Patches per side, `Image / Patch`.
     type Grid: ConstDim;
+    /// Tokens, `Grid² + 1` (the cls token).
     type Tokens: ConstDim;
+    /// qkv's outputs, `3·Dim`.
     type Qkv: ConstDim;
+    /// MLP hidden width, `mlp_ratio·Dim`.
     type Hidden: ConstDim;
+    /// Output classes.
     type Classes: ConstDim;
+    /// The member's name.
     const NAME: &'static str;
+    /// Attention heads.
     const HEADS: usize;
+    /// Blocks.
     const DEPTH: usize;
+    /// Parameter groups the blocks use.
     const GROUPS: usize;
+    /// The sharing pattern's name.
     const PATTERN: &'static str;
+    /// The group of every block.
     const SCHEDULE: &'static [usize];
+    /// What the blocks of a group share.
     const SHARE: VitShare;
     /// The FiPS compression a `#[fips(...)]` declaration asks for (`None` for a dense ViT).
     const FIPS: Option<FipsDecl> = None;
@@ -68,7 +96,7 @@ pub fn info<C: VitConfig>() -> ModelInfo {
 }
 
 /// How a ViT stores its blocks' MLPs: timm's dense MLPs under SPIN's schedule ([`DenseMlps`]) or
-/// FiPS factors ([`super::fips_mlps::FipsMlps`]).
+/// FiPS factors (`FipsMlps` (`models::fips_mlps`)).
 pub trait VitMlps<C: VitConfig, E: SpinDtype, D: SpinDevice<E>>:
     TensorCollection<E, D> + Clone + std::fmt::Debug
 {
@@ -89,7 +117,7 @@ pub trait VitMlps<C: VitConfig, E: SpinDtype, D: SpinDevice<E>>:
     /// Corrects a dense ViT's description for this storage (parameter count, sharing).
     fn describe(&self, _info: &mut ModelInfo) {}
     /// Checks a loaded checkpoint beyond keys and shapes.
-    fn check(&self) -> Result<(), crate::Error> {
+    fn check(&self) -> Result<(), crate::error::Error> {
         Ok(())
     }
 }
@@ -159,14 +187,23 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> VitMlps<C, E, D> for DenseMlp
 /// as `M` says.
 #[derive(Debug)]
 pub struct Vit<C: VitConfig, E: Dtype, D: Storage<E>, M = DenseMlps<C, E, D>> {
+    /// The patch embedding (`patch_embed.proj`).
     pub patch_embed: PatchConv<C::Dim, C::Patch, E, D>,
+    /// The class token.
     pub cls_token: Tensor<(Const<1>, Const<1>, C::Dim), E, D>,
+    /// The position embedding, cls token included.
     pub pos_embed: Tensor<(Const<1>, C::Tokens, C::Dim), E, D>,
+    /// LayerNorm before attention (`blocks.i.norm1`).
     pub norm1: Vec<LayerNorm<C::Dim, E, D>>,
+    /// Attention (`blocks.i.attn`).
     pub attn: Vec<Attention<C::Dim, C::Qkv, E, D>>,
+    /// LayerNorm before the MLP (`blocks.i.norm2`).
     pub norm2: Vec<LayerNorm<C::Dim, E, D>>,
+    /// The blocks' MLPs (`blocks.i.mlp`), dense or FiPS factors.
     pub mlp: M,
+    /// The final LayerNorm.
     pub norm: LayerNorm<C::Dim, E, D>,
+    /// The classifier (`head`).
     pub head: VitLinear<C::Dim, C::Classes, E, D>,
     /// The blocks' weights laid out for the fused inference kernels, kept between calls.
     infer: BlockCache<E, Vit<C, E, D, M>>,
@@ -248,6 +285,7 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: TensorCollection<E, D>> Te
 }
 
 impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> Vit<C, E, D, M> {
+    /// The model's description (the MLP storage corrects the counts).
     pub fn info(&self) -> ModelInfo {
         let mut i = info::<C>();
         self.mlp.describe(&mut i);
@@ -428,7 +466,7 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> TimmKeys
     fn packed_slots(&mut self) -> Vec<PackedSlot<'_, E>> {
         self.mlp.packed_slots()
     }
-    fn check_loaded(&self) -> Result<(), crate::Error> {
+    fn check_loaded(&self) -> Result<(), crate::error::Error> {
         self.mlp.check()
     }
 }

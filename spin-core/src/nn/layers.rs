@@ -34,7 +34,9 @@ macro_rules! collection {
 /// A Linear layer: `weight (O, I)`, `bias (O,)`.
 #[derive(Clone, Debug)]
 pub struct Linear<I: ConstDim, O: ConstDim, E: Dtype, D: Storage<E>> {
+    /// `(out, in)`.
     pub weight: Tensor<(O, I), E, D>,
+    /// `(out,)`.
     pub bias: Tensor<(O,), E, D>,
 }
 collection!(Linear<I, O> {
@@ -43,6 +45,7 @@ collection!(Linear<I, O> {
 });
 
 impl<I: ConstDim, O: ConstDim, E: SpinDtype, D: SpinDevice<E>> Linear<I, O, E, D> {
+    /// `x · Wᵀ + b` on `(rows, in)`.
     pub fn forward<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Mat, E, D, T>) -> Tensor<Mat, E, D, T> {
         linear(x, param2(&self.weight, O::SIZE, I::SIZE), param1(&self.bias))
     }
@@ -51,7 +54,9 @@ impl<I: ConstDim, O: ConstDim, E: SpinDtype, D: SpinDevice<E>> Linear<I, O, E, D
 /// A ViT Linear layer: same tensors, timm's truncated-normal init.
 #[derive(Clone, Debug)]
 pub struct VitLinear<I: ConstDim, O: ConstDim, E: Dtype, D: Storage<E>> {
+    /// `(out, in)`.
     pub weight: Tensor<(O, I), E, D>,
+    /// `(out,)`.
     pub bias: Tensor<(O,), E, D>,
 }
 collection!(VitLinear<I, O> {
@@ -60,12 +65,15 @@ collection!(VitLinear<I, O> {
 });
 
 impl<I: ConstDim, O: ConstDim, E: SpinDtype, D: SpinDevice<E>> VitLinear<I, O, E, D> {
+    /// `x · Wᵀ + b` on `(rows, in)`.
     pub fn forward<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Mat, E, D, T>) -> Tensor<Mat, E, D, T> {
         linear(x, param2(&self.weight, O::SIZE, I::SIZE), param1(&self.bias))
     }
+    /// The weight as a runtime-shaped matrix on the caller's tape.
     pub fn w<T: Tape<E, D>>(&self) -> Tensor<Mat, E, D, T> {
         param2(&self.weight, O::SIZE, I::SIZE)
     }
+    /// The bias as a runtime-shaped vector on the caller's tape.
     pub fn b<T: Tape<E, D>>(&self) -> Tensor<(usize,), E, D, T> {
         param1(&self.bias)
     }
@@ -75,7 +83,9 @@ impl<I: ConstDim, O: ConstDim, E: SpinDtype, D: SpinDevice<E>> VitLinear<I, O, E
 /// embedding): `weight (C, 3, P, P)`, `bias (C,)`, computed as patchify + matmul.
 #[derive(Clone, Debug)]
 pub struct PatchConv<C: ConstDim, P: ConstDim, E: Dtype, D: Storage<E>> {
+    /// `(C, 3, P, P)`.
     pub weight: Tensor<(C, Const<3>, P, P), E, D>,
+    /// `(C,)`.
     pub bias: Tensor<(C,), E, D>,
 }
 collection!(PatchConv<C, P> {
@@ -98,7 +108,9 @@ impl<C: ConstDim, P: ConstDim, E: SpinDtype, D: SpinDevice<E>> PatchConv<C, P, E
 /// A depthwise K×K convolution with 'same' padding: `weight (C, 1, K, K)`, `bias (C,)`.
 #[derive(Clone, Debug)]
 pub struct DwConv<C: ConstDim, K: ConstDim, E: Dtype, D: Storage<E>> {
+    /// `(C, 1, K, K)`.
     pub weight: Tensor<(C, Const<1>, K, K), E, D>,
+    /// `(C,)`.
     pub bias: Tensor<(C,), E, D>,
 }
 collection!(DwConv<C, K> {
@@ -127,9 +139,13 @@ impl<C: ConstDim, K: ConstDim, E: SpinDtype, D: SpinDevice<E>> DwConv<C, K, E, D
 /// BatchNorm over channels: `weight`, `bias` (trained), `running_mean`, `running_var` (not).
 #[derive(Clone, Debug)]
 pub struct BatchNorm<C: ConstDim, E: Dtype, D: Storage<E>> {
+    /// Scale γ.
     pub weight: Tensor<(C,), E, D>,
+    /// Shift β.
     pub bias: Tensor<(C,), E, D>,
+    /// Running mean (not trained).
     pub running_mean: Tensor<(C,), E, D>,
+    /// Running variance (not trained).
     pub running_var: Tensor<(C,), E, D>,
 }
 collection!(BatchNorm<C> {
@@ -209,15 +225,20 @@ impl<C: ConstDim, E: SpinDtype, D: SpinDevice<E>> BatchNorm<C, E, D> {
 /// Batch statistics of one BatchNorm call in training mode.
 #[derive(Clone, Debug)]
 pub struct BatchStats<E> {
+    /// Per-channel mean.
     pub mean: Vec<E>,
+    /// Per-channel biased variance.
     pub var: Vec<E>,
+    /// Rows the statistics were taken over.
     pub rows: usize,
 }
 
 /// LayerNorm over features: `weight`, `bias`.
 #[derive(Clone, Debug)]
 pub struct LayerNorm<C: ConstDim, E: Dtype, D: Storage<E>> {
+    /// Scale.
     pub weight: Tensor<(C,), E, D>,
+    /// Shift.
     pub bias: Tensor<(C,), E, D>,
 }
 collection!(LayerNorm<C> {
@@ -226,6 +247,7 @@ collection!(LayerNorm<C> {
 });
 
 impl<C: ConstDim, E: SpinDtype, D: SpinDevice<E>> LayerNorm<C, E, D> {
+    /// LayerNorm over the features of each row.
     pub fn forward<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Mat, E, D, T>) -> Tensor<Mat, E, D, T> {
         layer_norm(x, param1(&self.weight), param1(&self.bias))
     }
@@ -234,7 +256,9 @@ impl<C: ConstDim, E: SpinDtype, D: SpinDevice<E>> LayerNorm<C, E, D> {
 /// timm's `Attention`: `qkv (3D, D)` and `proj (D, D)`.
 #[derive(Clone, Debug)]
 pub struct Attention<Dm: ConstDim, Qkv: ConstDim, E: Dtype, D: Storage<E>> {
+    /// The qkv projection, outputs laid out (3, heads, head_dim).
     pub qkv: VitLinear<Dm, Qkv, E, D>,
+    /// The output projection.
     pub proj: VitLinear<Dm, Dm, E, D>,
 }
 
@@ -256,12 +280,14 @@ impl<Dm: ConstDim, Qkv: ConstDim, E: SpinDtype, D: SpinDevice<E>> TensorCollecti
 }
 
 impl<Dm: ConstDim, Qkv: ConstDim, E: SpinDtype, D: SpinDevice<E>> Attention<Dm, Qkv, E, D> {
+    /// This part's tensors under their PyTorch names, for checkpoints.
     pub fn slots(&mut self) -> Vec<(String, &mut dyn ParamSlot<E>)> {
         prefixed("qkv", self.qkv.slots())
             .into_iter()
             .chain(prefixed("proj", self.proj.slots()))
             .collect()
     }
+    /// Self-attention of `batch` sequences laid out `(batch·N, D)`.
     pub fn forward<T: Tape<E, D> + Merge<T>>(
         &self,
         x: Tensor<Mat, E, D, T>,
@@ -283,7 +309,9 @@ impl<Dm: ConstDim, Qkv: ConstDim, E: SpinDtype, D: SpinDevice<E>> Attention<Dm, 
 /// timm's `Mlp`: `fc1 (H, D)`, exact GELU, `fc2 (D, H)`.
 #[derive(Clone, Debug)]
 pub struct Mlp<Dm: ConstDim, Hid: ConstDim, E: Dtype, D: Storage<E>> {
+    /// The first Linear, `(H, D)`.
     pub fc1: VitLinear<Dm, Hid, E, D>,
+    /// The second Linear, `(D, H)`.
     pub fc2: VitLinear<Hid, Dm, E, D>,
 }
 
@@ -305,12 +333,14 @@ impl<Dm: ConstDim, Hid: ConstDim, E: SpinDtype, D: SpinDevice<E>> TensorCollecti
 }
 
 impl<Dm: ConstDim, Hid: ConstDim, E: SpinDtype, D: SpinDevice<E>> Mlp<Dm, Hid, E, D> {
+    /// This part's tensors under their PyTorch names, for checkpoints.
     pub fn slots(&mut self) -> Vec<(String, &mut dyn ParamSlot<E>)> {
         prefixed("fc1", self.fc1.slots())
             .into_iter()
             .chain(prefixed("fc2", self.fc2.slots()))
             .collect()
     }
+    /// `fc2(GELU(fc1(x)))`.
     pub fn forward<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Mat, E, D, T>) -> Tensor<Mat, E, D, T> {
         self.fc2.forward(gelu(self.fc1.forward(x)))
     }
@@ -327,7 +357,9 @@ fn prefixed<'a, E>(
 /// on channels-last features it is one matmul.
 #[derive(Clone, Debug)]
 pub struct Pointwise<C: ConstDim, E: Dtype, D: Storage<E>> {
+    /// `(C, C, 1, 1)`.
     pub weight: Tensor<(C, C, Const<1>, Const<1>), E, D>,
+    /// `(C,)`.
     pub bias: Tensor<(C,), E, D>,
 }
 collection!(Pointwise<C> {
@@ -336,6 +368,7 @@ collection!(Pointwise<C> {
 });
 
 impl<C: ConstDim, E: SpinDtype, D: SpinDevice<E>> Pointwise<C, E, D> {
+    /// The 1×1 conv of `(rows, C)` channels-last features.
     pub fn forward<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Mat, E, D, T>) -> Tensor<Mat, E, D, T> {
         linear(x, param2(&self.weight, C::SIZE, C::SIZE), param1(&self.bias))
     }

@@ -2,7 +2,7 @@
 //! [`Slot`]s under their checkpoint keys for loading, saving and fusion.
 use crate::base::{Mat, SpinDtype};
 use crate::device::SpinDevice;
-use crate::Error;
+use crate::error::Error;
 use dfdx::prelude::*;
 use dfdx::tensor::Tape;
 

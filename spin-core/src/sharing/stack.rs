@@ -6,9 +6,13 @@ use dfdx::prelude::*;
 pub trait StackConfig: 'static + Clone + Copy + std::fmt::Debug + Default + Send + Sync {
     /// The block's builder type (e.g. a dfdx tuple of layers).
     type Block;
+    /// Layers.
     const DEPTH: usize;
+    /// Copies of the block.
     const GROUPS: usize;
+    /// The sharing pattern's name.
     const PATTERN: &'static str;
+    /// The copy every layer runs.
     const SCHEDULE: &'static [usize];
 }
 
@@ -16,6 +20,7 @@ pub trait StackConfig: 'static + Clone + Copy + std::fmt::Debug + Default + Send
 /// layer i runs copy `C::SCHEDULE[i]`. Usable wherever a dfdx module is, e.g. inside a tuple.
 #[derive(Debug)]
 pub struct SharedStack<C: StackConfig, M> {
+    /// The stored copies of the block.
     pub groups: Vec<M>,
     _config: std::marker::PhantomData<C>,
 }

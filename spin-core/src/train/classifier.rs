@@ -3,9 +3,9 @@
 use super::optim::AdamW;
 use crate::base::Nchw;
 use crate::checkpoint::{load_tensors, save_keys, StorageDtype, TensorMap, TimmCheckpoint};
+use crate::error::Error;
 use crate::fusion::{fuse_into, tensor_map, FusionReport, Reduction};
 use crate::models::{ModelInfo, SpinModel};
-use crate::Error;
 use dfdx::prelude::*;
 use std::path::Path;
 

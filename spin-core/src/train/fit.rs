@@ -2,7 +2,7 @@
 use super::classifier::{count_correct, Classifier, StepParams};
 use super::optim::{AdamW, OneCycle};
 use crate::data::Dataset;
-use crate::Error;
+use crate::error::Error;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 

@@ -3,7 +3,7 @@
 //! AdamW is spin's own rather than dfdx's `Adam`, whose moments are private: resuming a run needs
 //! them saved and restored exactly.
 use crate::checkpoint::TensorMap;
-use crate::Error;
+use crate::error::Error;
 use dfdx::nn::tensor_collection::{RecursiveWalker, TensorVisitor, ViewTensorMut, ViewTensorRef};
 use dfdx::prelude::*;
 use std::collections::{BTreeMap, HashMap};

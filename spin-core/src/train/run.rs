@@ -15,8 +15,7 @@ use super::fit::{evaluate, steps_per_epoch, train_epoch, PassStats, TrainConfig}
 use super::optim::AdamW;
 use crate::checkpoint::{read_file, write_atomic, write_file, StorageDtype, TensorMap};
 use crate::data::Dataset;
-use crate::Error;
-use std::collections::BTreeMap;
+use crate::error::Error;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 

@@ -1,0 +1,265 @@
+//! The `spin` command's arguments (clap), with their help texts and parsers.
+use crate::report::Format;
+use clap::{Args, Parser, Subcommand};
+use spin_core::checkpoint::StorageDtype;
+use spin_core::data::DataSpec;
+use spin_core::error::Error;
+use spin_core::fusion::Reduction;
+use spin_core::train::TrainConfig;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "spin",
+    version,
+    about = "Weight-shared isotropic vision networks: list, train, evaluate, compare"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// List every zoo member with its parameters, MACs, sharing and size on disk.
+    Zoo(ZooArgs),
+    /// Train a member on digits, CIFAR-10 or a folder of images.
+    Train(TrainArgs),
+    /// Evaluate trained weights on the held-out split.
+    Eval(EvalArgs),
+    /// Classify image files (PNG or JPEG).
+    Predict(PredictArgs),
+    /// Train several members and plot accuracy against parameters and MACs.
+    Compare(CompareArgs),
+    /// Make a shared model from a trained unshared checkpoint by weight fusion.
+    Fuse(FuseArgs),
+    /// Time a forward pass (or with --train a training step) after warm-up.
+    Bench(BenchArgs),
+    /// Compress a trained ViT's MLPs with FiPS (shared SVD bases, sparse factors, block-wise
+    /// reconstruction on calibration images).
+    Fips(FipsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FipsArgs {
+    /// The trained dense ViT's checkpoint (timm layout).
+    #[arg(long)]
+    pub from: PathBuf,
+    /// The dense ViT zoo member the checkpoint holds.
+    #[arg(long)]
+    pub model: String,
+    /// Fraction of the MLP weights kept (sets the rank together with --sparsity).
+    #[arg(long, default_value_t = 0.5)]
+    pub budget: f64,
+    /// Fraction of the sparse factors' entries pruned.
+    #[arg(long, default_value_t = 0.75)]
+    pub sparsity: f64,
+    /// Calibration data, its training split (test accuracy is measured on its test split):
+    /// `digits`, `cifar10:DIR` or `folder:DIR`.
+    #[arg(long, default_value = "digits", value_parser = parse_data)]
+    pub calib: DataSpec,
+    /// How many calibration images to use.
+    #[arg(long, default_value_t = 256)]
+    pub calib_images: usize,
+    /// Consecutive blocks per group (default: 4 if it divides the depth, else the largest of 3, 2, 1 that does).
+    #[arg(long)]
+    pub group_size: Option<usize>,
+    /// Explicit groups instead, e.g. `0,1,2,3;4,5,6,7;8,9,10,11`.
+    #[arg(long, conflicts_with = "group_size")]
+    pub groups: Option<String>,
+    /// Block-wise reconstruction steps (AdamW, cosine decay; the sparsity is reached by the cubic
+    /// schedule over the first half).
+    #[arg(long, default_value_t = 300)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f32,
+    /// Token rows per block per step.
+    #[arg(long, default_value_t = 256)]
+    pub rows: usize,
+    /// End-to-end fine-tuning epochs on the calibration data after reconstruction (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub finetune_epochs: usize,
+    #[arg(long, default_value_t = 2e-4)]
+    pub finetune_lr: f32,
+    /// The FiPS checkpoint to write; a plot of the loss and per-block errors goes beside it (.png).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    pub save_dtype: StorageDtype,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[arg(long)]
+    pub model: String,
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Time a full training step (forward, cross-entropy, backward, AdamW) instead of a forward pass.
+    #[arg(long)]
+    pub train: bool,
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Compute dtype: f32, or f16 (forward only, for the members listed in `spin bench --help`).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Print one JSON object instead of a line of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_reduction(s: &str) -> Result<Reduction, String> {
+    s.parse().map_err(|e: Error| e.to_string())
+}
+
+#[derive(Args, Debug)]
+pub struct FuseArgs {
+    /// The trained unshared checkpoint (timm layout).
+    #[arg(long)]
+    pub from: PathBuf,
+    /// The shared zoo member to make.
+    #[arg(long)]
+    pub model: String,
+    /// mean, choose_first, scalar_weighted_mean or channel_weighted_mean (the weighted ones start
+    /// from coefficients of one, i.e. the mean, until trained with `spin train --fusion`).
+    #[arg(long, default_value = "mean", value_parser = parse_reduction)]
+    pub reduction: Reduction,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    pub save_dtype: StorageDtype,
+}
+
+#[derive(Args, Debug)]
+pub struct ZooArgs {
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+}
+
+fn parse_data(s: &str) -> Result<DataSpec, String> {
+    s.parse().map_err(|e: Error| e.to_string())
+}
+
+fn parse_dtype(s: &str) -> Result<StorageDtype, String> {
+    s.parse().map_err(|e: Error| e.to_string())
+}
+
+/// Hyper-parameters shared by `train` and `compare`.
+#[derive(Args, Debug, Clone)]
+pub struct Hyper {
+    /// Data: `digits` (built in), `cifar10:DIR` (the binary batches) or `folder:DIR` (a sub-directory per class).
+    #[arg(long, default_value = "digits", value_parser = parse_data)]
+    pub data: DataSpec,
+    #[arg(long, default_value_t = 10)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Peak learning rate of the one-cycle schedule.
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f32,
+    #[arg(long, default_value_t = 0.05)]
+    pub weight_decay: f32,
+    #[arg(long, default_value_t = 0.1)]
+    pub label_smoothing: f32,
+    /// Clip the global gradient L2 norm to this value (0 turns clipping off).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl Hyper {
+    /// The training settings these arguments give.
+    pub fn config(&self) -> TrainConfig {
+        TrainConfig {
+            epochs: self.epochs,
+            batch: self.batch.max(1),
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            label_smoothing: self.label_smoothing,
+            clip: (self.clip > 0.0).then_some(self.clip),
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    #[arg(long)]
+    pub model: String,
+    #[command(flatten)]
+    pub hyper: Hyper,
+    /// Output directory (checkpoint, optimiser state, metrics.csv); default runs/<model>.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue the run in --out from its last completed epoch.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after this many epochs of the schedule (resume later with --resume): splits a run of
+    /// --epochs into sessions without changing its learning-rate schedule.
+    #[arg(long)]
+    pub stop_after: Option<usize>,
+    /// Storage dtype of the saved checkpoint.
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    pub save_dtype: StorageDtype,
+    /// Start a shared model from this trained unshared checkpoint (weight fusion, mean unless
+    /// --fusion says otherwise).
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
+    /// Fusion-aware training (SPIN's WFWS) with this reduction: all D original tensors and the
+    /// coefficients train, fused every step; checkpoints hold the exported shared model.
+    #[arg(long, value_parser = parse_reduction)]
+    pub fusion: Option<Reduction>,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[arg(long)]
+    pub model: String,
+    #[arg(long)]
+    pub weights: PathBuf,
+    #[arg(long, default_value = "digits", value_parser = parse_data)]
+    pub data: DataSpec,
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct PredictArgs {
+    #[arg(long)]
+    pub model: String,
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// How many classes to print per image.
+    #[arg(long, default_value_t = 3)]
+    pub top: usize,
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct CompareArgs {
+    /// Comma-separated members; default: the digits members, shared against unshared.
+    #[arg(long, value_delimiter = ',')]
+    pub models: Vec<String>,
+    #[command(flatten)]
+    pub hyper: Hyper,
+    /// Where the table (CSV), the plot (PNG and SVG) and each run go.
+    #[arg(long, default_value = "runs/compare")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub quiet: bool,
+}
