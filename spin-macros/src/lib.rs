@@ -7,9 +7,10 @@
 //! pub struct WsConvMixer768;
 //! ```
 //!
-//! The crate parses arguments into a typed config ([`ast`]), checks them with errors that point at
-//! the offending argument ([`valid`]), then writes a short expansion that only names spin-core
-//! items ([`expand`]); no model logic lives here.
+//! The crate parses arguments into a typed config (`ast`), checks them with errors that point at
+//! the offending argument (`valid`, with the rules of `spin-rules`, which spin-core uses too),
+//! then writes a short expansion that only names spin-core's `__private` facade (`expand`); no
+//! model logic lives here.
 mod ast;
 mod expand;
 mod valid;

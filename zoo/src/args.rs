@@ -199,7 +199,7 @@ pub struct TrainArgs {
     pub model: String,
     #[command(flatten)]
     pub hyper: Hyper,
-    /// Output directory (checkpoint, optimiser state, metrics.csv); default runs/<model>.
+    /// Run directory (state.safetensors, checkpoint.safetensors, metrics.csv); default `runs/MODEL`.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Continue the run in --out from its last completed epoch.

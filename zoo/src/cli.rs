@@ -87,7 +87,7 @@ fn progress(steps: usize, prefix: String, quiet: bool) -> ProgressBar {
 }
 
 /// `spin train`: builds the member (from scratch, fused from `--init-from`, or fusion-aware),
-/// then runs [`spin_core::train::run`] in `--out`, drawing its progress.
+/// then runs [`fn@spin_core::train::run`] in `--out`, drawing its progress.
 pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<TrainResult, Error> {
     let member = find(&a.model)?;
     let info = (member.info)();

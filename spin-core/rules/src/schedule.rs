@@ -7,12 +7,12 @@ use crate::{Field, RuleError};
 /// A sharing pattern.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Pattern {
-    /// Contiguous groups: layer i → i / (D/G), e.g. D=8, G=4 → [0,0,1,1,2,2,3,3]. Needs G | D.
+    /// Contiguous groups: layer i → i / (D/G), e.g. D=8, G=4 → `[0,0,1,1,2,2,3,3]`. Needs G | D.
     Sequential,
-    /// Round robin: layer i → i mod G, e.g. [0,1,2,3,0,1,2,3].
+    /// Round robin: layer i → i mod G, e.g. `[0,1,2,3,0,1,2,3]`.
     Strided,
     /// Takase & Kiyono's CYCLE(REV): i mod G for the first D−G layers, then G−1 down to 0,
-    /// e.g. D=6, G=3 → [0,1,2,2,1,0].
+    /// e.g. D=6, G=3 → `[0,1,2,2,1,0]`.
     CycleRev,
     /// The sequential multiset in a seeded random order (SplitMix64 + Fisher–Yates, stable across
     /// platforms and releases). Needs G | D.

@@ -32,7 +32,7 @@ pub trait SpinDtype: Dtype + num_traits::Float + std::fmt::Debug + Send + Sync +
     }
 }
 impl SpinDtype for f32 {
-    /// The vectorisable [`fast_exp`] (relative error ~1e-7) instead of libm's scalar expf.
+    /// The vectorisable `fast_exp` (relative error ~1e-7) instead of libm's scalar expf.
     #[inline(always)]
     fn exp_nonpos(self) -> Self {
         fast_exp(self)

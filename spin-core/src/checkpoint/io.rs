@@ -8,6 +8,30 @@ use std::path::{Path, PathBuf};
 /// Tensors by key: (shape, values in f64). What a checkpoint holds, read into memory.
 pub type TensorMap = BTreeMap<String, (Vec<usize>, Vec<f64>)>;
 
+/// The values under `key`, which must have shape `expected`; errors name `path`, the file the
+/// tensors came from.
+pub fn lookup<'a>(
+    tensors: &'a TensorMap,
+    path: &Path,
+    key: &str,
+    expected: &[usize],
+) -> Result<&'a [f64], Error> {
+    let (found, data) = tensors.get(key).ok_or_else(|| Error::MissingKey {
+        path: path.into(),
+        key: key.into(),
+        expected: expected.to_vec(),
+    })?;
+    if found != expected {
+        return Err(Error::Shape {
+            path: path.into(),
+            key: key.into(),
+            expected: expected.to_vec(),
+            found: found.clone(),
+        });
+    }
+    Ok(data)
+}
+
 /// Writes `tensors` in the storage dtype and `metadata` as one safetensors file, atomically.
 pub fn write_file(
     path: &Path,

@@ -1,13 +1,13 @@
 //! timm checkpoints: safetensors files with timm's key names and PyTorch's layouts.
 //!
-//! A model lists its parameters as [`Slot`]s: one stored tensor and every timm key that names it.
+//! A model lists its parameters as [`Slot`](crate::nn::param::Slot)s: one stored tensor and every timm key that names it.
 //! An unshared tensor has one key; a shared one has a key per layer that uses it, so a saved
 //! shared model is an ordinary timm checkpoint (tied copies), and loading one into a shared model
 //! checks that the copies agree.
 mod io;
 mod packed;
 
-pub use io::{read_file, read_tensors, write_atomic, write_file, TensorMap};
+pub use io::{lookup, read_file, read_tensors, write_atomic, write_file, TensorMap};
 
 use crate::base::SpinDtype;
 use crate::error::Error;
@@ -48,6 +48,23 @@ impl std::str::FromStr for StorageDtype {
 }
 
 /// Loading and saving timm checkpoints; implemented for every model that lists its tensors.
+///
+/// ```
+/// use spin_core::prelude::*;
+///
+/// #[vit(dim = 16, heads = 2, patch = 4, image = 8, classes = 3)]
+/// #[shared_blocks(depth = 2, groups = 1, pattern = sequential)]
+/// struct Tiny;
+///
+/// let dev = Cpu::seed_from_u64(1);
+/// let path = std::env::temp_dir().join(format!("spin-doc-{}.safetensors", std::process::id()));
+/// let a = dev.build_module::<Tiny, f32>();
+/// a.save_timm(&path).unwrap(); // the shared blocks under both layers' timm keys
+/// let mut b = Cpu::seed_from_u64(2).build_module::<Tiny, f32>();
+/// b.load_timm(&path).unwrap();
+/// assert_eq!(a.attn[0].qkv.weight.as_vec(), b.attn[0].qkv.weight.as_vec());
+/// # std::fs::remove_file(path).unwrap();
+/// ```
 pub trait TimmCheckpoint {
     /// Loads a timm safetensors checkpoint (F32, F16, BF16 or F64 tensors). Every model key must be
     /// present with its exact shape, no other key may be (BatchNorm's `num_batches_tracked` is
@@ -146,22 +163,10 @@ pub fn load_tensors<M: TimmKeys + Clone>(
         let mut known = BTreeSet::new();
         for slot in slots.iter() {
             let dims = slot.tensor.dims();
-            let mut first: Option<(&String, &Vec<f64>)> = None;
+            let mut first: Option<(&String, &[f64])> = None;
             for key in &slot.keys {
                 known.insert(key.clone());
-                let (found, data) = values.get(key).ok_or_else(|| Error::MissingKey {
-                    path: path.into(),
-                    key: key.clone(),
-                    expected: dims.clone(),
-                })?;
-                if *found != dims {
-                    return Err(Error::Shape {
-                        path: path.into(),
-                        key: key.clone(),
-                        expected: dims.clone(),
-                        found: found.clone(),
-                    });
-                }
+                let data = lookup(values, path, key, &dims)?;
                 match first {
                     None => first = Some((key, data)),
                     Some((k0, d0)) => {

@@ -1,36 +1,21 @@
 //! Pruned tensors on disk: their kept values and a bit mask.
+use super::io::{lookup, TensorMap};
 use crate::base::SpinDtype;
 use crate::error::Error;
 use crate::nn::param::PackedSlot;
-use std::collections::BTreeMap;
 use std::path::Path;
 
 /// A packed slot's dense values and 0/1 mask from the file, checked against the slot's shape.
 pub(super) fn unpack<E: SpinDtype>(
     path: &Path,
-    file: &BTreeMap<String, (Vec<usize>, Vec<f64>)>,
+    file: &TensorMap,
     p: &PackedSlot<'_, E>,
 ) -> Result<(Vec<E>, Vec<E>), Error> {
     let dims = p.values.dims();
     let cols = *dims.last().unwrap_or(&1);
     let rows = dims.iter().product::<usize>() / cols.max(1);
     let per_row = cols.div_ceil(8);
-    let get = |key: &str, expected: Vec<usize>| {
-        file.get(key).ok_or_else(|| Error::MissingKey {
-            path: path.into(),
-            key: key.into(),
-            expected,
-        })
-    };
-    let (shape, bits) = get(&p.mask_key, vec![rows, per_row])?;
-    if *shape != [rows, per_row] {
-        return Err(Error::Shape {
-            path: path.into(),
-            key: p.mask_key.clone(),
-            expected: vec![rows, per_row],
-            found: shape.clone(),
-        });
-    }
+    let bits = lookup(file, path, &p.mask_key, &[rows, per_row])?;
     let mut mask = vec![E::cast(0.0); rows * cols];
     for r in 0..rows {
         for j in 0..per_row {
@@ -51,15 +36,7 @@ pub(super) fn unpack<E: SpinDtype>(
         }
     }
     let nnz = mask.iter().filter(|m| m.as_f64() != 0.0).count();
-    let (shape, kept) = get(&p.values_key, vec![nnz])?;
-    if *shape != [nnz] {
-        return Err(Error::Shape {
-            path: path.into(),
-            key: p.values_key.clone(),
-            expected: vec![nnz],
-            found: shape.clone(),
-        });
-    }
+    let kept = lookup(file, path, &p.values_key, &[nnz])?;
     let mut kept = kept.iter();
     let values = mask
         .iter()

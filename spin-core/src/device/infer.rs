@@ -15,7 +15,7 @@ use std::sync::Arc;
 pub trait InferKernels<E: SpinDtype>: Storage<E> + Sized {
     /// Inference only: multi-head attention's core on timm's qkv layout, `qkv` `(B·N, 3·D)` with
     /// columns (3, heads, head_dim) → `softmax(q·kᵀ/√head_dim)·v` as `(B·N, D)`
-    /// ([`crate::attention_core`]). `None` where the device has no such kernel.
+    /// ([`attention_core`](crate::kernels::attention::attention_core)). `None` where the device has no such kernel.
     fn attention_core_infer(
         _qkv: &Tensor<(usize, usize), E, Self>,
         _batch: usize,
@@ -25,7 +25,7 @@ pub trait InferKernels<E: SpinDtype>: Storage<E> + Sized {
     }
 
     /// Inference only: timm encoder blocks on tokens `x` `(B·N, D)`, one per entry of what
-    /// `blocks()` returns ([`crate::vit_block`]); `blocks` is only called when the device
+    /// `blocks()` returns ([`vit_block`](crate::kernels::blocks::vit_block)); `blocks` is only called when the device
     /// and dtype have the kernel. `None` where they do not.
     fn vit_blocks_infer(
         _x: &Tensor<(usize, usize), E, Self>,

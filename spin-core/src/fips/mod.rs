@@ -10,7 +10,7 @@
 //!   on plain `f64` matrices;
 //! - [`plan`]: a plan chosen at run time, and FiPS MLPs made from a dense ViT's by it; the MLP
 //!   storage itself is [`crate::models::fips_mlps::FipsMlps`];
-//! - [`reconstruct`]: block-wise reconstruction; [`pipeline`]: the whole of `spin fips`.
+//! - [`mod@reconstruct`]: block-wise reconstruction; [`pipeline`]: the whole of `spin fips`.
 pub mod factors;
 pub mod pipeline;
 pub mod plan;

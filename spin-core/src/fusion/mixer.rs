@@ -15,6 +15,24 @@ use std::marker::PhantomData;
 /// SPIN's fusion-aware ConvMixer: the unshared model `CU` with all D tensors, plus per-layer
 /// coefficients, fused every forward pass into the sharing of `CS` (same dims; pointwise and/or
 /// depthwise shared, BatchNorms per layer).
+///
+/// ```
+/// use spin_core::fusion::{Fusion, FusionMixer, Reduction};
+/// use spin_core::prelude::*;
+///
+/// #[convmixer(dim = 16, kernel = 3, patch = 2, image = 8, classes = 4, depth = 4)]
+/// struct Base;
+/// #[convmixer(dim = 16, kernel = 3, patch = 2, image = 8, classes = 4)]
+/// #[shared_blocks(depth = 4, groups = 2, pattern = sequential)]
+/// struct Shared;
+///
+/// FusionMixer::<Base, Shared, f32, Cpu>::check_pair().unwrap();
+/// let dev = Cpu::default();
+/// let mut wfws = dev.build_module::<Fusion<Base, Shared>, f32>();
+/// wfws.reduction = Reduction::ChannelWeightedMean;
+/// let shared = wfws.export_fused().unwrap(); // a plain shared ConvMixer
+/// assert_eq!(shared.pw.len(), 2);
+/// ```
 #[derive(Debug)]
 pub struct FusionMixer<CU: ConvMixerConfig, CS: ConvMixerConfig, E: Dtype, D: Storage<E>> {
     /// The unshared model: all D tensors train.

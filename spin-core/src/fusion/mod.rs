@@ -6,7 +6,7 @@
 //! head and norms) is copied. The reduction works on timm keys, so it serves every family and
 //! granularity: a shared model lists, for each stored tensor, the keys of every layer using it.
 //!
-//! [`FusionMixer`] ([`mixer`]) is SPIN's fusion-aware training (WFWS) for ConvMixers: it keeps all D original
+//! [`FusionMixer`] is SPIN's fusion-aware training (WFWS) for ConvMixers: it keeps all D original
 //! tensors and the reduction coefficients, fuses in every forward pass, trains end to end, and
 //! [`FusionMixer::export_fused`] writes a plain shared model.
 mod mixer;
@@ -14,13 +14,12 @@ mod mixer;
 pub use mixer::{Fusion, FusionMixer};
 
 use crate::base::SpinDtype;
+use crate::checkpoint::{lookup, read_tensors};
 use crate::error::Error;
 use crate::nn::param::TimmKeys;
-use std::collections::BTreeMap;
-use std::path::Path;
 
-/// Every tensor of a checkpoint or model by timm key: (shape, values).
-pub type TensorMap = BTreeMap<String, (Vec<usize>, Vec<f64>)>;
+pub use crate::checkpoint::TensorMap;
+use std::path::Path;
 
 /// How a group's tensors become one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,7 +30,7 @@ pub enum Reduction {
     ChooseFirst,
     /// The mean of α_l·W_l, one learnable scalar per layer (initially 1).
     ScalarWeightedMean,
-    /// The mean of γ_l[o]·W_l[o, …], one learnable value per output channel and layer (initially 1).
+    /// The mean of γ_l\[o\]·W_l\[o, …\], one learnable value per output channel and layer (initially 1).
     ChannelWeightedMean,
 }
 
@@ -111,7 +110,7 @@ pub fn tensor_map<M: TimmKeys + Clone>(model: &M) -> TensorMap {
 /// Reads a safetensors checkpoint into a [`TensorMap`].
 pub fn read_checkpoint(path: &Path) -> Result<TensorMap, Error> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    crate::checkpoint::read_tensors(path, &bytes)
+    read_tensors(path, &bytes)
 }
 
 /// What [`fuse_into`] did.
@@ -139,20 +138,7 @@ pub fn fuse_into<M: TimmKeys>(
         let dims = slot.tensor.dims();
         let mut members = Vec::with_capacity(slot.keys.len());
         for key in &slot.keys {
-            let (shape, data) = source.get(key).ok_or_else(|| Error::MissingKey {
-                path: src.into(),
-                key: key.clone(),
-                expected: dims.clone(),
-            })?;
-            if *shape != dims {
-                return Err(Error::Shape {
-                    path: src.into(),
-                    key: key.clone(),
-                    expected: dims.clone(),
-                    found: shape.clone(),
-                });
-            }
-            members.push(data.as_slice());
+            members.push(lookup(source, src, key, &dims)?);
         }
         let cs: Option<Vec<Vec<f64>>> = slot
             .keys

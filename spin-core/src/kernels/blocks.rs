@@ -173,7 +173,7 @@ pub fn pointwise_into<E: SpinDtype>(
 /// block is two fused passes: depthwise + bias + act + folded BN + residual, then
 /// [`pointwise_into`] (with a residual for SPIN's variant).
 pub fn mixer_trunk<E: SpinDtype>(
-    x: &mut Vec<E>,
+    x: &mut [E],
     (b, g, k): (usize, usize, usize),
     depth: usize,
     pw_residual: bool,

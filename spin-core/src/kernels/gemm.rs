@@ -1,4 +1,4 @@
-//! Matrix products and transposes on host buffers, for [`crate::infer`] and the Linear op.
+//! Matrix products and transposes on host buffers, for the fused inference blocks and the Linear op.
 //!
 //! dfdx 0.13 multiplies through gemm 0.15, whose AVX-512 kernels need a nightly compiler; the
 //! `gemm` crate's current release has them on stable. [`matmul`] is single-threaded: its callers
@@ -257,7 +257,7 @@ pub(crate) fn row_chunk(rows: usize) -> usize {
 }
 
 /// `a · b` for a row-major `a` `(rows, b.rows)`, into `out` `(rows, b.cols)`, rows split across
-/// threads ([`row_chunk`]).
+/// threads (`row_chunk`).
 pub fn par_matmul<E: SpinDtype>(a: &[E], b: MatRef<E>, out: &mut [E]) {
     use rayon::prelude::*;
     let (k, n) = (b.rows, b.cols);

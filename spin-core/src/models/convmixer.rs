@@ -23,6 +23,19 @@ pub type Fused<E, D, T> = (Tensor<Mat, E, D, T>, Tensor<(usize,), E, D, T>);
 
 /// A ConvMixer declaration, as `#[convmixer(...)]` generates it. The dims are type-level so that
 /// tensor shapes are fixed in the model's type; `Grid` is `Image / Patch`.
+///
+/// ```
+/// use spin_core::prelude::*;
+/// use spin_core::models::convmixer::ConvMixerConfig;
+///
+/// #[convmixer(dim = 32, kernel = 5, patch = 4, image = 32, classes = 10, act = relu, variant = spin)]
+/// #[shared_blocks(depth = 6, groups = 3, pattern = cycle_rev)]
+/// struct Decl;
+///
+/// assert_eq!(<Decl as ConvMixerConfig>::Grid::SIZE, 8);
+/// assert_eq!(<Decl as ConvMixerConfig>::SCHEDULE, &[0, 1, 2, 2, 1, 0]);
+/// assert_eq!(<Decl as ConvMixerConfig>::SHARE, ConvMixerShare::Pointwise);
+/// ```
 pub trait ConvMixerConfig: 'static + Clone + Copy + std::fmt::Debug + Default + Send + Sync {
     /// Channels.
     type Dim: ConstDim;
@@ -79,6 +92,22 @@ pub fn info<C: ConvMixerConfig>() -> ModelInfo {
 
 /// A built ConvMixer. Block parts live in `Vec`s: one entry per group when shared, one per layer
 /// when not (see [`crate::nn::storage`]).
+///
+/// ```
+/// use spin_core::prelude::*;
+///
+/// #[convmixer(dim = 16, kernel = 3, patch = 2, image = 8, classes = 4)]
+/// #[shared_blocks(depth = 4, groups = 2, pattern = sequential)]
+/// struct Mixer;
+///
+/// let dev = Cpu::default();
+/// let m = dev.build_module::<Mixer, f32>();
+/// assert_eq!(m.pw.len(), 2); // the pointwise convs: one per group
+/// assert_eq!(m.dw.len(), 4); // the depthwise convs: one per layer
+/// assert_eq!(m.num_trainable_params(), Mixer::PARAMS);
+/// let features = m.forward_features(dev.zeros::<Rank4<1, 3, 8, 8>>());
+/// assert_eq!(features.shape().1.size(), 16);
+/// ```
 #[derive(Debug)]
 pub struct ConvMixer<C: ConvMixerConfig, E: Dtype, D: Storage<E>> {
     /// The patch-embedding convolution (`stem.0`).

@@ -20,6 +20,18 @@ impl Family {
 }
 
 /// A model's description: everything `spin zoo` prints about it.
+///
+/// ```
+/// use spin_core::prelude::*;
+///
+/// #[convmixer(dim = 64, kernel = 3, patch = 1, image = 8, classes = 10)]
+/// #[shared_blocks(depth = 8, groups = 2, pattern = strided)]
+/// struct Shared;
+///
+/// let info = Shared::info();
+/// assert!(info.compression() > 2.0); // eight pointwise convs stored as two
+/// assert_eq!(info.size_bytes(4), 4 * (info.params + info.buffers));
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelInfo {
     /// The member's name (`convmixer_768_32_ws2_sequential`).

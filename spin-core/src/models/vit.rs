@@ -33,6 +33,18 @@ pub struct FipsDecl {
 
 /// A ViT declaration, as `#[vit(...)]` generates it. `Grid` is `Image / Patch`, `Tokens` is
 /// `Grid² + 1`, `Qkv` is `3·Dim`, `Hidden` is `mlp_ratio·Dim`.
+///
+/// ```
+/// use spin_core::prelude::*;
+/// use spin_core::models::vit::VitConfig;
+///
+/// #[vit(dim = 32, heads = 2, patch = 4, image = 16, classes = 10, depth = 2)]
+/// struct Decl;
+///
+/// assert_eq!(<Decl as VitConfig>::Tokens::SIZE, 17);
+/// assert_eq!(<Decl as VitConfig>::Hidden::SIZE, 128);
+/// assert!(<Decl as VitConfig>::FIPS.is_none());
+/// ```
 pub trait VitConfig: 'static + Clone + Copy + std::fmt::Debug + Default + Send + Sync {
     /// Embedding width.
     type Dim: ConstDim;
@@ -185,6 +197,20 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> VitMlps<C, E, D> for DenseMlp
 
 /// A built ViT; block parts are stored per group or per layer (see [`crate::nn::storage`]), the MLPs
 /// as `M` says.
+///
+/// ```
+/// use spin_core::prelude::*;
+///
+/// #[vit(dim = 32, heads = 2, patch = 4, image = 16, classes = 10)]
+/// #[shared_blocks(depth = 4, groups = 1, pattern = sequential, share = all)]
+/// struct Albert;
+///
+/// let dev = Cpu::default();
+/// let vit = dev.build_module::<Albert, f32>();
+/// assert_eq!((vit.attn.len(), vit.norm1.len(), vit.mlp.len()), (1, 1, 1));
+/// let tokens = vit.forward_features(dev.zeros::<Rank4<2, 3, 16, 16>>());
+/// assert_eq!(tokens.shape().1.size(), 17); // 16 patches and the cls token
+/// ```
 #[derive(Debug)]
 pub struct Vit<C: VitConfig, E: Dtype, D: Storage<E>, M = DenseMlps<C, E, D>> {
     /// The patch embedding (`patch_embed.proj`).

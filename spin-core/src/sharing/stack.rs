@@ -18,6 +18,21 @@ pub trait StackConfig: 'static + Clone + Copy + std::fmt::Debug + Default + Send
 
 /// A trunk of `C::DEPTH` applications of a block whose parameters live in `C::GROUPS` copies:
 /// layer i runs copy `C::SCHEDULE[i]`. Usable wherever a dfdx module is, e.g. inside a tuple.
+///
+/// ```
+/// use spin_core::prelude::*;
+///
+/// type Block = (Linear<8, 8>, ReLU);
+/// #[shared_blocks(depth = 6, groups = 2, pattern = strided)]
+/// struct Trunk(Block);
+///
+/// let dev = Cpu::default();
+/// let trunk = dev.build_module::<Trunk, f32>();
+/// assert_eq!(trunk.groups.len(), 2);
+/// assert_eq!(trunk.num_trainable_params(), 2 * (8 * 8 + 8));
+/// let y = trunk.forward(dev.zeros::<Rank1<8>>());
+/// assert_eq!(y.shape().0.size(), 8);
+/// ```
 #[derive(Debug)]
 pub struct SharedStack<C: StackConfig, M> {
     /// The stored copies of the block.

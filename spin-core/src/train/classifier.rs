@@ -21,6 +21,22 @@ pub struct StepStats {
 }
 
 /// An f32 CPU model behind a trait object: what the registry hands out and the command line drives.
+///
+/// ```
+/// use spin_core::prelude::*;
+/// use spin_core::train::{AdamW, Classifier, Runner, StepParams};
+///
+/// #[convmixer(dim = 8, kernel = 3, patch = 2, image = 8, classes = 3, depth = 2)]
+/// struct Tiny;
+///
+/// let dev = Cpu::default();
+/// let mut model: Box<dyn Classifier> = Box::new(Runner::new(dev.build_module::<Tiny, f32>(), dev));
+/// let images = vec![0.5f32; 2 * 3 * 8 * 8];
+/// let hp = StepParams { lr: 1e-3, label_smoothing: 0.1, clip: Some(1.0) };
+/// let step = model.train_step(&images, &[0, 2], &mut AdamW::new(0.05), &hp).unwrap();
+/// assert!(step.loss.is_finite());
+/// assert_eq!(model.predict(&images, 2).len(), 2 * 3);
+/// ```
 pub trait Classifier: Send {
     /// The model's description.
     fn info(&self) -> ModelInfo;

@@ -2,7 +2,7 @@
 //! one-cycle learning rate, label smoothing, clipping by global L2 norm ([`optim`], [`fit`]); an
 //! object-safe [`Classifier`] so a model chosen by name at run time can be trained
 //! ([`classifier`]); and whole runs with checkpoints, metrics, resume and a stop on divergence
-//! ([`run`]), which `spin train` only calls.
+//! ([`mod@run`]), which `spin train` only calls.
 pub mod classifier;
 pub mod fit;
 pub mod optim;
