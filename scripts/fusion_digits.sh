@@ -13,6 +13,8 @@ SHARED=digits_convmixer_64_8_ws4_sequential
 BASE_EPOCHS=${BASE_EPOCHS:-10}
 EPOCHS=${EPOCHS:-5}
 
+mkdir -p "$OUT"
+
 acc() { grep -o "$1 [0-9.]*" | tail -1 | awk '{print $NF}'; }
 
 "$SPIN" train --model "$BASE" --epochs "$BASE_EPOCHS" --out "$OUT/base" --quiet > "$OUT.base.log" 2>&1 || { cat "$OUT.base.log"; exit 1; }

@@ -75,7 +75,8 @@ pub mod prelude {
 pub mod __private {
     pub use crate::base::{Act, SpinDtype, Variant};
     pub use crate::device::SpinDevice;
-    pub use crate::fips::{run as fips_run, FipsCompress, FipsRunner};
+    pub use crate::fips::load::load as fips_load;
+    pub use crate::fips::{run as fips_run, FipsCompress, FipsLoader, FipsRunner};
     pub use crate::models::convmixer::{info as convmixer_info, ConvMixer, ConvMixerConfig};
     pub use crate::models::fips_mlps::{info as fips_info, FipsDecl, FipsMlps};
     pub use crate::models::vit::{info as vit_info, Vit, VitConfig};

@@ -222,10 +222,12 @@ fn model_tokens(s: &ItemStruct, m: &Model, fips: Option<&valid::Fips>) -> TokenS
         ),
         (FamilyKind::Vit, Some(_)) => (quote!(#pv::fips_info::<#ident>()), None),
     };
-    let runner = match runner {
-        Some(r) => quote!(::core::option::Option::Some(#r)),
+    let loader = (m.kind == FamilyKind::Vit).then(|| quote!(#pv::fips_load::<#ident>));
+    let some = |t: Option<TokenStream>| match t {
+        Some(t) => quote!(::core::option::Option::Some(#t)),
         None => quote!(::core::option::Option::None),
     };
+    let (runner, loader) = (some(runner), some(loader));
     let common = quote! {
         #common
         impl #pv::Describe for #ident {
@@ -235,6 +237,7 @@ fn model_tokens(s: &ItemStruct, m: &Model, fips: Option<&valid::Fips>) -> TokenS
         }
         impl #pv::FipsCompress for #ident {
             const RUNNER: ::core::option::Option<#pv::FipsRunner> = #runner;
+            const LOADER: ::core::option::Option<#pv::FipsLoader> = #loader;
         }
     };
     match m.kind {

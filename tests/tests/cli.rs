@@ -65,7 +65,15 @@ fn write_folder(dir: &Path, classes: usize, per_class: usize) {
 #[test]
 fn zoo_lists_every_member_with_params_equal_to_the_type_consts() {
     let mut out = Vec::new();
-    cli::zoo(&ZooArgs { format: Format::Csv }, &mut out).unwrap();
+    cli::zoo(
+        &ZooArgs {
+            filter: None,
+            format: Format::Csv,
+            wide: false,
+        },
+        &mut out,
+    )
+    .unwrap();
     let text = String::from_utf8(out).unwrap();
     let mut lines = text.lines();
     assert_eq!(
@@ -401,6 +409,33 @@ fn fips_compresses_a_digits_vit_into_the_declared_fips_member() {
     // The result loads into the member declared with the same plan.
     let eval = run(&["eval", "--model", "digits_vit_64_6_fips", "--weights", o]).unwrap();
     assert!(eval.contains("test accuracy"), "{eval}");
+    // A result at a rank no declaration has (the defaults: sparsity 0.75, rank 109) evaluates
+    // through the dense member and the FiPS member alike: the rank comes from the file.
+    let other = dir.join("fips-default.safetensors");
+    let other_s = other.to_str().unwrap();
+    let json = run(&[
+        "fips",
+        "--from",
+        d,
+        "--model",
+        "digits_vit_64_6",
+        "--calib-images",
+        "16",
+        "--steps",
+        "5",
+        "--rows",
+        "32",
+        "--out",
+        other_s,
+        "--json",
+    ])
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["rank"], 109);
+    for model in ["digits_vit_64_6", "digits_vit_64_6_fips"] {
+        let eval = run(&["eval", "--model", model, "--weights", other_s]).unwrap();
+        assert!(eval.contains("test accuracy"), "{eval}");
+    }
     // Only dense ViTs can be compressed.
     let err = run(&[
         "fips",

@@ -299,10 +299,10 @@ fn source_files_stay_short() {
     ] {
         for path in modules(&root().join(krate)).values() {
             let lines = std::fs::read_to_string(path).unwrap().lines().count();
-            if lines > 600 {
+            if lines > 500 {
                 long.push(format!("{}: {lines} lines", path.display()));
             }
         }
     }
-    assert!(long.is_empty(), "files over 600 lines:\n{}", long.join("\n"));
+    assert!(long.is_empty(), "files over 500 lines:\n{}", long.join("\n"));
 }

@@ -48,44 +48,48 @@ pub struct FipsArgs {
     /// The dense ViT zoo member the checkpoint holds.
     #[arg(long)]
     pub model: String,
-    /// Fraction of the MLP weights kept (sets the rank together with --sparsity).
-    #[arg(long, default_value_t = 0.5)]
+    /// Fraction of the MLP weights kept, in (0, 1] (sets the rank together with --sparsity).
+    #[arg(long, default_value_t = 0.5, value_parser = budget)]
     pub budget: f64,
-    /// Fraction of the sparse factors' entries pruned.
-    #[arg(long, default_value_t = 0.75)]
+    /// Fraction of the sparse factors' entries pruned, in [0, 1).
+    #[arg(long, default_value_t = 0.75, value_parser = fraction)]
     pub sparsity: f64,
     /// Calibration data, its training split (test accuracy is measured on its test split):
     /// `digits`, `cifar10:DIR` or `folder:DIR`.
     #[arg(long, default_value = "digits", value_parser = parse_data)]
     pub calib: DataSpec,
-    /// How many calibration images to use.
-    #[arg(long, default_value_t = 256)]
+    /// How many calibration images to use (at least 1).
+    #[arg(long, default_value_t = 256, value_parser = count)]
     pub calib_images: usize,
     /// Consecutive blocks per group (default: 4 if it divides the depth, else the largest of 3, 2, 1 that does).
-    #[arg(long)]
+    #[arg(long, value_parser = count)]
     pub group_size: Option<usize>,
     /// Explicit groups instead, e.g. `0,1,2,3;4,5,6,7;8,9,10,11`.
     #[arg(long, conflicts_with = "group_size")]
     pub groups: Option<String>,
     /// Block-wise reconstruction steps (AdamW, cosine decay; the sparsity is reached by the cubic
     /// schedule over the first half).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, value_parser = count)]
     pub steps: usize,
-    #[arg(long, default_value_t = 1e-3)]
+    /// Peak learning rate of the reconstruction (AdamW, cosine decay).
+    #[arg(long, default_value_t = 1e-3, value_parser = learning_rate)]
     pub lr: f32,
     /// Token rows per block per step.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = count)]
     pub rows: usize,
     /// End-to-end fine-tuning epochs on the calibration data after reconstruction (0: none).
     #[arg(long, default_value_t = 0)]
     pub finetune_epochs: usize,
-    #[arg(long, default_value_t = 2e-4)]
+    /// Peak learning rate of the fine-tuning.
+    #[arg(long, default_value_t = 2e-4, value_parser = learning_rate)]
     pub finetune_lr: f32,
     /// The FiPS checkpoint to write; a plot of the loss and per-block errors goes beside it (.png).
     #[arg(long)]
     pub out: PathBuf,
+    /// Storage dtype of the written checkpoint: f32, f16, bf16 or f64.
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     pub save_dtype: StorageDtype,
+    /// Seeds the initialisation and the sampling of calibration rows.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Print one JSON object instead of the table.
@@ -98,24 +102,79 @@ pub struct FipsArgs {
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
+    /// The zoo member to time (`spin zoo` lists them).
     #[arg(long)]
     pub model: String,
-    #[arg(long, default_value_t = 1)]
+    /// Images per forward pass or step (at least 1).
+    #[arg(long, default_value_t = 1, value_parser = count)]
     pub batch: usize,
+    /// Time these trained weights (e.g. a FiPS checkpoint, at its own rank) instead of a
+    /// freshly initialised model.
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
     /// Time a full training step (forward, cross-entropy, backward, AdamW) instead of a forward pass.
     #[arg(long)]
     pub train: bool,
-    #[arg(long, default_value_t = 20)]
+    /// Timed iterations after warm-up (at least 1).
+    #[arg(long, default_value_t = 20, value_parser = count)]
     pub iters: usize,
     /// Worker threads (default: one per core).
-    #[arg(long)]
+    #[arg(long, value_parser = count)]
     pub threads: Option<usize>,
-    /// Compute dtype: f32, or f16 (forward only, for the members listed in `spin bench --help`).
-    #[arg(long, default_value = "f32")]
+    /// Compute dtype: f32, or f16 (forward only).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "f16"])]
     pub dtype: String,
     /// Print one JSON object instead of a line of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// A count of at least one (epochs, batch, steps, …).
+fn count(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{s}` is not a whole number")),
+    }
+}
+
+/// A finite number in `range`, described by `what` in the error.
+fn number_in(s: &str, range: impl std::ops::RangeBounds<f64>, what: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if v.is_finite() && range.contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("must be {what}, got {s}"))
+    }
+}
+
+/// A learning rate: finite and above zero.
+fn learning_rate(s: &str) -> Result<f32, String> {
+    number_in(
+        s,
+        (std::ops::Bound::Excluded(0.0), std::ops::Bound::Unbounded),
+        "above 0",
+    )
+    .map(|v| v as f32)
+}
+
+/// Zero or more, finite (weight decay, clipping norm).
+fn non_negative(s: &str) -> Result<f32, String> {
+    number_in(s, 0.0.., "0 or more").map(|v| v as f32)
+}
+
+/// A fraction in [0, 1) (label smoothing, sparsity).
+fn fraction(s: &str) -> Result<f64, String> {
+    number_in(s, 0.0..1.0, "in [0, 1)")
+}
+
+/// A fraction in (0, 1] (FiPS's budget).
+fn budget(s: &str) -> Result<f64, String> {
+    number_in(
+        s,
+        (std::ops::Bound::Excluded(0.0), std::ops::Bound::Included(1.0)),
+        "in (0, 1]",
+    )
 }
 
 fn parse_reduction(s: &str) -> Result<Reduction, String> {
@@ -134,16 +193,24 @@ pub struct FuseArgs {
     /// from coefficients of one, i.e. the mean, until trained with `spin train --fusion`).
     #[arg(long, default_value = "mean", value_parser = parse_reduction)]
     pub reduction: Reduction,
+    /// The shared checkpoint to write.
     #[arg(long)]
     pub out: PathBuf,
+    /// Storage dtype of the written checkpoint: f32, f16, bf16 or f64.
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     pub save_dtype: StorageDtype,
 }
 
 #[derive(Args, Debug)]
 pub struct ZooArgs {
+    /// Only members whose name contains this text, or matches it as a glob (`*`, `?`).
+    pub filter: Option<String>,
+    /// Output format.
     #[arg(long, value_enum, default_value = "table")]
     pub format: Format,
+    /// Every column (the default table keeps to 100 columns).
+    #[arg(long)]
+    pub wide: bool,
 }
 
 fn parse_data(s: &str) -> Result<DataSpec, String> {
@@ -160,20 +227,25 @@ pub struct Hyper {
     /// Data: `digits` (built in), `cifar10:DIR` (the binary batches) or `folder:DIR` (a sub-directory per class).
     #[arg(long, default_value = "digits", value_parser = parse_data)]
     pub data: DataSpec,
-    #[arg(long, default_value_t = 10)]
+    /// Epochs of the whole schedule (at least 1).
+    #[arg(long, default_value_t = 10, value_parser = count)]
     pub epochs: usize,
-    #[arg(long, default_value_t = 64)]
+    /// Images per step (at least 1).
+    #[arg(long, default_value_t = 64, value_parser = count)]
     pub batch: usize,
-    /// Peak learning rate of the one-cycle schedule.
-    #[arg(long, default_value_t = 2e-3)]
+    /// Peak learning rate of the one-cycle schedule (above 0).
+    #[arg(long, default_value_t = 2e-3, value_parser = learning_rate)]
     pub lr: f32,
-    #[arg(long, default_value_t = 0.05)]
+    /// AdamW's decoupled weight decay (0 or more; not applied to biases and norms).
+    #[arg(long, default_value_t = 0.05, value_parser = non_negative)]
     pub weight_decay: f32,
-    #[arg(long, default_value_t = 0.1)]
-    pub label_smoothing: f32,
+    /// Label smoothing ε, in [0, 1).
+    #[arg(long, default_value_t = 0.1, value_parser = fraction)]
+    pub label_smoothing: f64,
     /// Clip the global gradient L2 norm to this value (0 turns clipping off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = non_negative)]
     pub clip: f32,
+    /// Seeds the initialisation and the example order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -183,10 +255,10 @@ impl Hyper {
     pub fn config(&self) -> TrainConfig {
         TrainConfig {
             epochs: self.epochs,
-            batch: self.batch.max(1),
+            batch: self.batch,
             lr: self.lr,
             weight_decay: self.weight_decay,
-            label_smoothing: self.label_smoothing,
+            label_smoothing: self.label_smoothing as f32,
             clip: (self.clip > 0.0).then_some(self.clip),
             seed: self.seed,
         }
@@ -195,6 +267,7 @@ impl Hyper {
 
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
+    /// The zoo member to train (`spin zoo` lists them).
     #[arg(long)]
     pub model: String,
     #[command(flatten)]
@@ -207,9 +280,9 @@ pub struct TrainArgs {
     pub resume: bool,
     /// Stop after this many epochs of the schedule (resume later with --resume): splits a run of
     /// --epochs into sessions without changing its learning-rate schedule.
-    #[arg(long)]
+    #[arg(long, value_parser = count)]
     pub stop_after: Option<usize>,
-    /// Storage dtype of the saved checkpoint.
+    /// Storage dtype of the saved checkpoint: f32, f16, bf16 or f64.
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     pub save_dtype: StorageDtype,
     /// Start a shared model from this trained unshared checkpoint (weight fusion, mean unless
@@ -227,25 +300,32 @@ pub struct TrainArgs {
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
+    /// The zoo member the weights belong to.
     #[arg(long)]
     pub model: String,
+    /// The checkpoint (timm layout, safetensors).
     #[arg(long)]
     pub weights: PathBuf,
+    /// Data: `digits`, `cifar10:DIR` or `folder:DIR`; its held-out split is scored.
     #[arg(long, default_value = "digits", value_parser = parse_data)]
     pub data: DataSpec,
-    #[arg(long, default_value_t = 256)]
+    /// Images per batch (at least 1).
+    #[arg(long, default_value_t = 256, value_parser = count)]
     pub batch: usize,
 }
 
 #[derive(Args, Debug)]
 pub struct PredictArgs {
+    /// The zoo member the weights belong to.
     #[arg(long)]
     pub model: String,
+    /// The checkpoint (timm layout, safetensors).
     #[arg(long)]
     pub weights: PathBuf,
-    /// How many classes to print per image.
-    #[arg(long, default_value_t = 3)]
+    /// How many classes to print per image (at least 1).
+    #[arg(long, default_value_t = 3, value_parser = count)]
     pub top: usize,
+    /// Image files (PNG or JPEG), resized and normalised as the member's eval transform.
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
 }
@@ -260,6 +340,7 @@ pub struct CompareArgs {
     /// Where the table (CSV), the plot (PNG and SVG) and each run go.
     #[arg(long, default_value = "runs/compare")]
     pub out: PathBuf,
+    /// Hide the progress bars.
     #[arg(long)]
     pub quiet: bool,
 }

@@ -1,6 +1,6 @@
 //! `spin bench`: wall-clock timing of a forward pass (or a full training step) after warm-up,
 //! with peak resident memory. Numbers go to the README; no test asserts a duration.
-use crate::{build, find};
+use crate::build;
 use serde::Serialize;
 use spin_core::dfdx::prelude::*;
 use spin_core::train::{AdamW, StepParams};
@@ -50,9 +50,18 @@ fn time(iters: usize, warmup: usize, mut f: impl FnMut() -> Result<(), Error>) -
 }
 
 /// Times `model` in f32 on the CPU.
-pub fn bench(name: &str, batch: usize, train: bool, iters: usize) -> Result<BenchResult, Error> {
-    let info = (find(name)?.info)();
-    let mut model = build(name, 0)?;
+pub fn bench(
+    name: &str,
+    weights: Option<&std::path::Path>,
+    batch: usize,
+    train: bool,
+    iters: usize,
+) -> Result<BenchResult, Error> {
+    let mut model = match weights {
+        Some(w) => crate::load(name, w)?,
+        None => build(name, 0)?,
+    };
+    let info = model.info();
     let dev = Cpu::seed_from_u64(1);
     let n = batch * 3 * info.image * info.image;
     let x: Tensor<(usize,), f32, Cpu> = dev.sample_normal_like(&(n,));

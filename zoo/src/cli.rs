@@ -16,7 +16,10 @@ pub use crate::args::*;
 
 /// Runs the command line; returns the process exit code.
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return argument_error(&e),
+    };
     let threads = match &cli.cmd {
         Cmd::Bench(a) => a.threads,
         _ => None,
@@ -29,11 +32,39 @@ pub fn main() -> i32 {
     });
     match result {
         Ok(()) => 0,
+        // The reader went away (`spin zoo | head`): nothing is wrong.
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::BrokenPipe => 0,
         Err(e) => {
             eprintln!("spin: {e}");
             1
         }
     }
+}
+
+/// Help and version go to stdout as clap writes them (status 0); an argument error is one line on
+/// stderr — clap's message and its suggestion, if any — with status 1, like every other error.
+fn argument_error(e: &clap::Error) -> i32 {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return 0;
+    }
+    eprintln!("spin: {}", one_line(&e.render().to_string()));
+    1
+}
+
+/// clap's multi-line message as one line: the error, then any tip, without the usage block.
+pub fn one_line(message: &str) -> String {
+    let mut parts = Vec::new();
+    for line in message.lines().map(str::trim) {
+        if line.starts_with("Usage:") || line.starts_with("For more information") {
+            break;
+        }
+        if !line.is_empty() {
+            parts.push(line.strip_prefix("error: ").unwrap_or(line).to_string());
+        }
+    }
+    parts.join("; ")
 }
 
 /// Sizes rayon's global pool (once per process; a later call with the size it has is a no-op).
@@ -67,8 +98,19 @@ fn io(e: std::io::Error) -> Error {
 }
 
 pub fn zoo(a: &ZooArgs, out: &mut dyn Write) -> Result<(), Error> {
-    let rows: Vec<Row> = MEMBERS.iter().map(|m| Row::from_info(&(m.info)())).collect();
-    report::zoo_table(&rows, a.format, out).map_err(io)
+    let rows: Vec<Row> = MEMBERS
+        .iter()
+        .map(|m| (m.info)())
+        .filter(|i| a.filter.as_deref().is_none_or(|f| crate::name_matches(f, i.name)))
+        .map(|i| Row::from_info(&i))
+        .collect();
+    if rows.is_empty() {
+        let f = a.filter.as_deref().unwrap_or_default();
+        return Err(Error::Invalid(format!(
+            "no zoo member matches `{f}`; `spin zoo` lists them all"
+        )));
+    }
+    report::zoo_table(&rows, a.format, a.wide, out).map_err(io)
 }
 
 fn progress(steps: usize, prefix: String, quiet: bool) -> ProgressBar {
@@ -196,9 +238,7 @@ pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<TrainResult, Error> {
 }
 
 fn load(model: &str, weights: &Path) -> Result<Box<dyn Classifier>, Error> {
-    let mut m = crate::build(model, 0)?;
-    m.load_timm(weights)?;
-    Ok(m)
+    crate::load(model, weights)
 }
 
 pub fn eval(a: &EvalArgs, out: &mut dyn Write) -> Result<(), Error> {
@@ -238,7 +278,7 @@ pub fn predict(a: &PredictArgs, out: &mut dyn Write) -> Result<(), Error> {
 pub fn bench(a: &BenchArgs, out: &mut dyn Write) -> Result<(), Error> {
     set_threads(a.threads)?;
     let r = match (a.dtype.as_str(), a.train) {
-        ("f32", train) => crate::bench::bench(&a.model, a.batch, train, a.iters)?,
+        ("f32", train) => crate::bench::bench(&a.model, a.weights.as_deref(), a.batch, train, a.iters)?,
         ("f16", false) => crate::bench::bench_f16(&a.model, a.batch, a.iters)?,
         ("f16", true) => return Err(Error::Invalid("f16 benchmarks time the forward pass only".into())),
         (d, _) => return Err(Error::Invalid(format!("unknown dtype `{d}`: use f32 or f16"))),

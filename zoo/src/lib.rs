@@ -8,7 +8,7 @@
 //! LayerNorms per layer, and `_ws12_all` shares everything (ALBERT).
 use spin_core::data::DataConfig;
 use spin_core::dfdx::prelude::*;
-use spin_core::fips::{FipsCompress, FipsRunner};
+use spin_core::fips::{FipsCompress, FipsLoader, FipsRunner};
 use spin_core::fusion::{Fusion, Reduction};
 use spin_core::models::convmixer::ConvMixerConfig;
 use spin_core::models::SpinModel;
@@ -34,6 +34,8 @@ pub struct Member {
     pub fusion: Option<FusionBuilder>,
     /// For a dense ViT: its FiPS compression pipeline (`spin fips`).
     pub fips: Option<FipsRunner>,
+    /// For a ViT: loads a FiPS checkpoint of it at the file's rank and groups.
+    pub load_fips: Option<FipsLoader>,
 }
 
 fn build_fusion<B: ConvMixerConfig, S: ConvMixerConfig>(
@@ -68,6 +70,7 @@ macro_rules! zoo {
                 build: build_member::<$name>,
                 fusion: zoo!(@fusion $name $($base)?),
                 fips: <$name as FipsCompress>::RUNNER,
+                load_fips: <$name as FipsCompress>::LOADER,
             }, )+
         ];
     };
@@ -245,26 +248,72 @@ zoo! {
     digits_vit_64_6_fips;
 }
 
-/// The member called `name`, or an error listing near matches.
+/// The member called `name`, or an error suggesting the nearest names (by edit distance,
+/// ignoring case).
 pub fn find(name: &str) -> Result<&'static Member, Error> {
     if let Some(m) = MEMBERS.iter().find(|m| (m.info)().name == name) {
         return Ok(m);
     }
-    let key = name.split('_').next().unwrap_or(name);
-    let near: Vec<&str> = MEMBERS
+    let wanted = name.to_lowercase();
+    let mut near: Vec<(usize, &str)> = MEMBERS
         .iter()
         .map(|m| (m.info)().name)
-        .filter(|n| n.contains(key))
-        .take(8)
+        .map(|n| (edit_distance(&wanted, n), n))
         .collect();
+    near.sort();
+    let near: Vec<&str> = near.iter().take(3).map(|&(_, n)| n).collect();
     Err(Error::Invalid(format!(
-        "no zoo member `{name}`{}; `spin zoo` lists them all",
-        if near.is_empty() {
-            String::new()
-        } else {
-            format!(" (similar: {})", near.join(", "))
-        }
+        "no zoo member `{name}` (nearest: {}); `spin zoo` lists them all",
+        near.join(", ")
     )))
+}
+
+/// Levenshtein distance between two names.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let next = (diag + usize::from(ca != cb)).min(row[j] + 1).min(row[j + 1] + 1);
+            diag = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
+/// Whether `name` contains `filter` or, when it has `*` or `?`, matches it as a glob.
+pub fn name_matches(filter: &str, name: &str) -> bool {
+    fn glob(p: &[u8], s: &[u8]) -> bool {
+        match (p.first(), s.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => glob(&p[1..], s) || (!s.is_empty() && glob(p, &s[1..])),
+            (Some(b'?'), Some(_)) => glob(&p[1..], &s[1..]),
+            (Some(a), Some(b)) if a == b => glob(&p[1..], &s[1..]),
+            _ => false,
+        }
+    }
+    if filter.contains(['*', '?']) {
+        glob(filter.as_bytes(), name.as_bytes())
+    } else {
+        name.contains(filter)
+    }
+}
+
+/// A member by name with trained weights from `weights`. A FiPS checkpoint loads into a ViT
+/// member at the rank and groups it was written with, whatever the member declares.
+pub fn load(name: &str, weights: &std::path::Path) -> Result<Box<dyn Classifier>, Error> {
+    let member = find(name)?;
+    if let Some(load_fips) = member.load_fips {
+        if spin_core::fips::is_fips_checkpoint(weights)? {
+            return load_fips(weights);
+        }
+    }
+    let mut m = (member.build)(0);
+    m.load_timm(weights)?;
+    Ok(m)
 }
 
 /// Builds a member by name, with parameters initialised from `seed`.

@@ -104,7 +104,9 @@ fn right_align(t: &mut Table, from: usize) {
     }
 }
 
-pub fn zoo_table(rows: &[Row], format: Format, out: &mut dyn Write) -> std::io::Result<()> {
+/// `spin zoo`'s list. The table and markdown formats show the compact columns (within 100
+/// characters for every member name) unless `wide`; CSV and JSON always hold every field.
+pub fn zoo_table(rows: &[Row], format: Format, wide: bool, out: &mut dyn Write) -> std::io::Result<()> {
     match format {
         Format::Csv => {
             let mut w = csv::Writer::from_writer(out);
@@ -119,35 +121,56 @@ pub fn zoo_table(rows: &[Row], format: Format, out: &mut dyn Write) -> std::io::
         }
         Format::Table | Format::Markdown => {
             let mut t = table(format == Format::Markdown);
-            t.set_header([
-                "name",
-                "family",
-                "params",
-                "MACs",
-                "depth",
-                "groups",
-                "pattern",
-                "share",
-                "compression",
-                "MB f32",
-                "MB f16",
-            ]);
-            for r in rows {
-                t.add_row([
-                    r.name.clone(),
-                    r.family.clone(),
-                    human(r.params as f64),
-                    human(r.macs as f64),
-                    r.depth.to_string(),
-                    r.groups.to_string(),
-                    r.pattern.clone(),
-                    r.share.clone(),
-                    format!("{:.2}×", r.compression),
-                    format!("{:.1}", r.size_f32_mb),
-                    format!("{:.1}", r.size_f16_mb),
+            if wide {
+                t.set_header([
+                    "name",
+                    "family",
+                    "params",
+                    "MACs",
+                    "depth",
+                    "groups",
+                    "pattern",
+                    "share",
+                    "compression",
+                    "MB f32",
+                    "MB f16",
                 ]);
+            } else {
+                t.set_header(["name", "params", "MACs", "groups", "share", "MB f32"]);
             }
-            right_align(&mut t, 2);
+            for r in rows {
+                let (params, macs) = (human(r.params as f64), human(r.macs as f64));
+                if wide {
+                    t.add_row([
+                        r.name.clone(),
+                        r.family.clone(),
+                        params,
+                        macs,
+                        r.depth.to_string(),
+                        r.groups.to_string(),
+                        r.pattern.clone(),
+                        r.share.clone(),
+                        format!("{:.2}×", r.compression),
+                        format!("{:.1}", r.size_f32_mb),
+                        format!("{:.1}", r.size_f16_mb),
+                    ]);
+                } else {
+                    t.add_row([
+                        r.name.clone(),
+                        params,
+                        macs,
+                        format!("{}/{}", r.groups, r.depth),
+                        r.share.clone(),
+                        format!("{:.1}", r.size_f32_mb),
+                    ]);
+                }
+            }
+            right_align(&mut t, 1);
+            if !wide {
+                if let Some(c) = t.column_mut(4) {
+                    c.set_cell_alignment(CellAlignment::Left);
+                }
+            }
             writeln!(out, "{t}")
         }
     }

@@ -12,12 +12,14 @@
 //!   storage itself is [`crate::models::fips_mlps::FipsMlps`];
 //! - [`mod@reconstruct`]: block-wise reconstruction; [`pipeline`]: the whole of `spin fips`.
 pub mod factors;
+pub mod load;
 pub mod pipeline;
 pub mod plan;
 pub mod reconstruct;
 
 pub use crate::models::fips_mlps::{FipsDecl, FipsLayer, FipsMlps, MadeDim};
 pub use factors::{apply_masks, cubic_sparsity, init, magnitude_masks, Factors};
+pub use load::{is_fips_checkpoint, FipsLoader};
 pub use pipeline::{run, FipsCompress, FipsJob, FipsOutcome, FipsReport, FipsRunner};
 pub use plan::FipsPlan;
 pub use reconstruct::{block_errors, calibrate, reconstruct, Calibration, ReconConfig};

@@ -120,9 +120,11 @@ pub fn run<C: VitConfig>(
     })
 }
 
-/// Whether a declared model type can be compressed by FiPS: `Some` pipeline for a dense ViT.
-/// Declarations implement it (the zoo's registry reads it).
+/// What FiPS can do with a declared model type; declarations implement it (the zoo's registry
+/// reads it).
 pub trait FipsCompress {
-    /// The pipeline for this type, if FiPS applies to it.
+    /// The pipeline, for a dense ViT.
     const RUNNER: Option<FipsRunner>;
+    /// The loader of FiPS checkpoints of this ViT at any rank, for ViTs.
+    const LOADER: Option<super::load::FipsLoader>;
 }
