@@ -312,6 +312,10 @@ pub struct EvalArgs {
     /// Images per batch (at least 1).
     #[arg(long, default_value_t = 256, value_parser = count)]
     pub batch: usize,
+    /// Also write the evaluated images, their labels and the logits to this safetensors file
+    /// (with the model's plan), e.g. to check another implementation against spin.
+    #[arg(long)]
+    pub dump_logits: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -1,11 +1,13 @@
 //! The `spin` command line. Each sub-command is a function here so tests can drive it directly.
-use crate::report::{self, FipsResult, Row};
+use crate::report::{self, FipsResult, Format, Row};
 use crate::{data_config, find, DIGITS_COMPARISON, MEMBERS};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use spin_core::checkpoint::StorageDtype;
+use spin_core::checkpoint::{write_file, StorageDtype, TensorMap};
 use spin_core::data;
+use spin_core::data::Dataset;
 use spin_core::fusion::{read_checkpoint, Reduction};
+use spin_core::models::{ModelInfo, Plan, PLAN_KEY};
 use spin_core::train::{self, Classifier, Event, RunOptions, TrainConfig, TrainResult};
 use spin_core::Error;
 use std::io::Write;
@@ -97,19 +99,26 @@ fn io(e: std::io::Error) -> Error {
     Error::io("<output>", e)
 }
 
+/// `spin zoo`: the members as a table, CSV, or (`--format json`) their plans, the objects every
+/// checkpoint carries.
 pub fn zoo(a: &ZooArgs, out: &mut dyn Write) -> Result<(), Error> {
-    let rows: Vec<Row> = MEMBERS
+    let infos: Vec<ModelInfo> = MEMBERS
         .iter()
         .map(|m| (m.info)())
         .filter(|i| a.filter.as_deref().is_none_or(|f| crate::name_matches(f, i.name)))
-        .map(|i| Row::from_info(&i))
         .collect();
-    if rows.is_empty() {
+    if infos.is_empty() {
         let f = a.filter.as_deref().unwrap_or_default();
         return Err(Error::Invalid(format!(
             "no zoo member matches `{f}`; `spin zoo` lists them all"
         )));
     }
+    if a.format == Format::Json {
+        let plans: Vec<Plan> = infos.iter().map(Plan::from_info).collect();
+        serde_json::to_writer_pretty(&mut *out, &plans).map_err(|e| io(e.into()))?;
+        return writeln!(out).map_err(io);
+    }
+    let rows: Vec<Row> = infos.iter().map(Row::from_info).collect();
     report::zoo_table(&rows, a.format, a.wide, out).map_err(io)
 }
 
@@ -246,12 +255,43 @@ pub fn eval(a: &EvalArgs, out: &mut dyn Write) -> Result<(), Error> {
     let info = m.info();
     let split = data::load(&a.data, &data_config(&info))?;
     let s = train::evaluate(m.as_ref(), &split.test, a.batch);
+    if let Some(path) = &a.dump_logits {
+        dump_logits(m.as_ref(), &split.test, a.batch, path)?;
+    }
     writeln!(
         out,
         "{}: test accuracy {:.4}, loss {:.4} on {} images of {}",
         info.name, s.accuracy, s.loss, s.images, a.data
     )
     .map_err(io)
+}
+
+/// Writes the images a model was evaluated on (`images`, NCHW, as fed to it), their `labels`
+/// and the model's `logits` as safetensors, with the model's plan in the metadata: what another
+/// implementation (spin-torch) needs to check it computes the same.
+fn dump_logits(m: &dyn Classifier, data: &Dataset, batch: usize, path: &Path) -> Result<(), Error> {
+    let (n, img) = (data.len(), data.image);
+    let mut logits = Vec::with_capacity(n * m.info().classes);
+    let idx: Vec<usize> = (0..n).collect();
+    for chunk in idx.chunks(batch) {
+        let (x, _) = data.gather(chunk);
+        logits.extend(m.predict(&x, chunk.len()));
+    }
+    let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    let tensors = TensorMap::from([
+        ("images".to_string(), (vec![n, 3, img, img], f64s(&data.images))),
+        (
+            "labels".to_string(),
+            (vec![n], data.labels.iter().map(|&l| l as f64).collect()),
+        ),
+        (
+            "logits".to_string(),
+            (vec![n, logits.len() / n.max(1)], f64s(&logits)),
+        ),
+    ]);
+    let meta =
+        std::collections::BTreeMap::from([(PLAN_KEY.to_string(), Plan::from_info(&m.info()).to_json())]);
+    write_file(path, &tensors, StorageDtype::F32, &meta)
 }
 
 pub fn predict(a: &PredictArgs, out: &mut dyn Write) -> Result<(), Error> {

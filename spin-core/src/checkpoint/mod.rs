@@ -11,6 +11,7 @@ pub use io::{lookup, read_file, read_tensors, write_atomic, write_file, TensorMa
 
 use crate::base::SpinDtype;
 use crate::error::Error;
+use crate::models::{Plan, PLAN_KEY};
 use crate::nn::param::TimmKeys;
 use io::encode;
 use packed::{pack, unpack};
@@ -82,6 +83,7 @@ impl<M: TimmKeys + Clone> TimmCheckpoint for M {
     fn load_timm(&mut self, path: impl AsRef<Path>) -> Result<(), Error> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        check_plan(self, path, &bytes)?;
         load_tensors(self, path, &read_tensors(path, &bytes)?)
     }
 
@@ -142,11 +144,43 @@ pub fn save_keys<E: SpinDtype>(
                     .map_err(|e| Error::Invalid(format!("{key}: {e}", key = k)))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let bytes = safetensors::tensor::serialize(views, &None).map_err(|e| Error::Safetensors {
+        // The plan travels with the tensors; PyTorch's loaders ignore other metadata.
+        let metadata = model.plan_json().map(|plan| {
+            std::collections::HashMap::from([
+                (PLAN_KEY.to_string(), plan),
+                ("format".to_string(), "pt".to_string()),
+            ])
+        });
+        let bytes = safetensors::tensor::serialize(views, &metadata).map_err(|e| Error::Safetensors {
             path: path.into(),
             reason: e.to_string(),
         })?;
         write_atomic(path, &bytes)
+    }
+}
+
+/// Checks the plan a checkpoint carries (if any) against the model's: a mismatch is an error
+/// naming the field, before any tensor is compared.
+pub fn check_plan<M: TimmKeys + ?Sized>(model: &M, path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Safetensors {
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
+    let file = header.metadata().as_ref().and_then(|m| m.get(PLAN_KEY));
+    let (Some(file), Some(ours)) = (file, model.plan_json()) else {
+        return Ok(());
+    };
+    let file = Plan::from_json(file)
+        .map_err(|e| Error::Invalid(format!("{}: unreadable `{PLAN_KEY}`: {e}", path.display())))?;
+    let ours = Plan::from_json(&ours).map_err(Error::Invalid)?;
+    match ours.mismatch(&file) {
+        None => Ok(()),
+        Some((field, model_value, file_value)) => Err(Error::Invalid(format!(
+            "{}: the checkpoint is a {} model with {field} = {file_value}, but {} has {field} = {model_value}",
+            path.display(),
+            file.name,
+            ours.name
+        ))),
     }
 }
 

@@ -9,7 +9,7 @@ pub use self::image::{decode, preprocess};
 pub use formats::{check_cifar_batch, check_digits};
 
 use crate::error::Error;
-use crate::models::{Family, ModelInfo};
+pub use crate::models::DataConfig;
 use formats::{cifar_names, read_cifar_batch, read_digits, read_folder};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -17,71 +17,6 @@ use std::path::{Path, PathBuf};
 
 /// The digits set shipped inside spin (see `spin-core/data/README.md` for its attribution).
 pub const DIGITS_CSV_GZ: &[u8] = include_bytes!("../../data/digits.csv.gz");
-
-/// How a model expects its input: size, normalisation and the eval-time resize (timm's
-/// `resolve_data_config` for that model).
-#[derive(Clone, Debug, PartialEq)]
-pub struct DataConfig {
-    /// Input image side.
-    pub image: usize,
-    /// Per-channel mean subtracted after scaling to [0, 1].
-    pub mean: [f32; 3],
-    /// Per-channel standard deviation divided by.
-    pub std: [f32; 3],
-    /// Eval transform: resize the shorter side to image / crop_pct, then centre-crop.
-    pub crop_pct: f32,
-}
-
-impl DataConfig {
-    /// ImageNet's channel means.
-    pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-    /// ImageNet's channel standard deviations.
-    pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
-
-    /// ImageNet statistics at `image` with this eval crop.
-    pub fn imagenet(image: usize, crop_pct: f32) -> Self {
-        Self {
-            image,
-            mean: Self::IMAGENET_MEAN,
-            std: Self::IMAGENET_STD,
-            crop_pct,
-        }
-    }
-    /// How a model expects its input, as timm's data config would give it: ImageNet statistics
-    /// and crop (0.96 for ConvMixer, 0.875 for DeiT) at 224; CIFAR-10 statistics at 32; inputs
-    /// centred to [-1, 1] for the 8×8 digits members.
-    ///
-    /// ```
-    /// use spin_core::{data::DataConfig, Describe};
-    /// # use spin_core::prelude::*;
-    /// #[convmixer(dim = 16, kernel = 3, patch = 1, image = 8, classes = 10, depth = 2)]
-    /// struct Tiny;
-    /// assert_eq!(DataConfig::for_model(&Tiny::info()), DataConfig::centred(8));
-    /// ```
-    pub fn for_model(info: &ModelInfo) -> Self {
-        match (info.image, info.family) {
-            (8, _) => Self::centred(8),
-            (32, _) => Self {
-                image: 32,
-                mean: [0.4914, 0.4822, 0.4465],
-                std: [0.2470, 0.2435, 0.2616],
-                crop_pct: 1.0,
-            },
-            (img, Family::ConvMixer) => Self::imagenet(img, 0.96),
-            (img, Family::Vit) => Self::imagenet(img, 0.875),
-        }
-    }
-
-    /// Centred to [-1, 1], no crop: spin's config for the small built-in data.
-    pub fn centred(image: usize) -> Self {
-        Self {
-            image,
-            mean: [0.5; 3],
-            std: [0.5; 3],
-            crop_pct: 1.0,
-        }
-    }
-}
 
 /// A labelled image set, NCHW, normalised.
 #[derive(Clone, Debug, Default)]

@@ -1,7 +1,7 @@
 //! Loading a FiPS checkpoint whatever its rank and groups: they are read from the file (the
 //! shape of `fips.bases` and the values of `fips.block_group`), not taken from a declaration, so
 //! whatever `spin fips` writes can be evaluated at once.
-use crate::checkpoint::{load_tensors, lookup, read_tensors};
+use crate::checkpoint::{check_plan, load_tensors, lookup, read_tensors};
 use crate::error::Error;
 use crate::models::fips_mlps::FipsMlps;
 use crate::models::vit::{Vit, VitConfig};
@@ -51,7 +51,9 @@ pub fn load<C: VitConfig>(path: &Path) -> Result<Box<dyn Classifier>, Error> {
     let dev = Cpu::default();
     let mlps = FipsMlps::<C, f32, Cpu>::zeros(&dev, &group_of, groups, rank);
     let mut model = Vit::<C, f32, Cpu>::build(&dev).with_mlps(mlps);
-    // Checks every key, the masks against the values, and the group indices.
+    // The plan (family, sizes, groups, rank), then every key, the masks against the values, and
+    // the group indices.
+    check_plan(&model, path, &bytes)?;
     load_tensors(&mut model, path, &tensors)?;
     Ok(Box::new(Runner::new(model, dev)))
 }

@@ -1,4 +1,5 @@
 //! What a model is, for tables, the registry and the command line.
+use super::plan::{Arch, FipsPlanInfo};
 
 /// The two isotropic families spin knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -32,7 +33,7 @@ impl Family {
 /// assert!(info.compression() > 2.0); // eight pointwise convs stored as two
 /// assert_eq!(info.size_bytes(4), 4 * (info.params + info.buffers));
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ModelInfo {
     /// The member's name (`convmixer_768_32_ws2_sequential`).
     pub name: &'static str,
@@ -56,6 +57,12 @@ pub struct ModelInfo {
     pub dim: usize,
     /// Input image side.
     pub image: usize,
+    /// Patch size (ConvMixer's stem, ViT's patch embedding).
+    pub patch: usize,
+    /// The family's own arguments.
+    pub arch: Arch,
+    /// The FiPS compression of the MLPs, if any.
+    pub fips: Option<FipsPlanInfo>,
     /// Output classes.
     pub classes: usize,
     /// Parameters of the same model with nothing shared.
@@ -106,7 +113,8 @@ impl ModelInfo {
     pub(crate) fn declared(
         name: &'static str,
         family: Family,
-        (dim, image, classes): (usize, usize, usize),
+        (dim, image, classes, patch): (usize, usize, usize, usize),
+        arch: Arch,
         depth: usize,
         groups: usize,
         pattern: &str,
@@ -126,6 +134,9 @@ impl ModelInfo {
             dim,
             image,
             classes,
+            patch,
+            arch,
+            fips: None,
             unshared_params: 0,
             buffers: 0,
             mask_bytes: 0,

@@ -12,7 +12,7 @@
 //! The masks are applied in the forward pass, so a pruned entry has no effect and no gradient.
 pub use super::vit::FipsDecl;
 use super::vit::{VitConfig, VitMlps};
-use super::ModelInfo;
+use super::{FipsPlanInfo, ModelInfo};
 use crate::base::{Mat, SpinDtype};
 use crate::device::{fill_linear, SpinDevice};
 use crate::error::Error;
@@ -408,7 +408,16 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> VitMlps<C, E, D> for FipsMlps
         info.buffers += C::DEPTH;
         info.mask_bytes = mask_bytes(C::DEPTH, r, C::Hidden::SIZE);
         info.share = "fips";
-        info.pattern = format!("fips r{}", self.groups_and_rank().1);
+        info.pattern = format!("fips r{r}");
+        // The plan a FiPS model made at run time holds: its groups and rank are the storage's;
+        // budget and sparsity those of a declaration, or as measured.
+        let declared = C::FIPS.filter(|f| f.rank == r);
+        info.fips = Some(FipsPlanInfo {
+            groups: self.groups(),
+            budget: declared.map_or(self.params() as f64 / dense.max(1) as f64, |f| f.budget),
+            sparsity: declared.map_or(self.sparsity(), |f| f.sparsity),
+            rank: r,
+        });
     }
 }
 
@@ -423,6 +432,12 @@ pub fn info<C: VitConfig>() -> ModelInfo {
         i.mask_bytes = mask_bytes(C::DEPTH, f.rank, h);
         i.share = "fips";
         i.pattern = format!("fips r{}", f.rank);
+        i.fips = Some(FipsPlanInfo {
+            groups: f.groups.iter().map(|g| g.to_vec()).collect(),
+            budget: f.budget,
+            sparsity: f.sparsity,
+            rank: f.rank,
+        });
     }
     i
 }

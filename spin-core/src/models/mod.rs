@@ -83,9 +83,11 @@ macro_rules! typed_surface {
 pub mod convmixer;
 mod describe;
 pub mod fips_mlps;
+mod plan;
 pub mod vit;
 
 pub use describe::{Describe, Family, ModelInfo};
+pub use plan::{Arch, DataConfig, FipsPlanInfo, Plan, PLAN_KEY};
 
 /// A spin model with a runtime-shaped entry point (NCHW images in, logits out): what training,
 /// evaluation and the registry drive.

@@ -2,7 +2,7 @@
 //!
 //! patch embedding → prepend the cls token → add the position embedding → pre-norm blocks
 //! `x + attn(norm1(x))`, `x + mlp(norm2(x))` → final LayerNorm → cls-token pooling → head.
-use super::{Family, ModelInfo};
+use super::{Arch, Family, ModelInfo};
 use crate::base::{Mat, Nchw, SpinDtype};
 use crate::device::{buffer_keys, fill_linear, to_host, BlockCache, SpinDevice};
 use crate::kernels::blocks::{HostLinear, VitBlockHost};
@@ -97,7 +97,11 @@ pub fn info<C: VitConfig>() -> ModelInfo {
         ..ModelInfo::declared(
             C::NAME,
             Family::Vit,
-            (d, img, cls),
+            (d, img, cls, p),
+            Arch::Vit {
+                heads: C::HEADS,
+                mlp_ratio: h as f64 / d as f64,
+            },
             depth,
             groups,
             C::PATTERN,
@@ -457,6 +461,9 @@ typed_surface!(Vit, VitConfig, M: VitMlps);
 
 impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> TimmKeys for Vit<C, E, D, M> {
     type Elem = E;
+    fn plan_json(&self) -> Option<String> {
+        Some(super::Plan::from_info(&self.info()).to_json())
+    }
     fn timm_slots(&mut self) -> Vec<Slot<'_, E>> {
         let (s, sched) = (C::SHARE, C::SCHEDULE);
         let mut out = Vec::new();

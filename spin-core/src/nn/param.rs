@@ -78,6 +78,11 @@ pub trait TimmKeys {
     fn packed_slots(&mut self) -> Vec<PackedSlot<'_, Self::Elem>> {
         Vec::new()
     }
+    /// The model's plan as JSON (`crate::models::Plan`), written into every checkpoint and
+    /// checked against a checkpoint's on loading; `None` for a model without one.
+    fn plan_json(&self) -> Option<String> {
+        None
+    }
     /// Checks what keys and shapes cannot (FiPS masks, group indices); called on a loaded copy
     /// before the model is replaced by it.
     fn check_loaded(&self) -> Result<(), Error> {

@@ -1,0 +1,244 @@
+//! A member's plan: everything needed to rebuild it elsewhere — family and sizes, the schedule
+//! and granularity, the FiPS plan, the data config — as one JSON object. Every checkpoint spin
+//! writes carries it in its metadata under [`PLAN_KEY`], `spin zoo --format json` lists it for
+//! every member, and spin-torch builds the same model from it.
+use super::{Family, ModelInfo};
+use serde::{Deserialize, Serialize};
+
+/// The safetensors metadata key of the plan.
+pub const PLAN_KEY: &str = "spin.plan";
+
+/// How a model expects its input: size, normalisation and the eval-time resize (timm's
+/// `resolve_data_config` for that model).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DataConfig {
+    /// Input image side.
+    #[serde(rename = "size")]
+    pub image: usize,
+    /// Per-channel mean subtracted after scaling to [0, 1].
+    pub mean: [f32; 3],
+    /// Per-channel standard deviation divided by.
+    pub std: [f32; 3],
+    /// Eval transform: resize the shorter side to image / crop_pct, then centre-crop.
+    pub crop_pct: f32,
+    /// The eval resize's filter, as timm names it (`bicubic`, `bilinear`).
+    pub interpolation: String,
+}
+
+impl DataConfig {
+    /// ImageNet's channel means.
+    pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+    /// ImageNet's channel standard deviations.
+    pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+    /// ImageNet statistics at `image` with this eval crop.
+    pub fn imagenet(image: usize, crop_pct: f32) -> Self {
+        Self {
+            image,
+            mean: Self::IMAGENET_MEAN,
+            std: Self::IMAGENET_STD,
+            crop_pct,
+            interpolation: "bicubic".into(),
+        }
+    }
+    /// How a model expects its input, as timm's data config would give it: ImageNet statistics
+    /// and crop (0.96 for ConvMixer, 0.875 for DeiT) at 224; CIFAR-10 statistics at 32; inputs
+    /// centred to [-1, 1] for the 8×8 digits members.
+    ///
+    /// ```
+    /// use spin_core::{models::DataConfig, Describe};
+    /// # use spin_core::prelude::*;
+    /// #[convmixer(dim = 16, kernel = 3, patch = 1, image = 8, classes = 10, depth = 2)]
+    /// struct Tiny;
+    /// assert_eq!(DataConfig::for_model(&Tiny::info()), DataConfig::centred(8));
+    /// ```
+    pub fn for_model(info: &ModelInfo) -> Self {
+        match (info.image, info.family) {
+            (8, _) => Self::centred(8),
+            (32, _) => Self {
+                image: 32,
+                mean: [0.4914, 0.4822, 0.4465],
+                std: [0.2470, 0.2435, 0.2616],
+                crop_pct: 1.0,
+                interpolation: "bilinear".into(),
+            },
+            (img, Family::ConvMixer) => Self::imagenet(img, 0.96),
+            (img, Family::Vit) => Self::imagenet(img, 0.875),
+        }
+    }
+
+    /// Centred to [-1, 1], no crop: spin's config for the small built-in data.
+    pub fn centred(image: usize) -> Self {
+        Self {
+            image,
+            mean: [0.5; 3],
+            std: [0.5; 3],
+            crop_pct: 1.0,
+            interpolation: "bilinear".into(),
+        }
+    }
+}
+
+/// A FiPS compression as a plan states it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FipsPlanInfo {
+    /// The blocks that share each basis.
+    pub groups: Vec<Vec<usize>>,
+    /// The fraction of the MLP weights kept.
+    pub budget: f64,
+    /// The fraction of the factors' entries pruned.
+    pub sparsity: f64,
+    /// The rank of every basis.
+    pub rank: usize,
+}
+
+/// The family-specific arguments of a declaration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Arch {
+    /// A ConvMixer's.
+    ConvMixer {
+        /// Depthwise kernel size.
+        kernel: usize,
+        /// `gelu` or `relu`.
+        act: String,
+        /// `timm` or `spin` (SPIN's residual around the pointwise part).
+        variant: String,
+    },
+    /// A ViT's.
+    Vit {
+        /// Attention heads.
+        heads: usize,
+        /// MLP hidden width over the embedding width.
+        mlp_ratio: f64,
+    },
+}
+
+/// A member's plan (see the module docs).
+///
+/// ```
+/// use spin_core::models::Plan;
+/// use spin_core::prelude::*;
+///
+/// #[convmixer(dim = 32, kernel = 5, patch = 2, image = 16, classes = 10, act = relu)]
+/// #[shared_blocks(depth = 4, groups = 2, pattern = strided)]
+/// struct Shared;
+///
+/// let plan = Plan::from_info(&Shared::info());
+/// let json = plan.to_json();
+/// assert!(json.contains("\"schedule\":[0,1,0,1]") && json.contains("\"act\":\"relu\""));
+/// assert_eq!(Plan::from_json(&json).unwrap(), plan);
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// The member's name.
+    pub name: String,
+    /// `convmixer` or `vit`.
+    pub family: String,
+    /// Channels or embedding width.
+    pub dim: usize,
+    /// Blocks.
+    pub depth: usize,
+    /// Patch size.
+    pub patch: usize,
+    /// Input image side.
+    pub image: usize,
+    /// Output classes.
+    pub classes: usize,
+    /// The family's own arguments.
+    #[serde(flatten)]
+    pub arch: Arch,
+    /// Parameter groups.
+    pub groups: usize,
+    /// The sharing pattern's name.
+    pub pattern: String,
+    /// The group of every block.
+    pub schedule: Vec<usize>,
+    /// What the blocks of a group share (`none` when nothing is).
+    pub share: String,
+    /// The FiPS compression of the MLPs, if any.
+    pub fips: Option<FipsPlanInfo>,
+    /// The input the model expects.
+    pub data: DataConfig,
+    /// Unique trainable parameters.
+    pub params: usize,
+    /// Multiply-accumulates per image.
+    pub macs: u64,
+}
+
+impl Plan {
+    /// The plan of a described model.
+    pub fn from_info(info: &ModelInfo) -> Self {
+        Self {
+            name: info.name.into(),
+            family: info.family.name().into(),
+            dim: info.dim,
+            depth: info.depth,
+            patch: info.patch,
+            image: info.image,
+            classes: info.classes,
+            arch: info.arch.clone(),
+            groups: info.groups,
+            pattern: info.pattern.clone(),
+            schedule: info.schedule.clone(),
+            share: info.share.into(),
+            fips: info.fips.clone(),
+            data: DataConfig::for_model(info),
+            params: info.params,
+            macs: info.macs,
+        }
+    }
+
+    /// The plan as one line of JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// A plan from JSON; the error says what is malformed.
+    pub fn from_json(s: &str) -> Result<Self, String> {
+        serde_json::from_str(s).map_err(|e| e.to_string())
+    }
+
+    /// The first field that makes a model of this plan unable to hold a checkpoint of `other`
+    /// (the name, parameter counts and data config may differ): `(field, ours, theirs)`.
+    pub fn mismatch(&self, other: &Plan) -> Option<(String, String, String)> {
+        let (a, b) = (
+            serde_json::to_value(self).ok()?,
+            serde_json::to_value(other).ok()?,
+        );
+        const FIELDS: &[&str] = &[
+            "family",
+            "dim",
+            "depth",
+            "patch",
+            "image",
+            "classes",
+            "kernel",
+            "act",
+            "variant",
+            "heads",
+            "mlp_ratio",
+            "schedule",
+            "share",
+            "fips",
+        ];
+        // A FiPS model's budget and sparsity describe it; its groups and rank fix its tensors.
+        let fips = |p: &serde_json::Value| (p["fips"]["groups"].clone(), p["fips"]["rank"].clone());
+        FIELDS.iter().find_map(|&f| {
+            let (x, y) = match f {
+                "fips" => (serde_json::json!(fips(&a)), serde_json::json!(fips(&b))),
+                _ => (a[f].clone(), b[f].clone()),
+            };
+            (x != y).then(|| (f.to_string(), x.to_string(), y.to_string()))
+        })
+    }
+}
+
+impl Family {
+    /// The family called `name` (`convmixer`, `vit`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Family::ConvMixer, Family::Vit]
+            .into_iter()
+            .find(|f| f.name() == name)
+    }
+}
