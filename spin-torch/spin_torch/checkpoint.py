@@ -86,7 +86,7 @@ def load(model: torch.nn.Module, path: str | os.PathLike) -> None:
         if mismatch:
             field, ours, theirs = mismatch
             raise ValueError(
-                f"{path}: the checkpoint is a {plan['name']} model with {field} = {theirs}, "
+                f"{path}: the checkpoint is {plan['name']} with {field} = {theirs}, "
                 f"but {model.spin_plan['name']} has {field} = {ours}"
             )
     state = model.state_dict()
@@ -118,15 +118,32 @@ def load(model: torch.nn.Module, path: str | os.PathLike) -> None:
 
 
 STRUCTURAL = ["family", "dim", "depth", "patch", "image", "classes", "kernel", "act", "variant",
-              "heads", "mlp_ratio", "schedule", "share"]
+              "heads", "mlp_ratio"]
+
+# The block parts each granularity shares: "a" (depthwise conv / attention), "b" (pointwise conv /
+# MLP), "norms" — as spin-rules' ConvMixerShare and VitShare say.
+SHARED_PARTS = {
+    "convmixer": {"none": set(), "pointwise": {"b"}, "depthwise": {"a"}, "both": {"a", "b"},
+                  "block": {"a", "b", "norms"}},
+    "vit": {"none": set(), "fips": set(), "attn": {"a"}, "mlp": {"b"}, "attn_mlp": {"a", "b"},
+            "all": {"a", "b", "norms"}},
+}
+
+
+def _ties(plan: dict, part: str, i: int, j: int) -> bool:
+    shared = SHARED_PARTS[plan["family"]].get(plan["share"], set())
+    return part in shared and plan["schedule"][i] == plan["schedule"][j]
 
 
 def plan_mismatch(ours: dict, theirs: dict):
     """The first field that keeps a model of plan ``ours`` from holding a checkpoint of
-    ``theirs``, as ``(field, ours, theirs)``, or None (spin's ``Plan::mismatch``)."""
+    ``theirs``, as ``(field, ours, theirs)``, or None — spin's ``Plan::mismatch``: sizes must
+    agree; sharing may differ as long as the model ties no two layers the checkpoint keeps apart
+    (a checkpoint holds every layer's copy, so an unshared model loads a shared one)."""
     for field in STRUCTURAL:
         if ours.get(field) != theirs.get(field):
             return field, ours.get(field), theirs.get(field)
+
     # A FiPS model's budget and sparsity describe it; its groups and rank fix its tensors.
     def fips(plan):
         f = plan.get("fips") or {}
@@ -134,4 +151,11 @@ def plan_mismatch(ours: dict, theirs: dict):
 
     if fips(ours) != fips(theirs):
         return "fips", ours.get("fips"), theirs.get("fips")
+    depth = ours["depth"]
+    for part in ("a", "b", "norms"):
+        for i in range(depth):
+            for j in range(i + 1, depth):
+                if _ties(ours, part, i, j) and not _ties(theirs, part, i, j):
+                    return ("schedule", f"{ours['schedule']} ({ours['share']})",
+                            f"{theirs['schedule']} ({theirs['share']})")
     return None

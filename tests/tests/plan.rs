@@ -66,6 +66,10 @@ fn a_declared_model_type_checks_plans_too() {
         .load_timm(&path)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("schedule = [0,1,0,1]"), "{err}");
+    assert!(err.contains("schedule = [0, 1, 0, 1] (pointwise)"), "{err}");
+    // Untying is fine: an unshared model of the same sizes loads the shared checkpoint.
+    #[convmixer(dim = 8, kernel = 3, patch = 2, image = 8, classes = 3, depth = 4)]
+    struct Unshared;
+    dev.build_module::<Unshared, f32>().load_timm(&path).unwrap();
     std::fs::remove_file(path).unwrap();
 }

@@ -38,11 +38,9 @@ fn config() -> TrainConfig {
 
 fn options(dir: &Path, resume: bool) -> RunOptions {
     RunOptions {
-        dir: dir.to_path_buf(),
         resume,
-        stop_after: None,
-        save_dtype: Default::default(),
         eval_batch: 64,
+        ..RunOptions::new(dir)
     }
 }
 
@@ -103,6 +101,31 @@ fn a_run_killed_between_state_and_checkpoint_resumes_bit_for_bit() {
     let before = read(&broken, "state.safetensors");
     train(&broken, true, None).unwrap();
     assert!(before == read(&broken, "state.safetensors"));
+    // Resuming with other settings is refused, naming the setting, unless overridden.
+    let (tr, te) = small_digits();
+    let mut model = zoo::build(MEMBER, 0).unwrap();
+    let other = TrainConfig {
+        lr: 0.5,
+        epochs: 4,
+        ..config()
+    };
+    let err = train::run(
+        model.as_mut(),
+        &tr,
+        &te,
+        &other,
+        &options(&broken, true),
+        &mut |_| Ok(()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("started with --epochs 3, not 4"), "{err}");
+    let overridden = RunOptions {
+        override_settings: true,
+        ..options(&broken, true)
+    };
+    let r = train::run(model.as_mut(), &tr, &te, &other, &overridden, &mut |_| Ok(())).unwrap();
+    assert_eq!(r.epochs_run, 1);
     // Another member cannot resume this run.
     let (tr, te) = small_digits();
     let mut other = zoo::build("digits_convmixer_64_8", 0).unwrap();
@@ -117,6 +140,12 @@ fn a_run_killed_between_state_and_checkpoint_resumes_bit_for_bit() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("trains digits_convmixer_64_8_ws4_strided"), "{err}");
+    // Nor start over in its directory without --override.
+    let fresh = RunOptions::new(&broken);
+    let err = train::run(other.as_mut(), &tr, &te, &config(), &fresh, &mut |_| Ok(()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("choose another directory"), "{err}");
     for d in [whole, broken] {
         let _ = std::fs::remove_dir_all(d);
     }

@@ -275,9 +275,16 @@ pub struct TrainArgs {
     /// Run directory (state.safetensors, checkpoint.safetensors, metrics.csv); default `runs/MODEL`.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Continue the run in --out from its last completed epoch.
+    /// Continue the run in --out from its last completed epoch (with the settings it was started
+    /// with, unless --override).
     #[arg(long)]
     pub resume: bool,
+    /// Resume with changed settings, or start over a directory that holds another member's run.
+    #[arg(long = "override")]
+    pub override_settings: bool,
+    /// After training, print the summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
     /// Stop after this many epochs of the schedule (resume later with --resume): splits a run of
     /// --epochs into sessions without changing its learning-rate schedule.
     #[arg(long, value_parser = count)]
@@ -300,9 +307,9 @@ pub struct TrainArgs {
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// The zoo member the weights belong to.
+    /// The zoo member the weights belong to (default: the one the checkpoint's plan names).
     #[arg(long)]
-    pub model: String,
+    pub model: Option<String>,
     /// The checkpoint (timm layout, safetensors).
     #[arg(long)]
     pub weights: PathBuf,
@@ -316,13 +323,16 @@ pub struct EvalArgs {
     /// (with the model's plan), e.g. to check another implementation against spin.
     #[arg(long)]
     pub dump_logits: Option<PathBuf>,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
 pub struct PredictArgs {
-    /// The zoo member the weights belong to.
+    /// The zoo member the weights belong to (default: the one the checkpoint's plan names).
     #[arg(long)]
-    pub model: String,
+    pub model: Option<String>,
     /// The checkpoint (timm layout, safetensors).
     #[arg(long)]
     pub weights: PathBuf,

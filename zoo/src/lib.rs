@@ -20,6 +20,7 @@ pub use spin_core::prelude::{convmixer, fips, shared_blocks, vit};
 pub mod args;
 pub mod bench;
 pub mod cli;
+pub mod fips_cmd;
 pub mod report;
 
 /// Builds a fusion-aware trainer with a reduction.
@@ -314,6 +315,21 @@ pub fn load(name: &str, weights: &std::path::Path) -> Result<Box<dyn Classifier>
     let mut m = (member.build)(0);
     m.load_timm(weights)?;
     Ok(m)
+}
+
+/// The member a command works on: `model` when given, else the one the checkpoint's plan names.
+pub fn member_name(model: Option<&str>, weights: &std::path::Path) -> Result<String, Error> {
+    if let Some(m) = model {
+        return Ok(m.to_string());
+    }
+    let bytes = std::fs::read(weights).map_err(|e| Error::io(weights, e))?;
+    let plan = spin_core::checkpoint::read_plan(weights, &bytes)?;
+    plan.map(|p| p.name).ok_or_else(|| {
+        Error::Invalid(format!(
+            "{}: the checkpoint names no member (no spin plan in it); give --model",
+            weights.display()
+        ))
+    })
 }
 
 /// Builds a member by name, with parameters initialised from `seed`.

@@ -144,13 +144,11 @@ pub fn save_keys<E: SpinDtype>(
                     .map_err(|e| Error::Invalid(format!("{key}: {e}", key = k)))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        // The plan travels with the tensors; PyTorch's loaders ignore other metadata.
-        let metadata = model.plan_json().map(|plan| {
-            std::collections::HashMap::from([
-                (PLAN_KEY.to_string(), plan),
-                ("format".to_string(), "pt".to_string()),
-            ])
-        });
+        // The plan travels with the tensors (PyTorch's loaders ignore metadata). One key, so the
+        // header, and with it the file, is the same byte for byte for the same model.
+        let metadata = model
+            .plan_json()
+            .map(|plan| std::collections::HashMap::from([(PLAN_KEY.to_string(), plan)]));
         let bytes = safetensors::tensor::serialize(views, &metadata).map_err(|e| Error::Safetensors {
             path: path.into(),
             reason: e.to_string(),
@@ -159,24 +157,34 @@ pub fn save_keys<E: SpinDtype>(
     }
 }
 
-/// Checks the plan a checkpoint carries (if any) against the model's: a mismatch is an error
-/// naming the field, before any tensor is compared.
-pub fn check_plan<M: TimmKeys + ?Sized>(model: &M, path: &Path, bytes: &[u8]) -> Result<(), Error> {
+/// The plan a checkpoint carries, if any (`bytes` is the file, `path` names it in errors).
+pub fn read_plan(path: &Path, bytes: &[u8]) -> Result<Option<Plan>, Error> {
     let (_, header) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Safetensors {
         path: path.into(),
         reason: e.to_string(),
     })?;
-    let file = header.metadata().as_ref().and_then(|m| m.get(PLAN_KEY));
-    let (Some(file), Some(ours)) = (file, model.plan_json()) else {
+    header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(PLAN_KEY))
+        .map(|p| {
+            Plan::from_json(p)
+                .map_err(|e| Error::Invalid(format!("{}: unreadable `{PLAN_KEY}`: {e}", path.display())))
+        })
+        .transpose()
+}
+
+/// Checks the plan a checkpoint carries (if any) against the model's: a mismatch is an error
+/// naming the field, before any tensor is compared.
+pub fn check_plan<M: TimmKeys + ?Sized>(model: &M, path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let (Some(file), Some(ours)) = (read_plan(path, bytes)?, model.plan_json()) else {
         return Ok(());
     };
-    let file = Plan::from_json(file)
-        .map_err(|e| Error::Invalid(format!("{}: unreadable `{PLAN_KEY}`: {e}", path.display())))?;
     let ours = Plan::from_json(&ours).map_err(Error::Invalid)?;
     match ours.mismatch(&file) {
         None => Ok(()),
         Some((field, model_value, file_value)) => Err(Error::Invalid(format!(
-            "{}: the checkpoint is a {} model with {field} = {file_value}, but {} has {field} = {model_value}",
+            "{}: the checkpoint is {} with {field} = {file_value}, but {} has {field} = {model_value}",
             path.display(),
             file.name,
             ours.name

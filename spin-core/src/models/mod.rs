@@ -85,6 +85,7 @@ mod describe;
 pub mod fips_mlps;
 mod plan;
 pub mod vit;
+mod vit_config;
 
 pub use describe::{Describe, Family, ModelInfo};
 pub use plan::{Arch, DataConfig, FipsPlanInfo, Plan, PLAN_KEY};

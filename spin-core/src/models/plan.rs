@@ -4,6 +4,7 @@
 //! every member, and spin-torch builds the same model from it.
 use super::{Family, ModelInfo};
 use serde::{Deserialize, Serialize};
+use spin_rules::{ConvMixerShare, VitShare};
 
 /// The safetensors metadata key of the plan.
 pub const PLAN_KEY: &str = "spin.plan";
@@ -201,6 +202,10 @@ impl Plan {
 
     /// The first field that makes a model of this plan unable to hold a checkpoint of `other`
     /// (the name, parameter counts and data config may differ): `(field, ours, theirs)`.
+    ///
+    /// Sharing may differ where it does not matter: a checkpoint holds every layer's copy of a
+    /// shared tensor, so a model that ties fewer layers (an unshared one, say) loads it; a model
+    /// that ties two layers the checkpoint keeps apart does not (`schedule`).
     pub fn mismatch(&self, other: &Plan) -> Option<(String, String, String)> {
         let (a, b) = (
             serde_json::to_value(self).ok()?,
@@ -218,19 +223,55 @@ impl Plan {
             "variant",
             "heads",
             "mlp_ratio",
-            "schedule",
-            "share",
             "fips",
         ];
         // A FiPS model's budget and sparsity describe it; its groups and rank fix its tensors.
         let fips = |p: &serde_json::Value| (p["fips"]["groups"].clone(), p["fips"]["rank"].clone());
-        FIELDS.iter().find_map(|&f| {
+        let differs = FIELDS.iter().find_map(|&f| {
             let (x, y) = match f {
                 "fips" => (serde_json::json!(fips(&a)), serde_json::json!(fips(&b))),
                 _ => (a[f].clone(), b[f].clone()),
             };
             (x != y).then(|| (f.to_string(), x.to_string(), y.to_string()))
+        });
+        differs.or_else(|| {
+            let tied_apart = (0..self.depth).any(|i| {
+                (i + 1..self.depth).any(|j| {
+                    self.shared_parts()
+                        .iter()
+                        .any(|&part| self.ties(part, i, j) && !other.ties(part, i, j))
+                })
+            });
+            tied_apart.then(|| {
+                let show = |p: &Plan| format!("{:?} ({})", p.schedule, p.share);
+                ("schedule".to_string(), show(self), show(other))
+            })
         })
+    }
+
+    /// The block parts this plan shares across the layers of a group, by a name common to both
+    /// families' granularities: `a` (depthwise conv / attention), `b` (pointwise conv / MLP),
+    /// `norms`.
+    fn shared_parts(&self) -> Vec<&'static str> {
+        let (a, b, norms) = match self.family.as_str() {
+            "convmixer" => match spin_rules::parse_name(ConvMixerShare::NAMES, "share", &self.share) {
+                Ok(s) => (s.depthwise(), s.pointwise(), s.norms()),
+                Err(_) => (false, false, false),
+            },
+            _ => match spin_rules::parse_name(VitShare::NAMES, "share", &self.share) {
+                Ok(s) => (s.attn(), s.mlp(), s.norms()),
+                Err(_) => (false, false, false),
+            },
+        };
+        [(a, "a"), (b, "b"), (norms, "norms")]
+            .into_iter()
+            .filter_map(|(on, part)| on.then_some(part))
+            .collect()
+    }
+
+    /// Whether layers `i` and `j` use one stored copy of `part`.
+    fn ties(&self, part: &str, i: usize, j: usize) -> bool {
+        self.shared_parts().contains(&part) && self.schedule.get(i) == self.schedule.get(j)
     }
 }
 

@@ -16,6 +16,7 @@ use super::optim::AdamW;
 use crate::checkpoint::{read_file, write_atomic, write_file, StorageDtype, TensorMap};
 use crate::data::Dataset;
 use crate::error::Error;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -43,6 +44,42 @@ pub struct RunOptions {
     pub save_dtype: StorageDtype,
     /// Images per evaluation batch.
     pub eval_batch: usize,
+    /// What else the run depends on, by name (the data set, …), recorded with the run: resuming
+    /// with different values, or with another [`TrainConfig`], is refused unless `override_settings`.
+    pub settings: Vec<(String, String)>,
+    /// Resume even if the settings changed, and start over a directory that holds another
+    /// member's run.
+    pub override_settings: bool,
+}
+
+impl RunOptions {
+    /// Options for a run in `dir` with the defaults: a fresh run, to the end, f32 checkpoints.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            resume: false,
+            stop_after: None,
+            save_dtype: StorageDtype::F32,
+            eval_batch: 256,
+            settings: Vec::new(),
+            override_settings: false,
+        }
+    }
+}
+
+/// Every setting a run is recorded with: the training config's and the caller's.
+fn settings(cfg: &TrainConfig, extra: &[(String, String)]) -> BTreeMap<String, String> {
+    let mut s = BTreeMap::from([
+        ("epochs".to_string(), cfg.epochs.to_string()),
+        ("batch".to_string(), cfg.batch.to_string()),
+        ("lr".to_string(), cfg.lr.to_string()),
+        ("weight-decay".to_string(), cfg.weight_decay.to_string()),
+        ("label-smoothing".to_string(), cfg.label_smoothing.to_string()),
+        ("clip".to_string(), cfg.clip.map_or("0".into(), |c| c.to_string())),
+        ("seed".to_string(), cfg.seed.to_string()),
+    ]);
+    s.extend(extra.iter().cloned());
+    s
 }
 
 /// One finished epoch, as `metrics.csv` records it.
@@ -112,7 +149,7 @@ pub enum Event<'a> {
 }
 
 /// What a finished (or paused) run reports.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct TrainResult {
     /// The member trained.
     pub name: String,
@@ -145,6 +182,8 @@ pub struct RunState {
     pub tensors: TensorMap,
     /// `metrics.csv`'s rows so far, without the header.
     pub metrics: Vec<String>,
+    /// The settings the run was started with (see [`RunOptions::settings`]).
+    pub settings: BTreeMap<String, String>,
 }
 
 impl RunState {
@@ -178,12 +217,17 @@ impl RunState {
             .into_iter()
             .filter_map(|(k, v)| Some((k.strip_prefix("model.")?.to_string(), v)))
             .collect();
+        let settings = meta
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("spin.setting.")?.to_string(), v.clone())))
+            .collect();
         Ok(Self {
             model: model.clone(),
             epochs_done,
             optimizer,
             tensors,
             metrics,
+            settings,
         })
     }
 
@@ -198,6 +242,11 @@ impl RunState {
             ("spin.epochs_done".to_string(), self.epochs_done.to_string()),
             ("spin.metrics".to_string(), self.metrics.join("\n")),
         ]);
+        meta.extend(
+            self.settings
+                .iter()
+                .map(|(k, v)| (format!("spin.setting.{k}"), v.clone())),
+        );
         // F32: the training model and the optimiser are f32, so the state restores bit for bit.
         write_file(&dir.join(STATE_FILE), &tensors, StorageDtype::F32, &meta)
     }
@@ -218,26 +267,50 @@ pub fn run(
     let dir = &opts.dir;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let t0 = Instant::now();
-    let mut state = if opts.resume {
-        let state = RunState::load(dir)?;
-        if state.model != info.name {
+    let wanted = settings(cfg, &opts.settings);
+    let existing = dir
+        .join(STATE_FILE)
+        .exists()
+        .then(|| RunState::load(dir))
+        .transpose()?;
+    let mut state = match existing {
+        Some(state) if state.model != info.name && !opts.override_settings => {
             return Err(Error::Invalid(format!(
-                "{}: the run there trains {}, not {}",
+                "{}: the run there trains {}, not {}; choose another directory (or --override to start over)",
                 dir.display(),
                 state.model,
                 info.name
-            )));
+            )))
         }
-        model.load_state_tensors(&dir.join(STATE_FILE), &state.tensors)?;
-        state
-    } else {
-        RunState {
+        Some(mut state) if opts.resume => {
+            if let Some((k, old)) = state.settings.iter().find(|(k, v)| wanted.get(*k) != Some(*v)) {
+                if !opts.override_settings {
+                    let new = wanted.get(k).map_or("nothing", String::as_str);
+                    return Err(Error::Invalid(format!(
+                        "{}: the run was started with --{k} {old}, not {new}; resume with the same \
+                         settings, or pass --override to continue with the new ones",
+                        dir.display()
+                    )));
+                }
+            }
+            model.load_state_tensors(&dir.join(STATE_FILE), &state.tensors)?;
+            state.settings = wanted;
+            state
+        }
+        None if opts.resume => {
+            return Err(Error::Invalid(format!(
+                "{}: no run to resume here (no {STATE_FILE}); start one without --resume",
+                dir.display()
+            )))
+        }
+        _ => RunState {
             model: info.name.to_string(),
             epochs_done: 0,
             optimizer: AdamW::new(cfg.weight_decay),
             tensors: TensorMap::new(),
             metrics: Vec::new(),
-        }
+            settings: wanted,
+        },
     };
     let start = state.epochs_done;
     let mut initial = None;
