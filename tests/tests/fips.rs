@@ -260,9 +260,13 @@ fn checkpoints_round_trip_under_clear_keys_and_are_checked() {
     assert!(err.contains("fips.block_group[1] = 5"), "{err}");
     assert_eq!(loaded.mlp.layers[2].v1.as_vec(), before);
 
-    // A dense checkpoint is not a FiPS one: the missing key is named.
+    // A dense checkpoint is not a FiPS one: its plan says so (a file without a plan would be
+    // refused by the missing key `fips.bases`).
     let err = loaded.load_timm(&dense_path).unwrap_err().to_string();
-    assert!(err.contains("fips.bases"), "{err}");
+    assert!(
+        err.contains("with fips = none, but TinyFips has fips = groups [[0, 1], [2, 3]]"),
+        "{err}"
+    );
 }
 
 #[test]

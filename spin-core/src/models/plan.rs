@@ -226,13 +226,16 @@ impl Plan {
             "fips",
         ];
         // A FiPS model's budget and sparsity describe it; its groups and rank fix its tensors.
-        let fips = |p: &serde_json::Value| (p["fips"]["groups"].clone(), p["fips"]["rank"].clone());
+        let fips = |p: &Plan| match &p.fips {
+            None => "none".to_string(),
+            Some(f) => format!("groups {:?} at rank {}", f.groups, f.rank),
+        };
         let differs = FIELDS.iter().find_map(|&f| {
             let (x, y) = match f {
-                "fips" => (serde_json::json!(fips(&a)), serde_json::json!(fips(&b))),
-                _ => (a[f].clone(), b[f].clone()),
+                "fips" => (fips(self), fips(other)),
+                _ => (a[f].to_string(), b[f].to_string()),
             };
-            (x != y).then(|| (f.to_string(), x.to_string(), y.to_string()))
+            (x != y).then(|| (f.to_string(), x, y))
         });
         differs.or_else(|| {
             let tied_apart = (0..self.depth).any(|i| {
