@@ -2,7 +2,7 @@
 use crate::report::{self, Format, Row};
 use crate::{data_config, find, DIGITS_COMPARISON, MEMBERS};
 use clap::Parser;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use spin_core::checkpoint::{write_file, StorageDtype, TensorMap};
 use spin_core::data;
 use spin_core::data::Dataset;
@@ -16,6 +16,7 @@ use std::time::Instant;
 
 pub use crate::args::*;
 pub use crate::fips_cmd::fips;
+use crate::ui::{io, progress};
 
 /// Runs the command line; returns the process exit code.
 pub fn main() -> i32 {
@@ -96,10 +97,6 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), Error> {
     }
 }
 
-pub(crate) fn io(e: std::io::Error) -> Error {
-    Error::io("<output>", e)
-}
-
 /// `spin zoo`: the members as a table, CSV, or (`--format json`) their plans, the objects every
 /// checkpoint carries.
 pub fn zoo(a: &ZooArgs, out: &mut dyn Write) -> Result<(), Error> {
@@ -121,21 +118,6 @@ pub fn zoo(a: &ZooArgs, out: &mut dyn Write) -> Result<(), Error> {
     }
     let rows: Vec<Row> = infos.iter().map(Row::from_info).collect();
     report::zoo_table(&rows, a.format, a.wide, out).map_err(io)
-}
-
-pub(crate) fn progress(steps: usize, prefix: String, quiet: bool) -> ProgressBar {
-    let pb = if quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(steps as u64)
-    };
-    pb.set_style(
-        ProgressStyle::with_template("{prefix:>28} [{bar:24}] {pos:>3}/{len} {msg}")
-            .unwrap()
-            .progress_chars("=> "),
-    );
-    pb.set_prefix(prefix);
-    pb
 }
 
 /// `spin train`: builds the member (from scratch, fused from `--init-from`, or fusion-aware),

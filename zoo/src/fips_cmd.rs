@@ -1,7 +1,7 @@
 //! `spin fips`: FiPS compression of a trained ViT from the command line.
 use crate::args::FipsArgs;
-use crate::cli::{io, progress};
 use crate::report::{self, FipsResult};
+use crate::ui::{io, progress};
 use crate::{data_config, find};
 use indicatif::ProgressBar;
 use spin_core::data;

@@ -22,6 +22,7 @@ pub mod bench;
 pub mod cli;
 pub mod fips_cmd;
 pub mod report;
+pub mod ui;
 
 /// Builds a fusion-aware trainer with a reduction.
 pub type FusionBuilder = fn(u64, Reduction) -> Box<dyn Classifier>;
