@@ -111,6 +111,9 @@ def load(model: torch.nn.Module, path: str | os.PathLike) -> None:
             raise KeyError(f"{path}: missing tensor `{key}`")
         else:
             loaded[key] = tensors[key].to(target.dtype)
+    unexpected = [k for k in tensors if k not in state and not k.endswith("num_batches_tracked")]
+    if unexpected:
+        raise KeyError(f"{path}: unexpected tensor `{unexpected[0]}`; this model has no such parameter")
     for key, value in loaded.items():
         if tuple(value.shape) != tuple(state[key].shape):
             raise ValueError(f"{path}: `{key}` has shape {tuple(value.shape)}, the model expects {tuple(state[key].shape)}")

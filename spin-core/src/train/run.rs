@@ -118,7 +118,8 @@ impl EpochRecord {
     }
 }
 
-/// What a run reports as it goes; an error returned from the observer stops the run there.
+/// What a run reports as it goes. An error returned from the observer stops the run: at once, or
+/// for [`Event::Step`] at the end of that epoch, before anything of it is written.
 #[derive(Debug)]
 pub enum Event<'a> {
     /// Test loss and accuracy before the first epoch of a fresh run.
