@@ -269,11 +269,12 @@ pub fn run(
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let t0 = Instant::now();
     let wanted = settings(cfg, &opts.settings);
-    let existing = dir
-        .join(STATE_FILE)
-        .exists()
-        .then(|| RunState::load(dir))
-        .transpose()?;
+    // A state that cannot be read matters only to a resume; a fresh run replaces it.
+    let existing = match dir.join(STATE_FILE).exists() {
+        false => None,
+        true if opts.resume => Some(RunState::load(dir)?),
+        true => RunState::load(dir).ok(),
+    };
     let mut state = match existing {
         Some(state) if state.model != info.name && !opts.override_settings => {
             return Err(Error::Invalid(format!(
