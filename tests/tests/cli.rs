@@ -343,15 +343,74 @@ fn folder_reader_uses_one_directory_per_class() {
     assert_eq!(s.train.len() + s.test.len(), 15);
     assert_eq!(s.train.classes, 3);
     assert_eq!(s.train.class_names, ["class_0", "class_1", "class_2"]);
-    // An undecodable image is named.
+    // An undecodable image and a file that is no image are skipped and listed; with `strict`
+    // the undecodable one is named in the error.
     std::fs::write(dir.join("class_1").join("broken.png"), b"\x89PNG garbage").unwrap();
-    let err = data::load(&DataSpec::Folder(dir), &cfg).unwrap_err();
+    std::fs::write(dir.join("class_1").join("notes.txt"), b"not an image").unwrap();
+    let s = data::load(&DataSpec::Folder(dir.clone()), &cfg).unwrap();
+    assert_eq!(s.train.len() + s.test.len(), 15);
+    assert_eq!(s.skipped.len(), 2, "{:?}", s.skipped);
+    let err = data::load_with(&DataSpec::Folder(dir), &cfg, true).unwrap_err();
     assert!(
         matches!(&err, Error::Image { path, .. } if path.ends_with("broken.png")),
         "{err}"
     );
     let err = data::load(&DataSpec::Folder("/nonexistent/spin".into()), &cfg).unwrap_err();
     assert!(matches!(err, Error::Io { .. }));
+}
+
+#[test]
+fn image_folders_with_train_and_val_mixed_formats_and_empty_classes() {
+    let dir = scratch("image-folder");
+    write_folder(&dir.join("train"), 3, 4);
+    write_folder(&dir.join("val"), 3, 2);
+    // Another format and a non-square size in one class.
+    let img = image::RgbImage::from_fn(20, 9, |x, _| image::Rgb([x as u8 * 10, 0, 0]));
+    img.save(dir.join("train/class_2/wide.bmp")).unwrap();
+    let cfg = DataConfig::centred(8);
+    let s = data::load(&DataSpec::Folder(dir.clone()), &cfg).unwrap();
+    assert_eq!((s.train.len(), s.test.len()), (13, 6));
+    assert_eq!(s.test.class_names, ["class_0", "class_1", "class_2"]);
+    assert!(s.skipped.is_empty());
+    // A class whose images sit in a sub-folder has none: the error names it.
+    let nested = dir.join("val/class_3/more");
+    std::fs::create_dir_all(&nested).unwrap();
+    let img = image::RgbImage::from_fn(8, 8, |_, _| image::Rgb([1, 2, 3]));
+    img.save(nested.join("0.png")).unwrap();
+    let err = data::load(&DataSpec::Folder(dir.clone()), &cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("class_3") && err.contains("no readable image"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(dir.join("val/class_3")).unwrap();
+    // A val/ with other classes than train/ is refused.
+    write_folder(&dir.join("val2"), 2, 1);
+    std::fs::rename(dir.join("val"), dir.join("val_ok")).unwrap();
+    std::fs::rename(dir.join("val2"), dir.join("val")).unwrap();
+    let err = data::load(&DataSpec::Folder(dir.clone()), &cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("different classes"), "{err}");
+    // A folder with fewer classes than the member has outputs trains (with a warning on stderr).
+    std::fs::remove_dir_all(dir.join("val")).unwrap();
+    std::fs::rename(dir.join("val_ok"), dir.join("val")).unwrap();
+    let data = format!("folder:{}", dir.display());
+    let out = run(&[
+        "train",
+        "--model",
+        "digits_vit_64_6",
+        "--data",
+        &data,
+        "--epochs",
+        "1",
+        "--out",
+        &dir.join("run").display().to_string(),
+        "--quiet",
+    ])
+    .unwrap();
+    assert!(out.contains("13 train / 6 test images"), "{out}");
 }
 
 #[test]

@@ -224,9 +224,13 @@ fn parse_dtype(s: &str) -> Result<StorageDtype, String> {
 /// Hyper-parameters shared by `train` and `compare`.
 #[derive(Args, Debug, Clone)]
 pub struct Hyper {
-    /// Data: `digits` (built in), `cifar10:DIR` (the binary batches) or `folder:DIR` (a sub-directory per class).
+    /// Data: `digits` (built in), `cifar10:DIR` (the binary batches) or `folder:DIR` (ImageFolder:
+    /// `DIR/train/<class>` and `DIR/val/<class>`, or one folder per class with a seeded 20 % held out).
     #[arg(long, default_value = "digits", value_parser = parse_data)]
     pub data: DataSpec,
+    /// Fail on the first image that does not decode (default: skip it and say so).
+    #[arg(long)]
+    pub strict: bool,
     /// Epochs of the whole schedule (at least 1).
     #[arg(long, default_value_t = 10, value_parser = count)]
     pub epochs: usize,
@@ -313,9 +317,12 @@ pub struct EvalArgs {
     /// The checkpoint (timm layout, safetensors).
     #[arg(long)]
     pub weights: PathBuf,
-    /// Data: `digits`, `cifar10:DIR` or `folder:DIR`; its held-out split is scored.
+    /// Data: `digits`, `cifar10:DIR` or `folder:DIR`; its held-out split (`val/`) is scored.
     #[arg(long, default_value = "digits", value_parser = parse_data)]
     pub data: DataSpec,
+    /// Fail on the first image that does not decode (default: skip it and say so).
+    #[arg(long)]
+    pub strict: bool,
     /// Images per batch (at least 1).
     #[arg(long, default_value_t = 256, value_parser = count)]
     pub batch: usize,

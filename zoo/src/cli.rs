@@ -125,13 +125,7 @@ pub fn zoo(a: &ZooArgs, out: &mut dyn Write) -> Result<(), Error> {
 pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<TrainResult, Error> {
     let member = find(&a.model)?;
     let info = (member.info)();
-    let split = data::load(&a.hyper.data, &data_config(&info))?;
-    if split.train.classes > info.classes {
-        return Err(Error::Invalid(format!(
-            "{} has {} classes but {} has {}",
-            info.name, info.classes, a.hyper.data, split.train.classes
-        )));
-    }
+    let split = crate::ui::load_data(&a.hyper.data, &info, a.hyper.strict)?;
     let cfg = a.hyper.config();
     let mut model = match (a.fusion, &a.init_from) {
         (Some(_), None) => {
@@ -266,7 +260,7 @@ struct EvalResult<'a> {
 pub fn eval(a: &EvalArgs, out: &mut dyn Write) -> Result<(), Error> {
     let m = load(&crate::member_name(a.model.as_deref(), &a.weights)?, &a.weights)?;
     let info = m.info();
-    let split = data::load(&a.data, &data_config(&info))?;
+    let split = crate::ui::load_data(&a.data, &info, a.strict)?;
     let s = train::evaluate(m.as_ref(), &split.test, a.batch);
     if let Some(path) = &a.dump_logits {
         dump_logits(m.as_ref(), &split.test, a.batch, path)?;

@@ -1,10 +1,9 @@
 //! `spin fips`: FiPS compression of a trained ViT from the command line.
 use crate::args::FipsArgs;
+use crate::find;
 use crate::report::{self, FipsResult};
 use crate::ui::{io, progress};
-use crate::{data_config, find};
 use indicatif::ProgressBar;
-use spin_core::data;
 use spin_core::train::{self, Classifier, Event, TrainConfig};
 use spin_core::Error;
 use std::io::Write;
@@ -40,7 +39,7 @@ pub fn fips(a: &FipsArgs, out: &mut dyn Write) -> Result<FipsResult, Error> {
             info.name
         ))
     })?;
-    let split = data::load(&a.calib, &data_config(&info))?;
+    let split = crate::ui::load_data(&a.calib, &info, false)?;
     let mut dense = crate::build(&a.model, 0)?;
     dense.load_timm(&a.from)?;
     let n = a.calib_images.min(split.train.len()).max(1);

@@ -1,5 +1,7 @@
 //! What every command shares on the terminal: progress bars and output errors.
 use indicatif::{ProgressBar, ProgressStyle};
+use spin_core::data::{self, DataConfig, DataSpec, Split};
+use spin_core::models::ModelInfo;
 use spin_core::Error;
 
 /// An error writing the command's output (to stdout, or whatever it is piped into).
@@ -20,4 +22,34 @@ pub fn progress(steps: usize, prefix: String, quiet: bool) -> ProgressBar {
     pb.set_style(style);
     pb.set_prefix(prefix);
     pb
+}
+
+/// A data set for a member: read with its eval transform, skipped files reported on stderr (one
+/// line), and its classes checked against the member's head — more classes than outputs is an
+/// error, fewer is said once.
+pub fn load_data(spec: &DataSpec, info: &ModelInfo, strict: bool) -> Result<Split, Error> {
+    let split = data::load_with(spec, &DataConfig::for_model(info), strict)?;
+    if let Some((first, why)) = split.skipped.first() {
+        eprintln!(
+            "spin: warning: skipped {} file(s) of {spec} (first: {}: {why}); --strict makes this an error",
+            split.skipped.len(),
+            first.display()
+        );
+    }
+    let classes = split.train.classes;
+    if classes > info.classes {
+        return Err(Error::Invalid(format!(
+            "{} has {} classes but {} has {classes}: declare a member with {classes} classes",
+            info.name, info.classes, spec
+        )));
+    }
+    if classes < info.classes {
+        eprintln!(
+            "spin: warning: {spec} has {classes} classes, {} has {} outputs; outputs {classes}..{} are never a target",
+            info.name,
+            info.classes,
+            info.classes - 1
+        );
+    }
+    Ok(split)
 }

@@ -123,8 +123,8 @@ pub fn check_cifar_batch(bytes: &[u8]) -> Result<usize, Error> {
     Ok(raw.labels.len())
 }
 
-/// One sub-directory per class (sorted by name), PNG or JPEG images inside, resized to `size`.
-pub(super) fn read_folder(dir: &Path, size: usize) -> Result<Raw, Error> {
+/// The class sub-directories of an ImageFolder directory, sorted by name.
+pub(super) fn class_dirs(dir: &Path) -> Result<Vec<PathBuf>, Error> {
     let mut classes: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -138,23 +138,46 @@ pub(super) fn read_folder(dir: &Path, size: usize) -> Result<Raw, Error> {
             reason: "no class sub-directories".into(),
         });
     }
+    Ok(classes)
+}
+
+/// One sub-directory per class (sorted by name), images in any format the image crate reads
+/// (PNG, JPEG, BMP, GIF, WebP, TIFF), resized to `size`. A file that does not decode is skipped
+/// and recorded in `skipped`, or with `strict` fails the load; a class without a single image is
+/// an error naming it.
+pub(super) fn read_folder(
+    dir: &Path,
+    size: usize,
+    strict: bool,
+    skipped: &mut Vec<(PathBuf, String)>,
+) -> Result<Raw, Error> {
+    let classes = class_dirs(dir)?;
     let names = classes
         .iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
         .collect();
     let mut raw = Raw::empty(size, classes.len(), names);
     for (label, class) in classes.iter().enumerate() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(class)
             .map_err(|e| Error::io(class, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                let ext = p.extension().map(|e| e.to_string_lossy().to_ascii_lowercase());
-                matches!(ext.as_deref(), Some("png" | "jpg" | "jpeg"))
-            })
+            .filter(|p| p.is_file())
             .collect();
         files.sort();
+        let before = raw.labels.len();
         for f in files {
-            let img = decode(&f)?;
+            if ::image::ImageFormat::from_path(&f).is_err() {
+                skipped.push((f, "not an image file".into()));
+                continue;
+            }
+            let img = match decode(&f) {
+                Ok(img) => img,
+                Err(e) if strict => return Err(e),
+                Err(e) => {
+                    skipped.push((f, e.to_string()));
+                    continue;
+                }
+            };
             let img = ::image::imageops::resize(
                 &img.to_rgb32f(),
                 size as u32,
@@ -164,13 +187,13 @@ pub(super) fn read_folder(dir: &Path, size: usize) -> Result<Raw, Error> {
             raw.pixels.extend(hwc_to_chw(&img, size));
             raw.labels.push(label);
         }
-    }
-    if raw.labels.is_empty() {
-        return Err(Error::Data {
-            path: dir.into(),
-            line: None,
-            reason: "no PNG or JPEG images found".into(),
-        });
+        if raw.labels.len() == before {
+            return Err(Error::Data {
+                path: class.clone(),
+                line: None,
+                reason: "this class has no readable image (images in sub-folders are not read)".into(),
+            });
+        }
     }
     Ok(raw)
 }

@@ -80,6 +80,8 @@ pub struct Split {
     pub train: Dataset,
     /// The held-out images.
     pub test: Dataset,
+    /// Files passed over, with the reason (files that do not decode, files that are not images).
+    pub skipped: Vec<(PathBuf, String)>,
 }
 
 /// Which data set to read: `digits`, `cifar10:DIR` or `folder:DIR`.
@@ -89,7 +91,8 @@ pub enum DataSpec {
     Digits,
     /// CIFAR-10's binary batches in a directory (`cifar10:DIR`).
     Cifar10(PathBuf),
-    /// A directory with a sub-directory of images per class (`folder:DIR`).
+    /// An ImageFolder directory (`folder:DIR`): `DIR/train/<class>` and `DIR/val/<class>`, or
+    /// one sub-directory per class split by a seeded 20 % hold-out.
     Folder(PathBuf),
 }
 
@@ -122,8 +125,14 @@ impl std::fmt::Display for DataSpec {
 pub const TEST_FRACTION: f64 = 0.2;
 const SPLIT_SEED: u64 = 20_220_722;
 
-/// Reads a data set, resized and normalised for `cfg`.
+/// Reads a data set, resized and normalised for `cfg`; files that do not decode are skipped
+/// and listed in [`Split::skipped`].
 pub fn load(spec: &DataSpec, cfg: &DataConfig) -> Result<Split, Error> {
+    load_with(spec, cfg, false)
+}
+
+/// [`load`], failing on the first file that does not decode when `strict`.
+pub fn load_with(spec: &DataSpec, cfg: &DataConfig, strict: bool) -> Result<Split, Error> {
     match spec {
         DataSpec::Digits => {
             let raw = read_digits(Path::new("<built-in digits>"), DIGITS_CSV_GZ)?;
@@ -139,9 +148,42 @@ pub fn load(spec: &DataSpec, cfg: &DataConfig) -> Result<Split, Error> {
             Ok(Split {
                 train: finish(train, cfg),
                 test: finish(test, cfg),
+                skipped: Vec::new(),
             })
         }
-        DataSpec::Folder(dir) => Ok(split(finish(read_folder(dir, cfg.image)?, cfg))),
+        DataSpec::Folder(dir) => {
+            let mut skipped = Vec::new();
+            let (train_dir, val_dir) = (dir.join("train"), dir.join("val"));
+            if !train_dir.is_dir() {
+                let all = finish(read_folder(dir, cfg.image, strict, &mut skipped)?, cfg);
+                return Ok(Split {
+                    skipped,
+                    ..split(all)
+                });
+            }
+            if !val_dir.is_dir() {
+                return Err(Error::Data {
+                    path: val_dir,
+                    line: None,
+                    reason:
+                        "a folder with `train/` needs `val/` beside it (one sub-folder per class in each)"
+                            .into(),
+                });
+            }
+            let train = finish(read_folder(&train_dir, cfg.image, strict, &mut skipped)?, cfg);
+            let test = finish(read_folder(&val_dir, cfg.image, strict, &mut skipped)?, cfg);
+            if train.class_names != test.class_names {
+                return Err(Error::Data {
+                    path: dir.clone(),
+                    line: None,
+                    reason: format!(
+                        "train/ and val/ hold different classes ({:?} and {:?})",
+                        train.class_names, test.class_names
+                    ),
+                });
+            }
+            Ok(Split { train, test, skipped })
+        }
     }
 }
 
@@ -178,6 +220,7 @@ fn split(all: Dataset) -> Split {
     Split {
         train: all.subset(&train),
         test: all.subset(&test),
+        skipped: Vec::new(),
     }
 }
 
