@@ -95,6 +95,15 @@ fn a_run_killed_between_state_and_checkpoint_resumes_bit_for_bit() {
             .collect()
     };
     assert_eq!(strip(rows(&whole)), strip(rows(&broken)));
+    // best.safetensors is the last epoch's model exactly when the last epoch beat the others.
+    let accs: Vec<f32> = rows(&whole)
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(5).unwrap().parse().unwrap())
+        .collect();
+    let last_is_best = accs[2] > accs[0].max(accs[1]);
+    let same = read(&whole, "best.safetensors") == read(&whole, "checkpoint.safetensors");
+    assert_eq!(same, last_is_best, "accuracies {accs:?}");
     assert_eq!(rows(&broken).lines().count(), 4);
 
     // A finished run resumed again trains nothing and changes nothing.

@@ -7,6 +7,9 @@
 //!   rename), so a crash at any moment leaves either the previous epoch's state or this one's,
 //!   never a model of one epoch beside an optimiser of another;
 //! - `checkpoint.safetensors`: the deployable model (timm layout), written after the state;
+//! - `best.safetensors`: the deployable model of the epoch with the best test accuracy so far,
+//!   written after the checkpoint when an epoch beats every earlier one (a crash just before can
+//!   leave it one epoch behind the state's metrics);
 //! - `metrics.csv`: one row per epoch, rewritten from the state's metrics after each epoch.
 //!
 //! `--resume` reads only the state; the other two are outputs, remade from it.
@@ -24,6 +27,8 @@ use std::time::Instant;
 pub const STATE_FILE: &str = "state.safetensors";
 /// The deployable checkpoint's file name in a run directory.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+/// The file name of the deployable model of the epoch with the best test accuracy so far.
+pub const BEST_FILE: &str = "best.safetensors";
 /// The per-epoch metrics' file name in a run directory.
 pub const METRICS_FILE: &str = "metrics.csv";
 /// The header of `metrics.csv`.
@@ -365,6 +370,7 @@ pub fn run(
             test: last,
             seconds,
         };
+        let best_before = best_accuracy(&state.metrics);
         state.epochs_done = epoch + 1;
         state.tensors = model.state_tensors();
         state.metrics.push(record.csv());
@@ -373,6 +379,11 @@ pub fn run(
             epochs_done: state.epochs_done,
         })?;
         model.save_timm(&checkpoint, opts.save_dtype)?;
+        // Compared as recorded (six decimals), so a tie in the metrics is a tie here.
+        let accuracy = best_accuracy(&[record.csv()]);
+        if best_before.is_none_or(|b| accuracy > Some(b)) {
+            model.save_timm(&dir.join(BEST_FILE), opts.save_dtype)?;
+        }
         let metrics = format!("{METRICS_HEADER}\n{}\n", state.metrics.join("\n"));
         write_atomic(&dir.join(METRICS_FILE), metrics.as_bytes())?;
         observe(Event::Epoch(&record))?;
@@ -390,6 +401,13 @@ pub fn run(
         seconds: t0.elapsed().as_secs_f64(),
         epochs_run: end.saturating_sub(start),
     })
+}
+
+/// The best test accuracy among `metrics.csv` rows (its sixth column).
+fn best_accuracy(rows: &[String]) -> Option<f32> {
+    rows.iter()
+        .filter_map(|r| r.split(',').nth(5)?.parse::<f32>().ok())
+        .reduce(f32::max)
 }
 
 /// Trains for `epochs` epochs without files (fine-tuning inside a larger job, e.g. after FiPS's
