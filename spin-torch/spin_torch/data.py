@@ -27,7 +27,7 @@ def digits(plan: dict, seed: int = 0) -> tuple[Dataset, Dataset]:
     --dump-logits`` writes."""
     if plan["image"] != 8:
         raise ValueError(f"{plan['name']} takes {plan['image']}² images; the digits are 8×8")
-    raw = resources.files(__package__).joinpath("data/digits.csv.gz").read_bytes()
+    raw = resources.files(__package__).joinpath("digits.csv.gz").read_bytes()
     rows = np.loadtxt(gzip.decompress(raw).decode().splitlines(), delimiter=",", dtype=np.float32)
     pixels = rows[:, :64].reshape(-1, 1, 8, 8) / 16.0
     x = _normalise(np.repeat(pixels, 3, axis=1), plan["data"])
