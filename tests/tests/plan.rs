@@ -23,6 +23,12 @@ fn plans_round_trip_and_travel_in_checkpoints() {
     assert_eq!(plan.name, "digits_vit_64_6_ws2_sequential");
     assert_eq!(plan.schedule, [0, 0, 1, 1, 2, 2]);
     assert_eq!(plan.params, model.info().params);
+    // The header alone names the member (what `spin eval` without --model reads).
+    assert_eq!(
+        zoo::member_name(None, &path).unwrap(),
+        "digits_vit_64_6_ws2_sequential"
+    );
+    assert!(!spin_core::fips::is_fips_checkpoint(&path).unwrap());
     std::fs::remove_file(path).unwrap();
 }
 

@@ -323,8 +323,8 @@ pub fn member_name(model: Option<&str>, weights: &std::path::Path) -> Result<Str
     if let Some(m) = model {
         return Ok(m.to_string());
     }
-    let bytes = std::fs::read(weights).map_err(|e| Error::io(weights, e))?;
-    let plan = spin_core::checkpoint::read_plan(weights, &bytes)?;
+    let header = spin_core::checkpoint::read_header(weights)?;
+    let plan = spin_core::checkpoint::plan_in(weights, Some(&header.metadata))?;
     plan.map(|p| p.name).ok_or_else(|| {
         Error::Invalid(format!(
             "{}: the checkpoint names no member (no spin plan in it); give --model",

@@ -59,6 +59,48 @@ pub fn write_file(
     write_atomic(path, &bytes)
 }
 
+/// What a safetensors file's header says, read without its tensors' data.
+#[derive(Clone, Debug, Default)]
+pub struct Header {
+    /// The tensors' keys.
+    pub keys: std::collections::BTreeSet<String>,
+    /// The `__metadata__` entries.
+    pub metadata: HashMap<String, String>,
+}
+
+/// Reads a safetensors file's header only (length prefix and JSON): its keys and metadata,
+/// without reading the tensors.
+pub fn read_header(path: &Path) -> Result<Header, Error> {
+    use std::io::Read;
+    // safetensors refuses headers over 100 MB; so does this, before allocating.
+    const MAX_HEADER: u64 = 100_000_000;
+    let bad = |reason: String| Error::Safetensors {
+        path: path.into(),
+        reason,
+    };
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
+    let n = u64::from_le_bytes(len);
+    if n > MAX_HEADER {
+        return Err(bad(format!("header of {n} bytes is too large")));
+    }
+    let mut json = Vec::new();
+    file.take(n)
+        .read_to_end(&mut json)
+        .map_err(|e| Error::io(path, e))?;
+    let mut entries: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&json).map_err(|e| bad(format!("header: {e}")))?;
+    let metadata = match entries.remove("__metadata__") {
+        Some(m) => serde_json::from_value(m).map_err(|e| bad(format!("__metadata__: {e}")))?,
+        None => HashMap::new(),
+    };
+    Ok(Header {
+        keys: entries.into_iter().map(|(k, _)| k).collect(),
+        metadata,
+    })
+}
+
 /// Every tensor of a safetensors file and its metadata.
 pub fn read_file(path: &Path) -> Result<(TensorMap, HashMap<String, String>), Error> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;

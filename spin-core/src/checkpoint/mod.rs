@@ -7,7 +7,7 @@
 mod io;
 mod packed;
 
-pub use io::{lookup, read_file, read_tensors, write_atomic, write_file, TensorMap};
+pub use io::{lookup, read_file, read_header, read_tensors, write_atomic, write_file, Header, TensorMap};
 
 use crate::base::SpinDtype;
 use crate::error::Error;
@@ -163,9 +163,15 @@ pub fn read_plan(path: &Path, bytes: &[u8]) -> Result<Option<Plan>, Error> {
         path: path.into(),
         reason: e.to_string(),
     })?;
-    header
-        .metadata()
-        .as_ref()
+    plan_in(path, header.metadata().as_ref())
+}
+
+/// The plan in a checkpoint's metadata (from [`read_plan`] or [`read_header`]), if any.
+pub fn plan_in(
+    path: &Path,
+    metadata: Option<&std::collections::HashMap<String, String>>,
+) -> Result<Option<Plan>, Error> {
+    metadata
         .and_then(|m| m.get(PLAN_KEY))
         .map(|p| {
             Plan::from_json(p)
