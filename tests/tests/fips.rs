@@ -152,7 +152,7 @@ fn end_to_end_fine_tuning_leaves_pruned_entries_at_zero() {
     };
     for _ in 0..3 {
         runner
-            .train_step(&x.as_vec(), &[0, 1, 2, 0], &mut opt, &hp)
+            .train_step(&x.as_vec(), &[0, 1, 2, 0], None, &mut opt, &hp)
             .unwrap();
     }
     let end = runner.model.mlp.layers[1].v2.as_vec();

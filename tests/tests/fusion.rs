@@ -89,7 +89,7 @@ fn train_steps<M: SpinModel<f32, Cpu> + Send + 'static>(runner: &mut Runner<M>, 
     for s in 0..steps {
         let x = images(dev, 6).as_vec();
         let labels: Vec<usize> = (0..6).map(|i| (i + s) % 5).collect();
-        runner.train_step(&x, &labels, &mut opt, &hp).unwrap();
+        runner.train_step(&x, &labels, None, &mut opt, &hp).unwrap();
     }
 }
 

@@ -15,14 +15,7 @@ fn scratch(name: &str) -> PathBuf {
 fn small_digits() -> (Dataset, Dataset) {
     let split = data::load(&DataSpec::Digits, &DataConfig::centred(8)).unwrap();
     let idx: Vec<usize> = (0..96).collect();
-    let pick = |d: &Dataset, n: usize| {
-        let (images, labels) = d.gather(&idx[..n]);
-        Dataset {
-            images,
-            labels,
-            ..d.clone()
-        }
-    };
+    let pick = |d: &Dataset, n: usize| d.subset(&idx[..n]);
     (pick(&split.train, 96), pick(&split.test, 48))
 }
 

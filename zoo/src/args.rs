@@ -2,10 +2,10 @@
 use crate::report::Format;
 use clap::{Args, Parser, Subcommand};
 use spin_core::checkpoint::StorageDtype;
-use spin_core::data::DataSpec;
+use spin_core::data::{Augment, DataSpec, Loader};
 use spin_core::error::Error;
 use spin_core::fusion::Reduction;
-use spin_core::train::TrainConfig;
+use spin_core::train::{Schedule, TrainConfig};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -177,6 +177,15 @@ fn budget(s: &str) -> Result<f64, String> {
     )
 }
 
+/// RandAugment's magnitude: 0 to 10.
+fn magnitude(s: &str) -> Result<f64, String> {
+    number_in(s, 0.0..=10.0, "in [0, 10]")
+}
+
+fn parse_schedule(s: &str) -> Result<Schedule, String> {
+    s.parse().map_err(|e: Error| e.to_string())
+}
+
 fn parse_reduction(s: &str) -> Result<Reduction, String> {
     s.parse().map_err(|e: Error| e.to_string())
 }
@@ -237,9 +246,41 @@ pub struct Hyper {
     /// Images per step (at least 1).
     #[arg(long, default_value_t = 64, value_parser = count)]
     pub batch: usize,
-    /// Peak learning rate of the one-cycle schedule (above 0).
+    /// Peak learning rate (above 0).
     #[arg(long, default_value_t = 2e-3, value_parser = learning_rate)]
     pub lr: f32,
+    /// The learning-rate curve after warm-up: onecycle (SPIN's: up to the peak at 40 %, down to
+    /// 1/20 at 80 %, then to 0), cosine (from the peak to 0) or constant.
+    #[arg(long, default_value = "onecycle", value_parser = parse_schedule)]
+    pub schedule: Schedule,
+    /// Epochs of linear warm-up to the peak before the schedule (0 or more, fewer than --epochs).
+    #[arg(long, default_value_t = 0)]
+    pub warmup_epochs: usize,
+    /// Training augmentation: auto (crop-flip for cifar10 and folder data; none for digits, where a
+    /// flip or a crop of the 8×8 image changes the digit), none, or crop-flip (random-resized-crop
+    /// and horizontal flip).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "none", "crop-flip"])]
+    pub augment: String,
+    /// Random-resized-crop's smallest crop, as a fraction of the image's area, in (0, 1] (timm uses
+    /// 0.08 for ImageNet at 224 px; small images lose too much at that).
+    #[arg(long, default_value_t = 0.25, value_parser = budget)]
+    pub crop_scale: f64,
+    /// RandAugment: ops per training image (0: off; timm's `rand-m9-n2` is 2).
+    #[arg(long, default_value_t = 0)]
+    pub rand_ops: usize,
+    /// RandAugment's magnitude, 0 to 10.
+    #[arg(long, default_value_t = 9.0, value_parser = magnitude)]
+    pub rand_magnitude: f64,
+    /// Mixup's Beta(α, α) α (0: off; timm's recipes use 0.8).
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
+    pub mixup: f32,
+    /// CutMix's Beta(α, α) α (0: off; timm's recipes use 1.0). With mixup too, each batch uses one.
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
+    pub cutmix: f32,
+    /// Threads decoding and augmenting batches (at least 1; default: up to 4). Results do not
+    /// depend on it.
+    #[arg(long, value_parser = count)]
+    pub workers: Option<usize>,
     /// AdamW's decoupled weight decay (0 or more; not applied to biases and norms).
     #[arg(long, default_value_t = 0.05, value_parser = non_negative)]
     pub weight_decay: f32,
@@ -256,24 +297,57 @@ pub struct Hyper {
 
 impl Hyper {
     /// The training settings these arguments give.
-    pub fn config(&self) -> TrainConfig {
-        TrainConfig {
+    pub fn config(&self) -> Result<TrainConfig, Error> {
+        if self.warmup_epochs >= self.epochs && self.warmup_epochs > 0 {
+            return Err(Error::Invalid(format!(
+                "--warmup-epochs {} leaves no epoch of the schedule: use fewer than --epochs {}",
+                self.warmup_epochs, self.epochs
+            )));
+        }
+        let crop_flip = match self.augment.as_str() {
+            "auto" => !matches!(self.data, DataSpec::Digits),
+            other => other == "crop-flip",
+        };
+        let base = if crop_flip {
+            Augment::crop_flip(self.crop_scale as f32)
+        } else {
+            Augment::none()
+        };
+        let augment = Augment {
+            rand_ops: self.rand_ops,
+            rand_magnitude: self.rand_magnitude as f32,
+            mixup: self.mixup,
+            cutmix: self.cutmix,
+            ..base
+        };
+        let loader = match self.workers {
+            Some(workers) => Loader {
+                workers,
+                ..Loader::default()
+            },
+            None => Loader::default(),
+        };
+        Ok(TrainConfig {
             epochs: self.epochs,
             batch: self.batch,
             lr: self.lr,
+            schedule: self.schedule,
+            warmup_epochs: self.warmup_epochs,
+            augment,
+            loader,
             weight_decay: self.weight_decay,
             label_smoothing: self.label_smoothing as f32,
             clip: (self.clip > 0.0).then_some(self.clip),
             seed: self.seed,
-        }
+        })
     }
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
-    /// The zoo member to train (`spin zoo` lists them).
-    #[arg(long)]
-    pub model: String,
+    /// The zoo member to train (`spin zoo` lists them); with --num-classes it may be left out.
+    #[arg(long, required_unless_present = "num_classes")]
+    pub model: Option<String>,
     #[command(flatten)]
     pub hyper: Hyper,
     /// Run directory (state.safetensors, checkpoint.safetensors, metrics.csv); default `runs/MODEL`.
@@ -296,10 +370,15 @@ pub struct TrainArgs {
     /// Storage dtype of the saved checkpoint: f32, f16, bf16 or f64.
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     pub save_dtype: StorageDtype,
-    /// Start a shared model from this trained unshared checkpoint (weight fusion, mean unless
-    /// --fusion says otherwise).
+    /// Start from this trained checkpoint: a shared model from an unshared one by weight fusion
+    /// (mean unless --fusion says otherwise), or with --num-classes everything but the head.
     #[arg(long)]
     pub init_from: Option<PathBuf>,
+    /// Fine-tune --init-from's model on data with this many classes (at least 1): every tensor but
+    /// the head is loaded and a new head trains. The member trained is the zoo member with the
+    /// checkpoint's architecture and N classes (or --model, which must be such a member).
+    #[arg(long, requires = "init_from", conflicts_with = "fusion", value_parser = count)]
+    pub num_classes: Option<usize>,
     /// Fusion-aware training (SPIN's WFWS) with this reduction: all D original tensors and the
     /// coefficients train, fused every step; checkpoints hold the exported shared model.
     #[arg(long, value_parser = parse_reduction)]

@@ -75,7 +75,7 @@ pub fn bench(
     };
     let (median, min) = if train {
         time(iters, 2, || {
-            model.train_step(&x, &labels, &mut opt, &hp).map(|_| ())
+            model.train_step(&x, &labels, None, &mut opt, &hp).map(|_| ())
         })?
     } else {
         time(iters, 2, || {

@@ -123,11 +123,21 @@ pub fn zoo(a: &ZooArgs, out: &mut dyn Write) -> Result<(), Error> {
 /// `spin train`: builds the member (from scratch, fused from `--init-from`, or fusion-aware),
 /// then runs [`fn@spin_core::train::run`] in `--out`, drawing its progress.
 pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<TrainResult, Error> {
-    let member = find(&a.model)?;
+    let cfg = a.hyper.config()?;
+    let member = match (a.num_classes, &a.init_from) {
+        (Some(n), Some(init)) => crate::fine_tune_member(a.model.as_deref(), init, n)?,
+        _ => find(a.model.as_deref().unwrap_or_default())?,
+    };
     let info = (member.info)();
     let split = crate::ui::load_data(&a.hyper.data, &info, a.hyper.strict)?;
-    let cfg = a.hyper.config();
     let mut model = match (a.fusion, &a.init_from) {
+        (_, Some(init)) if a.num_classes.is_some() => {
+            let mut m = (member.build)(cfg.seed);
+            if !a.resume {
+                train::load_all_but_head(m.as_mut(), init)?;
+            }
+            m
+        }
         (Some(_), None) => {
             return Err(Error::Invalid("--fusion needs --init-from CKPT, the trained unshared model".into()))
         }
@@ -172,6 +182,19 @@ pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<TrainResult, Error> {
     if let Some(init) = &a.init_from {
         settings.push(("init-from".into(), init.display().to_string()));
     }
+    if let Some(n) = a.num_classes {
+        settings.push(("num-classes".into(), n.to_string()));
+    }
+    writeln!(
+        out,
+        "lr {} ({}, {} warm-up epochs), augment {}, {} loader threads",
+        cfg.lr,
+        cfg.schedule,
+        cfg.warmup_epochs,
+        cfg.augment.describe(),
+        cfg.loader.workers
+    )
+    .map_err(io)?;
     let opts = RunOptions {
         resume: a.resume,
         stop_after: a.stop_after,
@@ -226,6 +249,7 @@ pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<TrainResult, Error> {
             Ok(())
         },
     )?;
+    crate::ui::warn_skipped(&[&split.train, &split.test]);
     if a.resume && result.epochs_run == 0 {
         writeln!(
             out,
@@ -261,7 +285,16 @@ pub fn eval(a: &EvalArgs, out: &mut dyn Write) -> Result<(), Error> {
     let m = load(&crate::member_name(a.model.as_deref(), &a.weights)?, &a.weights)?;
     let info = m.info();
     let split = crate::ui::load_data(&a.data, &info, a.strict)?;
-    let s = train::evaluate(m.as_ref(), &split.test, a.batch);
+    let pb = progress(split.test.len(), format!("{} eval", info.name), a.json);
+    let s = train::evaluate_with(
+        m.as_ref(),
+        &split.test,
+        a.batch,
+        &data::Loader::default(),
+        &mut |done| pb.set_position(done as u64),
+    )?;
+    pb.finish_and_clear();
+    crate::ui::warn_skipped(&[&split.test]);
     if let Some(path) = &a.dump_logits {
         dump_logits(m.as_ref(), &split.test, a.batch, path)?;
     }
@@ -288,23 +321,25 @@ pub fn eval(a: &EvalArgs, out: &mut dyn Write) -> Result<(), Error> {
 /// and the model's `logits` as safetensors, with the model's plan in the metadata: what another
 /// implementation (spin-torch) needs to check it computes the same.
 fn dump_logits(m: &dyn Classifier, data: &Dataset, batch: usize, path: &Path) -> Result<(), Error> {
-    let (n, img) = (data.len(), data.image);
-    let mut logits = Vec::with_capacity(n * m.info().classes);
-    let idx: Vec<usize> = (0..n).collect();
-    for chunk in idx.chunks(batch) {
-        let (x, _) = data.gather(chunk);
-        logits.extend(m.predict(&x, chunk.len()));
-    }
-    let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    let img = data.image();
+    let (mut images, mut labels, mut logits) = (Vec::new(), Vec::new(), Vec::new());
+    let idx: Vec<usize> = (0..data.len()).collect();
+    data::Loader::default().run(data, &idx, batch, None, 0, &mut |_, b| {
+        logits.extend(m.predict(&b.images, b.labels.len()));
+        images.extend(b.images.iter().map(|&x| x as f64));
+        labels.extend(b.labels.iter().map(|&l| l as f64));
+        Ok(())
+    })?;
+    let n = labels.len();
     let tensors = TensorMap::from([
-        ("images".to_string(), (vec![n, 3, img, img], f64s(&data.images))),
-        (
-            "labels".to_string(),
-            (vec![n], data.labels.iter().map(|&l| l as f64).collect()),
-        ),
+        ("images".to_string(), (vec![n, 3, img, img], images)),
+        ("labels".to_string(), (vec![n], labels)),
         (
             "logits".to_string(),
-            (vec![n, logits.len() / n.max(1)], f64s(&logits)),
+            (
+                vec![n, logits.len() / n.max(1)],
+                logits.iter().map(|&x| x as f64).collect(),
+            ),
         ),
     ]);
     let meta =
@@ -390,7 +425,8 @@ pub fn compare(a: &CompareArgs, out: &mut dyn Write) -> Result<Vec<TrainResult>,
     let mut results = Vec::new();
     for name in &names {
         let t = TrainArgs {
-            model: name.clone(),
+            model: Some(name.clone()),
+            num_classes: None,
             hyper: a.hyper.clone(),
             out: Some(a.out.join(name)),
             resume: false,
@@ -418,7 +454,7 @@ pub fn compare(a: &CompareArgs, out: &mut dyn Write) -> Result<Vec<TrainResult>,
     writeln!(out).map_err(io)?;
     report::compare_table(&rows, out).map_err(io)?;
     report::compare_csv(&rows, &a.out.join("compare.csv"))?;
-    report::compare_plot(&rows, &a.out, &a.hyper.data.to_string())?;
+    crate::plot::compare_plot(&rows, &a.out, &a.hyper.data.to_string())?;
     writeln!(
         out,
         "\nwrote {0}/compare.csv, {0}/compare.png and {0}/compare.svg",

@@ -42,8 +42,16 @@ pub fn fips(a: &FipsArgs, out: &mut dyn Write) -> Result<FipsResult, Error> {
     let split = crate::ui::load_data(&a.calib, &info, false)?;
     let mut dense = crate::build(&a.model, 0)?;
     dense.load_timm(&a.from)?;
-    let n = a.calib_images.min(split.train.len()).max(1);
-    let (calib, _) = split.train.gather(&(0..n).collect::<Vec<_>>());
+    let (calib, kept) = split
+        .train
+        .gather(&(0..a.calib_images.min(split.train.len())).collect::<Vec<_>>())?;
+    let n = kept.len();
+    if n == 0 {
+        return Err(Error::Invalid(format!(
+            "{}: no calibration image decodes",
+            a.calib
+        )));
+    }
     let group_size = a.group_size.unwrap_or_else(|| {
         [4, 3, 2, 1]
             .into_iter()
@@ -74,10 +82,10 @@ pub fn fips(a: &FipsArgs, out: &mut dyn Write) -> Result<FipsResult, Error> {
     })?;
     pb.finish_and_clear();
     let batch = 128;
-    let acc = |m: &dyn Classifier| train::evaluate(m, &split.test, batch).accuracy;
-    let (dense_acc, one_shot_acc) = (acc(dense.as_ref()), acc(outcome.init.as_ref()));
+    let acc = |m: &dyn Classifier| train::evaluate(m, &split.test, batch).map(|s| s.accuracy);
+    let (dense_acc, one_shot_acc) = (acc(dense.as_ref())?, acc(outcome.init.as_ref())?);
     let mut model = outcome.model;
-    let reconstructed_acc = acc(model.as_ref());
+    let reconstructed_acc = acc(model.as_ref())?;
     let mut finetuned = None;
     if a.finetune_epochs > 0 {
         let cfg = TrainConfig {
@@ -88,6 +96,7 @@ pub fn fips(a: &FipsArgs, out: &mut dyn Write) -> Result<FipsResult, Error> {
             label_smoothing: 0.1,
             clip: Some(1.0),
             seed: a.seed,
+            ..TrainConfig::default()
         };
         let mut pb = ProgressBar::hidden();
         let stats = train::fine_tune(model.as_mut(), &split.train, &split.test, &cfg, &mut |event| {
@@ -113,7 +122,7 @@ pub fn fips(a: &FipsArgs, out: &mut dyn Write) -> Result<FipsResult, Error> {
     }
     model.save_timm(&a.out, a.save_dtype)?;
     let r = &outcome.report;
-    report::fips_plot(
+    crate::plot::fips_plot(
         &r.losses,
         &r.init_errors,
         &r.final_errors,

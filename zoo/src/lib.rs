@@ -21,6 +21,7 @@ pub mod args;
 pub mod bench;
 pub mod cli;
 pub mod fips_cmd;
+pub mod plot;
 pub mod report;
 pub mod ui;
 
@@ -232,6 +233,10 @@ zoo! {
     #[convmixer(dim = 64, kernel = 3, patch = 1, image = 8, classes = 10, act = gelu)]
     #[shared_blocks(depth = 8, groups = 2, pattern = strided)]
     digits_convmixer_64_8_ws4_strided <- digits_convmixer_64_8;
+    /// digits_convmixer_64_8 with a 3-class head: what `spin train --init-from CKPT --num-classes 3`
+    /// fine-tunes a trained digits_convmixer_64_8 into (each class count is a member like this).
+    #[convmixer(dim = 64, kernel = 3, patch = 1, image = 8, classes = 3, act = gelu, depth = 8)]
+    digits_convmixer_64_8_c3;
     /// A ViT-64/6 on 8×8 digits, 2×2 patches.
     #[vit(dim = 64, heads = 4, patch = 2, image = 8, classes = 10, depth = 6)]
     digits_vit_64_6;
@@ -268,6 +273,68 @@ pub fn find(name: &str) -> Result<&'static Member, Error> {
         "no zoo member `{name}` (nearest: {}); `spin zoo` lists them all",
         near.join(", ")
     )))
+}
+
+/// The member to fine-tune `init`'s model into at `classes` classes: `model` when given (it must
+/// have `classes` classes), else the member declared with the checkpoint plan's architecture and
+/// sharing but `classes` classes. Either way the plans must agree on everything but the classes.
+///
+/// Why declared members and not a head sized at run time: a member's head is part of its type,
+/// like every other shape, which is what makes its shapes checked and its counts constants; a
+/// new class count is one more 3-line declaration (and a rebuild), and the error says which.
+pub fn fine_tune_member(
+    model: Option<&str>,
+    init: &std::path::Path,
+    classes: usize,
+) -> Result<&'static Member, Error> {
+    use spin_core::models::Plan;
+    let header = spin_core::checkpoint::read_header(init)?;
+    let source = match spin_core::checkpoint::plan_in(init, Some(&header.metadata))? {
+        Some(p) => p,
+        None => Plan::from_info(&(find(model.ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: the checkpoint names no member (no spin plan in it); give --model",
+                init.display()
+            ))
+        })?)?
+        .info)()),
+    };
+    // Compared as if the candidate had the source's classes (and so its head).
+    let fits = |m: &Member| {
+        let mut plan = Plan::from_info(&(m.info)());
+        plan.classes = source.classes;
+        plan.mismatch(&source)
+    };
+    if let Some(name) = model {
+        let member = find(name)?;
+        let info = (member.info)();
+        if info.classes != classes {
+            return Err(Error::Invalid(format!(
+                "{name} has {} classes, not --num-classes {classes}",
+                info.classes
+            )));
+        }
+        return match fits(member) {
+            None => Ok(member),
+            Some((field, ours, theirs)) => Err(Error::Invalid(format!(
+                "{}: the checkpoint is {} with {field} = {theirs}, but {name} has {field} = {ours}",
+                init.display(),
+                source.name
+            ))),
+        };
+    }
+    MEMBERS
+        .iter()
+        .find(|m| {
+            (m.info)().classes == classes && (m.info)().schedule == source.schedule && fits(m).is_none()
+        })
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "no zoo member is {} with {classes} classes: declare one in zoo/src/lib.rs as {} is \
+                 declared but with `classes = {classes}` (e.g. `{}_c{classes}`), rebuild, and run this again",
+                source.name, source.name, source.name
+            ))
+        })
 }
 
 /// Levenshtein distance between two names.

@@ -1,10 +1,9 @@
 //! Tables and plots: `spin zoo` in four formats, and `spin compare`'s table, CSV and figure.
 use clap::ValueEnum;
 use comfy_table::{presets, CellAlignment, Table};
-use plotters::prelude::*;
 use serde::Serialize;
 use spin_core::train::TrainResult;
-use spin_core::{Error, Family, ModelInfo};
+use spin_core::{Error, ModelInfo};
 use std::io::Write;
 use std::path::Path;
 
@@ -77,7 +76,7 @@ impl Row {
     }
 }
 
-fn human(n: f64) -> String {
+pub(crate) fn human(n: f64) -> String {
     match n {
         n if n >= 1e9 => format!("{:.2} G", n / 1e9),
         n if n >= 1e6 => format!("{:.2} M", n / 1e6),
@@ -237,116 +236,6 @@ pub fn compare_csv(rows: &[(Row, &TrainResult)], path: &Path) -> Result<(), Erro
     w.flush().map_err(|e| Error::io(path, e))
 }
 
-/// Registers the shipped font once, so PNG text renders without system fonts.
-fn register_font() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ = plotters::style::register_font(
-            "sans-serif",
-            FontStyle::Normal,
-            include_bytes!("../assets/DejaVuSans.ttf"),
-        );
-    });
-}
-
-/// SPIN's trade-off figure on the data at hand: test accuracy against parameters (left) and
-/// against MACs (right), log scale; circles are unshared models, triangles shared ones.
-pub fn compare_plot(rows: &[(Row, &TrainResult)], dir: &Path, data: &str) -> Result<(), Error> {
-    register_font();
-    let png = dir.join("compare.png");
-    let svg = dir.join("compare.svg");
-    let err = |p: &Path, e: String| Error::Invalid(format!("{}: cannot draw the plot: {e}", p.display()));
-    {
-        let root = BitMapBackend::new(&png, (1200, 520)).into_drawing_area();
-        draw(&root, rows, data).map_err(|e| err(&png, e))?;
-        root.present().map_err(|e| err(&png, e.to_string()))?;
-    }
-    {
-        let root = SVGBackend::new(&svg, (1200, 520)).into_drawing_area();
-        draw(&root, rows, data).map_err(|e| err(&svg, e))?;
-        root.present().map_err(|e| err(&svg, e.to_string()))?;
-    }
-    Ok(())
-}
-
-fn draw<DB: DrawingBackend>(
-    root: &DrawingArea<DB, plotters::coord::Shift>,
-    rows: &[(Row, &TrainResult)],
-    data: &str,
-) -> Result<(), String> {
-    let e = |x: DrawingAreaErrorKind<DB::ErrorType>| x.to_string();
-    root.fill(&WHITE).map_err(e)?;
-    let root = root
-        .titled(
-            &format!("Test accuracy on {data}: shared (▲) vs unshared (●)"),
-            ("sans-serif", 22),
-        )
-        .map_err(e)?;
-    let (left, right) = root.split_horizontally(600);
-    let accs: Vec<f64> = rows.iter().map(|(_, r)| r.test_accuracy as f64 * 100.0).collect();
-    let lo = accs.iter().cloned().fold(f64::INFINITY, f64::min);
-    let hi = accs.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    let pad = ((hi - lo) * 0.15).max(1.0);
-    let y = (lo - pad).max(0.0)..(hi + pad).min(100.5);
-    for (area, label, get) in [
-        (
-            &left,
-            "parameters",
-            (|r: &Row| r.params as f64) as fn(&Row) -> f64,
-        ),
-        (&right, "MACs per image", |r: &Row| r.macs as f64),
-    ] {
-        let xs: Vec<f64> = rows.iter().map(|(r, _)| get(r)).collect();
-        let xmin = xs.iter().cloned().fold(f64::INFINITY, f64::min) / 1.6;
-        let xmax = xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max) * 1.6;
-        let mut chart = ChartBuilder::on(area)
-            .margin(16)
-            .x_label_area_size(40)
-            .y_label_area_size(52)
-            .build_cartesian_2d((xmin..xmax).log_scale(), y.clone())
-            .map_err(e)?;
-        chart
-            .configure_mesh()
-            .x_desc(label)
-            .x_labels(5)
-            .y_desc("test accuracy (%)")
-            .x_label_formatter(&|v| human(*v))
-            .label_style(("sans-serif", 14))
-            .draw()
-            .map_err(e)?;
-        for (i, (r, res)) in rows.iter().enumerate() {
-            let p = (get(r), res.test_accuracy as f64 * 100.0);
-            let color = match r.family.as_str() {
-                f if f == Family::ConvMixer.name() => RGBColor(31, 119, 180),
-                _ => RGBColor(214, 39, 40),
-            };
-            let shared = r.share != "none";
-            if shared {
-                chart
-                    .draw_series(std::iter::once(TriangleMarker::new(p, 9, color.filled())))
-                    .map_err(e)?;
-            } else {
-                chart
-                    .draw_series(std::iter::once(Circle::new(p, 7, color.filled())))
-                    .map_err(e)?;
-            }
-            let short = r.name.trim_start_matches("digits_");
-            chart
-                .draw_series(std::iter::once(Text::new(
-                    short.to_string(),
-                    // Staggered so labels of nearby points do not print over each other.
-                    (
-                        p.0 * 1.05,
-                        p.1 + (y.end - y.start) * (0.035 * ((i % 3) as f64 - 1.0) + 0.01),
-                    ),
-                    ("sans-serif", 12).into_font().color(&BLACK),
-                )))
-                .map_err(e)?;
-        }
-    }
-    Ok(())
-}
-
 /// `spin fips`'s report: the plan, parameters, per-block errors and accuracies.
 pub fn fips_table(r: &FipsResult, calib_rows: usize, out: &mut dyn Write) -> std::io::Result<()> {
     let groups: Vec<String> = r.groups.iter().map(|g| format!("{g:?}")).collect();
@@ -388,92 +277,4 @@ pub fn fips_table(r: &FipsResult, calib_rows: usize, out: &mut dyn Write) -> std
         write!(out, ", fine-tuned {f:.4}")?;
     }
     writeln!(out, " ({:.1} s)", r.seconds)
-}
-
-/// The reconstruction loss per step (left) and each block's error before and after (right), log scale.
-pub fn fips_plot(losses: &[f32], before: &[f64], after: &[f64], path: &Path) -> Result<(), Error> {
-    register_font();
-    let err = |e: String| Error::Invalid(format!("{}: cannot draw the plot: {e}", path.display()));
-    let root = BitMapBackend::new(path, (1000, 420)).into_drawing_area();
-    draw_fips(&root, losses, before, after).map_err(err)?;
-    root.present().map_err(|e| err(e.to_string()))
-}
-
-fn draw_fips<DB: DrawingBackend>(
-    root: &DrawingArea<DB, plotters::coord::Shift>,
-    losses: &[f32],
-    before: &[f64],
-    after: &[f64],
-) -> Result<(), String> {
-    let e = |x: DrawingAreaErrorKind<DB::ErrorType>| x.to_string();
-    root.fill(&WHITE).map_err(e)?;
-    let (left, right) = root.split_horizontally(500);
-    let positive = |v: f64| v.max(1e-12);
-    let range = |vals: &mut dyn Iterator<Item = f64>| {
-        let (lo, hi) = vals.fold((f64::INFINITY, 0.0f64), |(l, h), v| {
-            (l.min(positive(v)), h.max(v))
-        });
-        if lo.is_finite() && hi > 0.0 {
-            (lo / 1.5)..(hi * 1.5)
-        } else {
-            1e-6..1.0
-        }
-    };
-    let y = range(&mut losses.iter().map(|&v| v as f64));
-    let mut chart = ChartBuilder::on(&left)
-        .caption("reconstruction loss (Σ block MSE)", ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0..losses.len().max(1), y.log_scale())
-        .map_err(e)?;
-    chart
-        .configure_mesh()
-        .x_desc("step")
-        .y_label_formatter(&|v| format!("{v:.1e}"))
-        .label_style(("sans-serif", 13))
-        .draw()
-        .map_err(e)?;
-    chart
-        .draw_series(LineSeries::new(
-            losses.iter().enumerate().map(|(i, &l)| (i, positive(l as f64))),
-            RGBColor(31, 119, 180).stroke_width(2),
-        ))
-        .map_err(e)?;
-    let y = range(&mut before.iter().chain(after).copied());
-    let mut chart = ChartBuilder::on(&right)
-        .caption(
-            "block output MSE: one-shot ● vs reconstructed ▲",
-            ("sans-serif", 18),
-        )
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(60)
-        .build_cartesian_2d(-0.5..(before.len() as f64 - 0.5), y.log_scale())
-        .map_err(e)?;
-    chart
-        .configure_mesh()
-        .x_desc("block")
-        .x_labels(before.len().max(2))
-        .x_label_formatter(&|v| format!("{v:.0}"))
-        .y_label_formatter(&|v| format!("{v:.1e}"))
-        .label_style(("sans-serif", 13))
-        .draw()
-        .map_err(e)?;
-    chart
-        .draw_series(
-            before
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| Circle::new((i as f64, positive(v)), 6, RGBColor(214, 39, 40).filled())),
-        )
-        .map_err(e)?;
-    chart
-        .draw_series(
-            after.iter().enumerate().map(|(i, &v)| {
-                TriangleMarker::new((i as f64, positive(v)), 7, RGBColor(44, 160, 44).filled())
-            }),
-        )
-        .map_err(e)?;
-    Ok(())
 }

@@ -53,3 +53,16 @@ pub fn load_data(spec: &DataSpec, info: &ModelInfo, strict: bool) -> Result<Spli
     }
     Ok(split)
 }
+
+/// Says on stderr, in one line, which files failed to decode while batches were made.
+pub fn warn_skipped(sets: &[&data::Dataset]) {
+    // Subsets of one folder share their record: count each file once.
+    let skipped: std::collections::BTreeMap<_, _> = sets.iter().flat_map(|s| s.skipped()).collect();
+    if let Some((first, why)) = skipped.iter().next() {
+        eprintln!(
+            "spin: warning: {} file(s) did not decode and were left out (first: {}: {why}); --strict makes this an error",
+            skipped.len(),
+            first.display()
+        );
+    }
+}

@@ -1,7 +1,6 @@
 //! The data set formats spin reads: the built-in digits CSV, CIFAR-10's binary batches and a
 //! folder of class sub-directories. Every reader names the file and the problem in its errors.
-use super::image::{decode, hwc_to_chw};
-use super::Raw;
+use super::{Files, Raw};
 use crate::error::Error;
 use std::path::{Path, PathBuf};
 
@@ -42,7 +41,7 @@ pub fn check_digits(text: &str) -> Result<usize, Error> {
 }
 
 pub(super) fn parse_digits(path: &Path, text: &str) -> Result<Raw, Error> {
-    let mut raw = Raw::empty(8, 10, (0..10).map(|d| d.to_string()).collect());
+    let mut raw = Raw::empty(8, 16.0, 10, (0..10).map(|d| d.to_string()).collect());
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let bad = |reason: String| Error::Data {
             path: path.into(),
@@ -69,7 +68,7 @@ pub(super) fn parse_digits(path: &Path, text: &str) -> Result<Raw, Error> {
             return Err(bad(format!("label {} is not a digit 0..9", nums[64])));
         }
         for _ in 0..3 {
-            raw.pixels.extend(nums[..64].iter().map(|&v| v as f32 / 16.0));
+            raw.pixels.extend(nums[..64].iter().map(|&v| v as u8));
         }
         raw.labels.push(nums[64] as usize);
     }
@@ -111,14 +110,14 @@ fn parse_cifar_batch(path: &Path, bytes: &[u8], out: &mut Raw) -> Result<(), Err
             });
         }
         out.labels.push(rec[0] as usize);
-        out.pixels.extend(rec[1..].iter().map(|&b| b as f32 / 255.0));
+        out.pixels.extend_from_slice(&rec[1..]);
     }
     Ok(())
 }
 
 /// Checks CIFAR-10 bytes as a batch file (for the fuzz and property tests).
 pub fn check_cifar_batch(bytes: &[u8]) -> Result<usize, Error> {
-    let mut raw = Raw::empty(32, 10, cifar_names());
+    let mut raw = Raw::empty(32, 255.0, 10, cifar_names());
     parse_cifar_batch(Path::new("<bytes>"), bytes, &mut raw)?;
     Ok(raw.labels.len())
 }
@@ -142,21 +141,23 @@ pub(super) fn class_dirs(dir: &Path) -> Result<Vec<PathBuf>, Error> {
 }
 
 /// One sub-directory per class (sorted by name), images in any format the image crate reads
-/// (PNG, JPEG, BMP, GIF, WebP, TIFF), resized to `size`. A file that does not decode is skipped
-/// and recorded in `skipped`, or with `strict` fails the load; a class without a single image is
-/// an error naming it.
-pub(super) fn read_folder(
+/// (PNG, JPEG, BMP, GIF, WebP, TIFF). Only each file's header is read here (its pixels are decoded
+/// when a batch needs them): a file whose header does not read is skipped and recorded in
+/// `skipped`, or with `strict` fails the listing; a class without a single image is an error
+/// naming it.
+pub(super) fn list_folder(
     dir: &Path,
-    size: usize,
     strict: bool,
     skipped: &mut Vec<(PathBuf, String)>,
-) -> Result<Raw, Error> {
+) -> Result<Files, Error> {
     let classes = class_dirs(dir)?;
-    let names = classes
-        .iter()
-        .map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
-        .collect();
-    let mut raw = Raw::empty(size, classes.len(), names);
+    let mut out = Files {
+        names: classes
+            .iter()
+            .map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned())
+            .collect(),
+        ..Files::default()
+    };
     for (label, class) in classes.iter().enumerate() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(class)
             .map_err(|e| Error::io(class, e))?
@@ -164,30 +165,22 @@ pub(super) fn read_folder(
             .filter(|p| p.is_file())
             .collect();
         files.sort();
-        let before = raw.labels.len();
+        let before = out.labels.len();
         for f in files {
             if ::image::ImageFormat::from_path(&f).is_err() {
                 skipped.push((f, "not an image file".into()));
                 continue;
             }
-            let img = match decode(&f) {
-                Ok(img) => img,
-                Err(e) if strict => return Err(e),
-                Err(e) => {
-                    skipped.push((f, e.to_string()));
-                    continue;
+            match check_header(&f) {
+                Ok(()) => {
+                    out.paths.push(f);
+                    out.labels.push(label);
                 }
-            };
-            let img = ::image::imageops::resize(
-                &img.to_rgb32f(),
-                size as u32,
-                size as u32,
-                ::image::imageops::FilterType::Triangle,
-            );
-            raw.pixels.extend(hwc_to_chw(&img, size));
-            raw.labels.push(label);
+                Err(e) if strict => return Err(e),
+                Err(e) => skipped.push((f, e.to_string())),
+            }
         }
-        if raw.labels.len() == before {
+        if out.labels.len() == before {
             return Err(Error::Data {
                 path: class.clone(),
                 line: None,
@@ -195,5 +188,23 @@ pub(super) fn read_folder(
             });
         }
     }
-    Ok(raw)
+    Ok(out)
+}
+
+/// Reads an image file's header: its format and a non-empty size.
+fn check_header(path: &Path) -> Result<(), Error> {
+    let bad = |reason: String| Error::Image {
+        path: path.into(),
+        reason,
+    };
+    let (w, h) = ::image::ImageReader::open(path)
+        .map_err(|e| Error::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?
+        .into_dimensions()
+        .map_err(|e| bad(e.to_string()))?;
+    if w == 0 || h == 0 {
+        return Err(bad(format!("the image is {w}×{h}")));
+    }
+    Ok(())
 }

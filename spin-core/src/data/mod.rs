@@ -1,36 +1,58 @@
-//! Image classification data: the built-in digits set, CIFAR-10's binary batches, and a folder of
-//! class sub-directories. Every reader returns a typed error naming the file and the problem.
+//! Image classification data: the built-in digits set, CIFAR-10's binary batches, and ImageFolder
+//! directories. Every reader returns a typed error naming the file and the problem.
 //!
-//! Images are held as NCHW f32, already resized to the model's input size and normalised.
+//! A [`Dataset`] holds what is cheap to hold — labels, and either compact 8-bit pixels (digits,
+//! CIFAR-10) or file paths (folders) — and makes model-sized, normalised images only when a batch
+//! needs them: [`Loader`] decodes and augments batches on a bounded pool of threads, so memory
+//! does not grow with the data set.
+mod augment;
 mod formats;
 mod image;
+mod loader;
 
-pub use self::image::{decode, preprocess};
+pub use self::image::{decode, eval_crop, normalise, preprocess};
+pub use augment::{flip_and_rand, mix_batch, rand_augment, random_crop, random_resized_crop, Augment, Mix};
 pub use formats::{check_cifar_batch, check_digits};
+pub use loader::{Batch, Loader};
 
 use crate::error::Error;
 pub use crate::models::DataConfig;
-use formats::{cifar_names, read_cifar_batch, read_digits, read_folder};
+use ::image::Rgb32FImage;
+use formats::{cifar_names, list_folder, read_cifar_batch, read_digits};
+use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 /// The digits set shipped inside spin (see `spin-core/data/README.md` for its attribution).
 pub const DIGITS_CSV_GZ: &[u8] = include_bytes!("../../data/digits.csv.gz");
 
-/// A labelled image set, NCHW, normalised.
-#[derive(Clone, Debug, Default)]
+/// Where a data set's images come from.
+#[derive(Clone, Debug)]
+enum Source {
+    /// Square images read at load time, CHW bytes; a byte v stands for v / `max`.
+    Memory { pixels: Vec<u8>, size: usize, max: f32 },
+    /// Image files, decoded when a batch needs them.
+    Files(Vec<PathBuf>),
+}
+
+/// A labelled image set; images are made (decoded, resized, normalised) on demand.
+#[derive(Clone, Debug)]
 pub struct Dataset {
-    /// Every image, NCHW, normalised.
-    pub images: Vec<f32>,
+    source: Source,
     /// Every image's class.
     pub labels: Vec<usize>,
-    /// Image side.
-    pub image: usize,
     /// Number of classes.
     pub classes: usize,
     /// Class names, by index.
     pub class_names: Vec<String>,
+    /// The model's input: size, normalisation, eval crop.
+    pub config: DataConfig,
+    /// Fail on a file that does not decode (else skip it and record it).
+    strict: bool,
+    /// Files that failed to decode while batches were made (shared by clones and subsets).
+    late_skips: Arc<Mutex<Vec<(PathBuf, String)>>>,
 }
 
 impl Dataset {
@@ -42,33 +64,150 @@ impl Dataset {
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }
-    fn item_len(&self) -> usize {
-        3 * self.image * self.image
+    /// The model's input side.
+    pub fn image(&self) -> usize {
+        self.config.image
     }
-    /// The images and labels at `idx`, images concatenated NCHW.
-    pub fn gather(&self, idx: &[usize]) -> (Vec<f32>, Vec<usize>) {
-        let n = self.item_len();
-        let mut x = Vec::with_capacity(idx.len() * n);
-        for &i in idx {
-            x.extend_from_slice(&self.images[i * n..(i + 1) * n]);
+    /// Whether images are decoded from files as batches need them (else they are held in memory
+    /// as 8-bit pixels at their native size).
+    pub fn is_streamed(&self) -> bool {
+        matches!(self.source, Source::Files(_))
+    }
+    /// Image `i` as read, before any transform.
+    fn source_image(&self, i: usize) -> Result<Rgb32FImage, Error> {
+        match &self.source {
+            Source::Memory { pixels, size, max } => {
+                let (s, plane) = (*size, size * size);
+                let px = &pixels[i * 3 * plane..(i + 1) * 3 * plane];
+                Ok(Rgb32FImage::from_fn(s as u32, s as u32, |x, y| {
+                    let at = y as usize * s + x as usize;
+                    ::image::Rgb([0, 1, 2].map(|c| px[c * plane + at] as f32 / max))
+                }))
+            }
+            Source::Files(paths) => Ok(decode(&paths[i])?.to_rgb32f()),
         }
-        (x, idx.iter().map(|&i| self.labels[i]).collect())
     }
-    fn subset(&self, idx: &[usize]) -> Dataset {
-        let (images, labels) = self.gather(idx);
-        Dataset {
-            images,
-            labels,
-            ..self.meta()
+    /// Image `i` at the model's size, normalised, CHW: the eval transform, or with `augment`
+    /// the training transform drawn from `rng`.
+    pub fn item(&self, i: usize, augment: Option<(&Augment, &mut StdRng)>) -> Result<Vec<f32>, Error> {
+        let img = self.source_image(i)?;
+        let size = self.config.image as u32;
+        let out = match augment {
+            None => self.eval_resize(&img),
+            Some((aug, rng)) => {
+                let mut out = match aug.crop_scale {
+                    Some(scale) => random_resized_crop(&img, size, scale, rng),
+                    None => self.eval_resize(&img),
+                };
+                flip_and_rand(&mut out, aug, rng);
+                out
+            }
+        };
+        Ok(normalise(&out, &self.config))
+    }
+    /// The eval transform's geometry: in-memory (square) images are resized to the model's size;
+    /// files get timm's resize-and-centre-crop, as `spin predict` does.
+    fn eval_resize(&self, img: &Rgb32FImage) -> Rgb32FImage {
+        let size = self.config.image as u32;
+        match self.source {
+            Source::Memory { .. } if img.width() == size && img.height() == size => img.clone(),
+            Source::Memory { .. } => {
+                ::image::imageops::resize(img, size, size, ::image::imageops::FilterType::Triangle)
+            }
+            Source::Files(_) => eval_crop(img, &self.config),
         }
     }
-    fn meta(&self) -> Dataset {
+    /// [`Dataset::item`], but a file that does not decode is recorded and gives `None` unless the
+    /// set is strict.
+    pub(crate) fn try_item(
+        &self,
+        i: usize,
+        augment: Option<(&Augment, &mut StdRng)>,
+    ) -> Result<Option<Vec<f32>>, Error> {
+        match self.item(i, augment) {
+            Ok(x) => Ok(Some(x)),
+            Err(e) if self.strict => Err(e),
+            Err(e) => {
+                if let Source::Files(paths) = &self.source {
+                    let mut skips = self.late_skips.lock().unwrap_or_else(|p| p.into_inner());
+                    skips.push((paths[i].clone(), e.to_string()));
+                }
+                Ok(None)
+            }
+        }
+    }
+    /// Files that failed to decode while batches were made, with the reason.
+    pub fn skipped(&self) -> Vec<(PathBuf, String)> {
+        self.late_skips.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    /// The images (eval transform, NCHW) and labels at `idx`, decoded on [`Loader::default`]'s
+    /// threads; files that do not decode are left out (or fail, when strict).
+    pub fn gather(&self, idx: &[usize]) -> Result<(Vec<f32>, Vec<usize>), Error> {
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        Loader::default().run(self, idx, idx.len().max(1), None, 0, &mut |_, b| {
+            x = b.images;
+            y = b.labels;
+            Ok(())
+        })?;
+        Ok((x, y))
+    }
+    /// The images at `idx`, in that order, as a data set of their own.
+    pub fn subset(&self, idx: &[usize]) -> Dataset {
+        let source = match &self.source {
+            Source::Memory { pixels, size, max } => {
+                let n = 3 * size * size;
+                Source::Memory {
+                    pixels: idx
+                        .iter()
+                        .flat_map(|&i| pixels[i * n..(i + 1) * n].iter().copied())
+                        .collect(),
+                    size: *size,
+                    max: *max,
+                }
+            }
+            Source::Files(paths) => Source::Files(idx.iter().map(|&i| paths[i].clone()).collect()),
+        };
         Dataset {
-            images: vec![],
+            source,
+            labels: idx.iter().map(|&i| self.labels[i]).collect(),
+            ..self.clone_meta()
+        }
+    }
+    fn clone_meta(&self) -> Dataset {
+        Dataset {
+            source: Source::Files(vec![]),
             labels: vec![],
-            image: self.image,
             classes: self.classes,
             class_names: self.class_names.clone(),
+            config: self.config.clone(),
+            strict: self.strict,
+            late_skips: self.late_skips.clone(),
+        }
+    }
+    fn from_raw(raw: Raw, config: &DataConfig, strict: bool) -> Dataset {
+        Dataset {
+            source: Source::Memory {
+                pixels: raw.pixels,
+                size: raw.size,
+                max: raw.max,
+            },
+            labels: raw.labels,
+            classes: raw.classes,
+            class_names: raw.names,
+            config: config.clone(),
+            strict,
+            late_skips: Default::default(),
+        }
+    }
+    fn from_files(files: Files, config: &DataConfig, strict: bool) -> Dataset {
+        Dataset {
+            source: Source::Files(files.paths),
+            labels: files.labels,
+            classes: files.names.len(),
+            class_names: files.names,
+            config: config.clone(),
+            strict,
+            late_skips: Default::default(),
         }
     }
 }
@@ -125,29 +264,30 @@ impl std::fmt::Display for DataSpec {
 pub const TEST_FRACTION: f64 = 0.2;
 const SPLIT_SEED: u64 = 20_220_722;
 
-/// Reads a data set, resized and normalised for `cfg`; files that do not decode are skipped
-/// and listed in [`Split::skipped`].
+/// Reads a data set for a model with input `cfg`; image files that are not images or whose header
+/// does not read are skipped and listed in [`Split::skipped`].
 pub fn load(spec: &DataSpec, cfg: &DataConfig) -> Result<Split, Error> {
     load_with(spec, cfg, false)
 }
 
-/// [`load`], failing on the first file that does not decode when `strict`.
+/// [`load`], failing on the first file that does not read when `strict` (then, too, while
+/// batches are decoded).
 pub fn load_with(spec: &DataSpec, cfg: &DataConfig, strict: bool) -> Result<Split, Error> {
     match spec {
         DataSpec::Digits => {
             let raw = read_digits(Path::new("<built-in digits>"), DIGITS_CSV_GZ)?;
-            Ok(split(finish(raw, cfg)))
+            Ok(split(Dataset::from_raw(raw, cfg, strict)))
         }
         DataSpec::Cifar10(dir) => {
-            let mut train = Raw::empty(32, 10, cifar_names());
+            let mut train = Raw::empty(32, 255.0, 10, cifar_names());
             for i in 1..=5 {
                 read_cifar_batch(&dir.join(format!("data_batch_{i}.bin")), &mut train)?;
             }
-            let mut test = Raw::empty(32, 10, cifar_names());
+            let mut test = Raw::empty(32, 255.0, 10, cifar_names());
             read_cifar_batch(&dir.join("test_batch.bin"), &mut test)?;
             Ok(Split {
-                train: finish(train, cfg),
-                test: finish(test, cfg),
+                train: Dataset::from_raw(train, cfg, strict),
+                test: Dataset::from_raw(test, cfg, strict),
                 skipped: Vec::new(),
             })
         }
@@ -155,7 +295,7 @@ pub fn load_with(spec: &DataSpec, cfg: &DataConfig, strict: bool) -> Result<Spli
             let mut skipped = Vec::new();
             let (train_dir, val_dir) = (dir.join("train"), dir.join("val"));
             if !train_dir.is_dir() {
-                let all = finish(read_folder(dir, cfg.image, strict, &mut skipped)?, cfg);
+                let all = Dataset::from_files(list_folder(dir, strict, &mut skipped)?, cfg, strict);
                 return Ok(Split {
                     skipped,
                     ..split(all)
@@ -170,8 +310,8 @@ pub fn load_with(spec: &DataSpec, cfg: &DataConfig, strict: bool) -> Result<Spli
                             .into(),
                 });
             }
-            let train = finish(read_folder(&train_dir, cfg.image, strict, &mut skipped)?, cfg);
-            let test = finish(read_folder(&val_dir, cfg.image, strict, &mut skipped)?, cfg);
+            let train = Dataset::from_files(list_folder(&train_dir, strict, &mut skipped)?, cfg, strict);
+            let test = Dataset::from_files(list_folder(&val_dir, strict, &mut skipped)?, cfg, strict);
             if train.class_names != test.class_names {
                 return Err(Error::Data {
                     path: dir.clone(),
@@ -187,31 +327,42 @@ pub fn load_with(spec: &DataSpec, cfg: &DataConfig, strict: bool) -> Result<Spli
     }
 }
 
-/// Images in [0, 1], NCHW, at their native square size.
+/// Square images as 8-bit CHW planes at their native size.
 #[derive(Debug)]
 pub(crate) struct Raw {
-    pixels: Vec<f32>,
+    pixels: Vec<u8>,
     labels: Vec<usize>,
     size: usize,
+    /// The value that stands for 1.0 (16 for the digits, 255 for CIFAR-10).
+    max: f32,
     classes: usize,
     names: Vec<String>,
 }
 
 impl Raw {
-    pub(crate) fn empty(size: usize, classes: usize, names: Vec<String>) -> Self {
+    pub(crate) fn empty(size: usize, max: f32, classes: usize, names: Vec<String>) -> Self {
         Self {
             pixels: vec![],
             labels: vec![],
             size,
+            max,
             classes,
             names,
         }
     }
 }
 
+/// An ImageFolder listing: every image file with its class.
+#[derive(Debug, Default)]
+pub(crate) struct Files {
+    paths: Vec<PathBuf>,
+    labels: Vec<usize>,
+    names: Vec<String>,
+}
+
 fn split(all: Dataset) -> Split {
     let mut idx: Vec<usize> = (0..all.len()).collect();
-    idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(SPLIT_SEED));
+    idx.shuffle(&mut StdRng::seed_from_u64(SPLIT_SEED));
     let n_test = (all.len() as f64 * TEST_FRACTION).round() as usize;
     let (test, train) = idx.split_at(n_test);
     let (mut train, mut test) = (train.to_vec(), test.to_vec());
@@ -224,54 +375,6 @@ fn split(all: Dataset) -> Split {
     }
 }
 
-/// Resizes (bilinear) to the model's size and normalises per channel.
-fn finish(raw: Raw, cfg: &DataConfig) -> Dataset {
-    let (s, t) = (raw.size, cfg.image);
-    let n = raw.labels.len();
-    let mut images = Vec::with_capacity(n * 3 * t * t);
-    for i in 0..n {
-        let img = &raw.pixels[i * 3 * s * s..(i + 1) * 3 * s * s];
-        let img = if s == t {
-            img.to_vec()
-        } else {
-            resize_chw(img, s, t)
-        };
-        for (c, plane) in img.chunks(t * t).enumerate() {
-            images.extend(plane.iter().map(|&v| (v - cfg.mean[c]) / cfg.std[c]));
-        }
-    }
-    Dataset {
-        images,
-        labels: raw.labels,
-        image: t,
-        classes: raw.classes,
-        class_names: raw.names,
-    }
-}
-
-fn resize_chw(img: &[f32], from: usize, to: usize) -> Vec<f32> {
-    let mut hwc = ::image::Rgb32FImage::new(from as u32, from as u32);
-    for (x, y, p) in hwc.enumerate_pixels_mut() {
-        let (x, y) = (x as usize, y as usize);
-        for c in 0..3 {
-            p.0[c] = img[(c * from + y) * from + x];
-        }
-    }
-    let out = ::image::imageops::resize(
-        &hwc,
-        to as u32,
-        to as u32,
-        ::image::imageops::FilterType::Triangle,
-    );
-    let mut chw = vec![0.0; 3 * to * to];
-    for (x, y, p) in out.enumerate_pixels() {
-        for c in 0..3 {
-            chw[(c * to + y as usize) * to + x as usize] = p.0[c];
-        }
-    }
-    chw
-}
-
 #[cfg(test)]
 mod tests {
     use super::formats::parse_digits;
@@ -282,13 +385,18 @@ mod tests {
         let s = load(&DataSpec::Digits, &DataConfig::centred(8)).unwrap();
         assert_eq!(s.train.len() + s.test.len(), 1797);
         assert_eq!(s.test.len(), 359);
-        assert_eq!(s.train.images.len(), s.train.len() * 3 * 64);
-        assert!(s.train.images.iter().all(|v| (-1.0..=1.0).contains(v)));
+        let (images, labels) = s.train.gather(&[0, 5, 9]).unwrap();
+        assert_eq!(images.len(), 3 * 3 * 64);
+        assert_eq!(
+            labels,
+            vec![s.train.labels[0], s.train.labels[5], s.train.labels[9]]
+        );
+        assert!(images.iter().all(|v| (-1.0..=1.0).contains(v)));
         let again = load(&DataSpec::Digits, &DataConfig::centred(8)).unwrap();
         assert_eq!(s.test.labels, again.test.labels);
         // Resizing to a larger model input works too.
         let big = load(&DataSpec::Digits, &DataConfig::centred(16)).unwrap();
-        assert_eq!(big.test.images.len(), 359 * 3 * 256);
+        assert_eq!(big.test.gather(&[0, 1]).unwrap().0.len(), 2 * 3 * 256);
     }
 
     #[test]

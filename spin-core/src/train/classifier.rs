@@ -3,6 +3,7 @@
 use super::optim::AdamW;
 use crate::base::Nchw;
 use crate::checkpoint::{load_tensors, save_keys, StorageDtype, TensorMap, TimmCheckpoint};
+use crate::data::Mix;
 use crate::error::Error;
 use crate::fusion::{fuse_into, tensor_map, FusionReport, Reduction};
 use crate::models::{ModelInfo, SpinModel};
@@ -33,7 +34,7 @@ pub struct StepStats {
 /// let mut model: Box<dyn Classifier> = Box::new(Runner::new(dev.build_module::<Tiny, f32>(), dev));
 /// let images = vec![0.5f32; 2 * 3 * 8 * 8];
 /// let hp = StepParams { lr: 1e-3, label_smoothing: 0.1, clip: Some(1.0) };
-/// let step = model.train_step(&images, &[0, 2], &mut AdamW::new(0.05), &hp).unwrap();
+/// let step = model.train_step(&images, &[0, 2], None, &mut AdamW::new(0.05), &hp).unwrap();
 /// assert!(step.loss.is_finite());
 /// assert_eq!(model.predict(&images, 2).len(), 2 * 3);
 /// ```
@@ -44,12 +45,13 @@ pub trait Classifier: Send {
     fn num_params(&self) -> usize;
     /// Logits `(batch, classes)`, flattened, for NCHW images at the model's size.
     fn predict(&self, images: &[f32], batch: usize) -> Vec<f32>;
-    /// One training step: forward (training mode), label-smoothed cross-entropy, backward,
-    /// clipping, AdamW.
+    /// One training step: forward (training mode), label-smoothed cross-entropy (against the
+    /// mixed targets when `mix` says how the batch was mixed), backward, clipping, AdamW.
     fn train_step(
         &mut self,
         images: &[f32],
         labels: &[usize],
+        mix: Option<&Mix>,
         opt: &mut AdamW,
         hp: &StepParams,
     ) -> Result<StepStats, Error>;
@@ -100,6 +102,19 @@ fn images_tensor(dev: &Cpu, images: &[f32], batch: usize, classes_img: usize) ->
     dev.tensor_from_vec(images.to_vec(), (batch, 3, classes_img, classes_img))
 }
 
+/// Loads every tensor of the checkpoint at `path` into `model` but the classifier's (`head.*`),
+/// which keeps its initial values: the start of fine-tuning to another class count. Returns how
+/// many tensors were loaded.
+pub fn load_all_but_head(model: &mut dyn Classifier, path: &Path) -> Result<usize, Error> {
+    let is_head = |k: &str| k.starts_with("head.");
+    let mut tensors = crate::fusion::read_checkpoint(path)?;
+    tensors.retain(|k, _| !is_head(k));
+    let loaded = tensors.len();
+    tensors.extend(model.state_tensors().into_iter().filter(|(k, _)| is_head(k)));
+    model.load_state_tensors(path, &tensors)?;
+    Ok(loaded)
+}
+
 /// Label-smoothed one-hot targets: (1 − ε)·onehot + ε/K.
 pub fn smooth_targets(labels: &[usize], classes: usize, eps: f32) -> Vec<f32> {
     let mut t = vec![eps / classes as f32; labels.len() * classes];
@@ -107,6 +122,21 @@ pub fn smooth_targets(labels: &[usize], classes: usize, eps: f32) -> Vec<f32> {
         t[i * classes + l] += 1.0 - eps;
     }
     t
+}
+
+/// Smoothed targets of a batch, mixed as `mix` says: lam·own + (1 − lam)·partner's.
+pub fn mixed_targets(labels: &[usize], mix: Option<&Mix>, classes: usize, eps: f32) -> Vec<f32> {
+    let own = smooth_targets(labels, classes, eps);
+    match mix {
+        None => own,
+        Some(m) => {
+            let partner = smooth_targets(&m.partner, classes, eps);
+            own.iter()
+                .zip(partner)
+                .map(|(a, b)| m.lam * a + (1.0 - m.lam) * b)
+                .collect()
+        }
+    }
 }
 
 /// How many rows of `logits` have their maximum at the label.
@@ -140,6 +170,7 @@ impl<M: SpinModel<f32, Cpu> + Send + 'static> Classifier for Runner<M> {
         &mut self,
         images: &[f32],
         labels: &[usize],
+        mix: Option<&Mix>,
         opt: &mut AdamW,
         hp: &StepParams,
     ) -> Result<StepStats, Error> {
@@ -150,7 +181,7 @@ impl<M: SpinModel<f32, Cpu> + Send + 'static> Classifier for Runner<M> {
         let logits = self.model.logits_mut(x.traced(grads));
         let correct = count_correct(&logits.as_vec(), labels);
         let targets = self.dev.tensor_from_vec(
-            smooth_targets(labels, info.classes, hp.label_smoothing),
+            mixed_targets(labels, mix, info.classes, hp.label_smoothing),
             (batch, info.classes),
         );
         let loss = cross_entropy_with_logits_loss(logits, targets);

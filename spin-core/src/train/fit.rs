@@ -1,7 +1,7 @@
 //! Epochs: the training loop over a data set and evaluation.
 use super::classifier::{count_correct, Classifier, StepParams};
-use super::optim::{AdamW, OneCycle};
-use crate::data::Dataset;
+use super::optim::{AdamW, LrSchedule, Schedule};
+use crate::data::{Augment, Dataset, Loader};
 use crate::error::Error;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -13,16 +13,36 @@ pub struct TrainConfig {
     pub epochs: usize,
     /// Images per step.
     pub batch: usize,
-    /// Peak learning rate of the one-cycle schedule.
+    /// Peak learning rate.
     pub lr: f32,
+    /// The learning-rate curve after warm-up.
+    pub schedule: Schedule,
+    /// Epochs of linear learning-rate warm-up.
+    pub warmup_epochs: usize,
     /// AdamW's decoupled weight decay.
     pub weight_decay: f32,
     /// Label smoothing ε.
     pub label_smoothing: f32,
     /// Clip the global gradient L2 norm to this value.
     pub clip: Option<f32>,
-    /// Seeds the example order (and, through the caller, the initialisation).
+    /// Seeds the example order and the augmentation (and, through the caller, the initialisation).
     pub seed: u64,
+    /// What training does to each image and batch.
+    pub augment: Augment,
+    /// The threads that decode and augment batches (they do not change the results).
+    pub loader: Loader,
+}
+
+impl TrainConfig {
+    /// The learning rate of every step of the run.
+    pub fn lr_schedule(&self, steps_per_epoch: usize) -> LrSchedule {
+        LrSchedule {
+            kind: self.schedule,
+            lr: self.lr,
+            warmup_steps: self.warmup_epochs * steps_per_epoch,
+            total_steps: self.epochs * steps_per_epoch,
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -31,10 +51,14 @@ impl Default for TrainConfig {
             epochs: 10,
             batch: 64,
             lr: 2e-3,
+            schedule: Schedule::OneCycle,
+            warmup_epochs: 0,
             weight_decay: 0.05,
             label_smoothing: 0.1,
             clip: Some(1.0),
             seed: 0,
+            augment: Augment::none(),
+            loader: Loader::default(),
         }
     }
 }
@@ -65,8 +89,14 @@ pub fn steps_per_epoch(n: usize, batch: usize) -> usize {
     n.div_ceil(batch.max(1))
 }
 
+/// The seed of an epoch's augmentation.
+fn epoch_seed(seed: u64, epoch: usize) -> u64 {
+    seed.wrapping_mul(0xA24B_AED4_963E_E407) ^ (epoch as u64).wrapping_add(1)
+}
+
 /// One epoch of training. `progress` is called after every step with (step, loss, accuracy so far).
 /// A non-finite loss stops the epoch with [`Error::Diverged`] before the optimiser applies it.
+/// With mixup or cutmix, accuracy counts an image as right when its own label wins.
 pub fn train_epoch(
     model: &mut dyn Classifier,
     opt: &mut AdamW,
@@ -77,35 +107,37 @@ pub fn train_epoch(
 ) -> Result<PassStats, Error> {
     let order = epoch_order(data.len(), cfg.seed, epoch);
     let per_epoch = steps_per_epoch(data.len(), cfg.batch);
-    let sched = OneCycle {
-        lr: cfg.lr,
-        total_steps: per_epoch * cfg.epochs,
-    };
+    let sched = cfg.lr_schedule(per_epoch);
     let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
-    for (s, idx) in order.chunks(cfg.batch).enumerate() {
-        let (x, y) = data.gather(idx);
-        let hp = StepParams {
-            lr: sched.at(epoch * per_epoch + s),
-            label_smoothing: cfg.label_smoothing,
-            clip: cfg.clip,
-        };
-        let st = model.train_step(&x, &y, opt, &hp)?;
-        if !st.loss.is_finite() {
-            return Err(Error::Diverged {
-                epoch,
-                step: s,
-                loss: st.loss,
-            });
-        }
-        loss_sum += st.loss as f64 * y.len() as f64;
-        correct += st.correct;
-        seen += y.len();
-        progress(
-            s + 1,
-            (loss_sum / seen as f64) as f32,
-            correct as f32 / seen as f32,
-        );
-    }
+    let seed = epoch_seed(cfg.seed, epoch);
+    cfg.loader
+        .run(data, &order, cfg.batch, Some(&cfg.augment), seed, &mut |s, b| {
+            if b.labels.is_empty() {
+                return Ok(());
+            }
+            let hp = StepParams {
+                lr: sched.at(epoch * per_epoch + s),
+                label_smoothing: cfg.label_smoothing,
+                clip: cfg.clip,
+            };
+            let st = model.train_step(&b.images, &b.labels, b.mix.as_ref(), opt, &hp)?;
+            if !st.loss.is_finite() {
+                return Err(Error::Diverged {
+                    epoch,
+                    step: s,
+                    loss: st.loss,
+                });
+            }
+            loss_sum += st.loss as f64 * b.labels.len() as f64;
+            correct += st.correct;
+            seen += b.labels.len();
+            progress(
+                s + 1,
+                (loss_sum / seen as f64) as f32,
+                correct as f32 / seen as f32,
+            );
+            Ok(())
+        })?;
     Ok(PassStats {
         loss: (loss_sum / seen.max(1) as f64) as f32,
         accuracy: correct as f32 / seen.max(1) as f32,
@@ -113,13 +145,28 @@ pub fn train_epoch(
     })
 }
 
-/// Loss (plain cross-entropy) and accuracy on a data set, in inference mode.
-pub fn evaluate(model: &dyn Classifier, data: &Dataset, batch: usize) -> PassStats {
-    let (mut loss_sum, mut correct) = (0.0f64, 0usize);
+/// Loss (plain cross-entropy) and accuracy on a data set, in inference mode (eval transform;
+/// files that do not decode are left out unless the data is strict).
+pub fn evaluate(model: &dyn Classifier, data: &Dataset, batch: usize) -> Result<PassStats, Error> {
+    evaluate_with(model, data, batch, &Loader::default(), &mut |_| {})
+}
+
+/// [`evaluate`] with these loader threads, calling `progress` with the images done so far.
+pub fn evaluate_with(
+    model: &dyn Classifier,
+    data: &Dataset,
+    batch: usize,
+    loader: &Loader,
+    progress: &mut dyn FnMut(usize),
+) -> Result<PassStats, Error> {
+    let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
     let idx: Vec<usize> = (0..data.len()).collect();
-    for chunk in idx.chunks(batch.max(1)) {
-        let (x, y) = data.gather(chunk);
-        let logits = model.predict(&x, y.len());
+    loader.run(data, &idx, batch.max(1), None, 0, &mut |_, b| {
+        let y = &b.labels;
+        if y.is_empty() {
+            return Ok(());
+        }
+        let logits = model.predict(&b.images, y.len());
         let k = logits.len() / y.len();
         for (i, &l) in y.iter().enumerate() {
             let row = &logits[i * k..(i + 1) * k];
@@ -127,14 +174,17 @@ pub fn evaluate(model: &dyn Classifier, data: &Dataset, batch: usize) -> PassSta
             let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
             loss_sum += (lse - row[l]) as f64;
         }
-        correct += count_correct(&logits, &y);
-    }
-    let n = data.len().max(1);
-    PassStats {
+        correct += count_correct(&logits, y);
+        seen += y.len();
+        progress(seen);
+        Ok(())
+    })?;
+    let n = seen.max(1);
+    Ok(PassStats {
         loss: (loss_sum / n as f64) as f32,
         accuracy: correct as f32 / n as f32,
-        images: data.len(),
-    }
+        images: seen,
+    })
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! Training and evaluation on the CPU as a library: AdamW with decoupled weight decay, SPIN's
-//! one-cycle learning rate, label smoothing, clipping by global L2 norm ([`optim`], [`fit`]); an
+//! one-cycle, cosine or constant learning rate with warm-up, label smoothing, clipping by global L2 norm ([`optim`], [`fit`]); an
 //! object-safe [`Classifier`] so a model chosen by name at run time can be trained
 //! ([`classifier`]); and whole runs with checkpoints, metrics, resume and a stop on divergence
 //! ([`mod@run`]), which `spin train` only calls.
@@ -8,7 +8,10 @@ pub mod fit;
 pub mod optim;
 pub mod run;
 
-pub use classifier::{count_correct, smooth_targets, Classifier, Runner, StepParams, StepStats};
-pub use fit::{epoch_order, evaluate, steps_per_epoch, train_epoch, PassStats, TrainConfig};
-pub use optim::{AdamW, OneCycle};
+pub use classifier::{
+    count_correct, load_all_but_head, mixed_targets, smooth_targets, Classifier, Runner, StepParams,
+    StepStats,
+};
+pub use fit::{epoch_order, evaluate, evaluate_with, steps_per_epoch, train_epoch, PassStats, TrainConfig};
+pub use optim::{AdamW, LrSchedule, OneCycle, Schedule};
 pub use run::{fine_tune, run, EpochRecord, Event, RunOptions, RunState, TrainResult};

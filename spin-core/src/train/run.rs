@@ -14,7 +14,7 @@
 //!
 //! `--resume` reads only the state; the other two are outputs, remade from it.
 use super::classifier::Classifier;
-use super::fit::{evaluate, steps_per_epoch, train_epoch, PassStats, TrainConfig};
+use super::fit::{evaluate_with, steps_per_epoch, train_epoch, PassStats, TrainConfig};
 use super::optim::AdamW;
 use crate::checkpoint::{read_file, write_atomic, write_file, StorageDtype, TensorMap};
 use crate::data::Dataset;
@@ -78,6 +78,9 @@ fn settings(cfg: &TrainConfig, extra: &[(String, String)]) -> BTreeMap<String, S
         ("epochs".to_string(), cfg.epochs.to_string()),
         ("batch".to_string(), cfg.batch.to_string()),
         ("lr".to_string(), cfg.lr.to_string()),
+        ("schedule".to_string(), cfg.schedule.to_string()),
+        ("warmup-epochs".to_string(), cfg.warmup_epochs.to_string()),
+        ("augment".to_string(), cfg.augment.describe()),
         ("weight-decay".to_string(), cfg.weight_decay.to_string()),
         ("label-smoothing".to_string(), cfg.label_smoothing.to_string()),
         ("clip".to_string(), cfg.clip.map_or("0".into(), |c| c.to_string())),
@@ -323,7 +326,7 @@ pub fn run(
     let mut initial = None;
     let mut last = PassStats::default();
     if start == 0 {
-        last = evaluate(model, test, opts.eval_batch);
+        last = evaluate_with(model, test, opts.eval_batch, &cfg.loader, &mut |_| {})?;
         initial = Some(last.accuracy);
         observe(Event::Initial(last))?;
     }
@@ -362,7 +365,7 @@ pub fn run(
             Err(e) => return Err(e),
         };
         let seconds = te.elapsed().as_secs_f64();
-        last = evaluate(model, test, opts.eval_batch);
+        last = evaluate_with(model, test, opts.eval_batch, &cfg.loader, &mut |_| {})?;
         let record = EpochRecord {
             epoch: epoch + 1,
             lr_peak: cfg.lr,
@@ -389,7 +392,7 @@ pub fn run(
         observe(Event::Epoch(&record))?;
     }
     if start >= end {
-        last = evaluate(model, test, opts.eval_batch);
+        last = evaluate_with(model, test, opts.eval_batch, &cfg.loader, &mut |_| {})?;
     }
     Ok(TrainResult {
         name: info.name.to_string(),
@@ -429,7 +432,7 @@ pub fn fine_tune(
         train_epoch(model, &mut opt, train, cfg, epoch, &mut |step, loss, accuracy| {
             let _ = observe(Event::Step { step, loss, accuracy });
         })?;
-        out.push(evaluate(model, test, cfg.batch));
+        out.push(evaluate_with(model, test, cfg.batch, &cfg.loader, &mut |_| {})?);
     }
     Ok(out)
 }
