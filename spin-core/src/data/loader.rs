@@ -29,12 +29,13 @@ pub struct Loader {
 }
 
 impl Default for Loader {
-    /// Up to four workers (fewer on smaller machines), two batches ahead each.
+    /// Up to four workers (fewer on smaller machines), each holding one finished batch while it
+    /// makes the next.
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Self {
             workers: cores.clamp(1, 4),
-            prefetch: 2,
+            prefetch: 1,
         }
     }
 }
