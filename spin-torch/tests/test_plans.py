@@ -52,3 +52,30 @@ def test_fips_members_keep_their_sparsity():
         total = sum(f.mask.numel() for f in factors)
         assert kept == int((1 - fips["sparsity"]) * total + 0.5)
         assert all(float((f.v.detach() * (1 - f.mask)).abs().sum()) == 0 for f in factors)
+
+
+# The members timm defines itself, and the eval transform timm's pretrained config gives them.
+TIMM_MEMBERS = [
+    "convmixer_1536_20",
+    "convmixer_768_32",
+    "convmixer_1024_20_ks9_p14",
+    "deit_tiny_patch16_224",
+    "deit_small_patch16_224",
+    "deit_base_patch16_224",
+]
+
+
+@pytest.mark.parametrize("name", TIMM_MEMBERS)
+def test_eval_transforms_are_timms(name):
+    data = spin_torch.plan(name)["data"]
+    cfg = timm.get_pretrained_cfg(name).to_dict()
+    assert data["crop_pct"] == pytest.approx(cfg["crop_pct"])
+    assert data["interpolation"] == cfg["interpolation"]
+    assert data["size"] == cfg["input_size"][-1]
+    assert data["mean"] == pytest.approx(list(cfg["mean"]))
+    assert data["std"] == pytest.approx(list(cfg["std"]))
+
+
+def test_spins_convmixers_resize_without_cropping():
+    # ml-spin's test transform: resize to 224, centre-crop 224.
+    assert spin_torch.plan("convmixer_768_32_p14_k3")["data"]["crop_pct"] == 1.0

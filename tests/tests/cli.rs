@@ -246,6 +246,31 @@ fn train_writes_checkpoints_and_metrics_and_resumes_bit_for_bit() {
         out.starts_with(&png_s) && out.contains("class ") && out.contains('%'),
         "{out}"
     );
+    // A directory is its image files, sorted; --json prints one object per image.
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for name in ["b.png", "a.bmp"] {
+        image::RgbImage::from_pixel(12, 9, image::Rgb([10, 200, 30]))
+            .save(images.join(name))
+            .unwrap();
+    }
+    std::fs::write(images.join("notes.txt"), "not an image").unwrap();
+    let out = run(&[
+        "predict",
+        "--weights",
+        &ckpt,
+        "--json",
+        "--top",
+        "2",
+        &images.display().to_string(),
+    ])
+    .unwrap();
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0]["image"].as_str().unwrap().ends_with("a.bmp"));
+    assert_eq!(lines[1]["names"].as_array().unwrap().len(), 2);
+    let p = lines[1]["probabilities"].as_array().unwrap();
+    assert!(p[0].as_f64().unwrap() >= p[1].as_f64().unwrap());
     // A file that is not an image is named in the error.
     let bad = dir.join("bad.png");
     std::fs::write(&bad, b"not a png").unwrap();

@@ -425,7 +425,11 @@ pub struct PredictArgs {
     /// How many classes to print per image (at least 1).
     #[arg(long, default_value_t = 3, value_parser = count)]
     pub top: usize,
-    /// Image files (PNG or JPEG), resized and normalised as the member's eval transform.
+    /// Print one JSON object per image (image, classes, names, probabilities) instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Image files, or directories whose image files are all classified (sorted by name); each
+    /// goes through the member's eval transform (resize the short side, centre-crop, normalise).
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
 }

@@ -347,20 +347,70 @@ fn dump_logits(m: &dyn Classifier, data: &Dataset, batch: usize, path: &Path) ->
     write_file(path, &tensors, StorageDtype::F32, &meta)
 }
 
+/// One image's top classes, as `spin predict --json` prints them.
+#[derive(serde::Serialize)]
+struct Prediction {
+    image: String,
+    classes: Vec<usize>,
+    names: Vec<String>,
+    probabilities: Vec<f32>,
+}
+
+/// The files `predict` classifies: files as given, directories as their image files (sorted).
+fn image_files(paths: &[std::path::PathBuf]) -> Result<Vec<std::path::PathBuf>, Error> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut files: Vec<_> = std::fs::read_dir(p)
+                .map_err(|e| Error::io(p, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| data::is_image_file(f))
+                .collect();
+            if files.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "{}: no image files in this directory",
+                    p.display()
+                )));
+            }
+            files.sort();
+            out.extend(files);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
 pub fn predict(a: &PredictArgs, out: &mut dyn Write) -> Result<(), Error> {
     let m = load(&crate::member_name(a.model.as_deref(), &a.weights)?, &a.weights)?;
     let cfg = data_config(&m.info());
-    for path in &a.images {
-        let img = data::decode(path)?;
+    let imagenet = (m.info().classes == 1000).then(data::imagenet_classes);
+    let name = |c: usize| match &imagenet {
+        Some(names) => names[c].1.to_string(),
+        None => format!("class {c}"),
+    };
+    for path in image_files(&a.images)? {
+        let img = data::decode(&path)?;
         let logits = m.predict(&data::preprocess(&img, &cfg), 1);
         let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         let z: f32 = logits.iter().map(|v| (v - max).exp()).sum();
         let mut ranked: Vec<(usize, f32)> = logits.iter().map(|v| (v - max).exp() / z).enumerate().collect();
         ranked.sort_by(|x, y| y.1.total_cmp(&x.1));
+        ranked.truncate(a.top.max(1));
+        if a.json {
+            let p = Prediction {
+                image: path.display().to_string(),
+                classes: ranked.iter().map(|r| r.0).collect(),
+                names: ranked.iter().map(|r| name(r.0)).collect(),
+                probabilities: ranked.iter().map(|r| r.1).collect(),
+            };
+            let json = serde_json::to_string(&p).map_err(|e| io(e.into()))?;
+            writeln!(out, "{json}").map_err(io)?;
+            continue;
+        }
         let top: Vec<String> = ranked
             .iter()
-            .take(a.top.max(1))
-            .map(|(c, p)| format!("class {c} ({:.1}%)", p * 100.0))
+            .map(|&(c, p)| format!("{} ({:.1}%)", name(c), p * 100.0))
             .collect();
         writeln!(out, "{}: {}", path.display(), top.join(", ")).map_err(io)?;
     }

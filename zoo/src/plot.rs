@@ -40,8 +40,9 @@ pub fn compare_plot(rows: &[(Row, &TrainResult)], dir: &Path, data: &str) -> Res
     Ok(())
 }
 
-/// Tick values in [lo, hi] at 1-2-5 steps of each decade (every step from 1 to 9 when that
-/// would give fewer than three, powers of ten alone when more than eight).
+/// Tick values in [lo, hi] at 1-2-5 steps of each decade (1-2-3-5 when that would give fewer
+/// than three, every step from 1 to 9 when that still would, powers of ten alone when more
+/// than eight).
 pub fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
     let within = |mantissas: &[f64]| -> Vec<f64> {
         let (e0, e1) = (lo.log10().floor() as i32, hi.log10().ceil() as i32);
@@ -52,9 +53,21 @@ pub fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
     };
     let ticks = within(&[1.0, 2.0, 5.0]);
     match ticks.len() {
+        0..=2 if within(&[1.0, 2.0, 3.0, 5.0]).len() >= 3 => within(&[1.0, 2.0, 3.0, 5.0]),
         0..=2 => within(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]),
         3..=8 => ticks,
         _ => within(&[1.0]),
+    }
+}
+
+/// A tick label: [`human`] without trailing zeros (`2 M`, `50 k`, `1.5 M`).
+fn tick_label(v: f64) -> String {
+    let h = human(v);
+    match h.split_once(' ') {
+        Some((num, unit)) if num.contains('.') => {
+            format!("{} {unit}", num.trim_end_matches('0').trim_end_matches('.'))
+        }
+        _ => h,
     }
 }
 
@@ -72,9 +85,10 @@ pub fn spread(xs: &[f64]) -> Vec<f64> {
 }
 
 /// Where to put each label (pixels): right of its point, moved up or down in steps of a line
-/// until it overlaps no label placed before it.
+/// until it overlaps no marker and no label placed before it.
 fn place_labels(points: &[(i32, i32)], widths: &[i32], line: i32) -> Vec<(i32, i32)> {
-    let mut placed: Vec<(i32, i32, i32)> = Vec::new();
+    // Every marker is an obstacle (a box of 16 px around its point), and so is each placed label.
+    let mut placed: Vec<(i32, i32, i32)> = points.iter().map(|&(x, y)| (x - 8, y - 8, 16)).collect();
     let mut out = Vec::new();
     for (&(px, py), &w) in points.iter().zip(widths) {
         let x = px + 10;
@@ -82,9 +96,11 @@ fn place_labels(points: &[(i32, i32)], widths: &[i32], line: i32) -> Vec<(i32, i
             .iter()
             .map(|k| py - line / 2 + k * line)
             .find(|&y| {
-                placed
-                    .iter()
-                    .all(|&(ox, oy, ow)| x + w <= ox || ox + ow <= x || y + line <= oy || oy + line <= y)
+                placed.iter().enumerate().all(|(k, &(ox, oy, ow))| {
+                    // A label may touch its own marker's box.
+                    let own = k < points.len() && points[k] == (px, py);
+                    own || x + w <= ox || ox + ow <= x || y + line <= oy || oy + line <= y
+                })
             })
             .unwrap_or(py - line / 2);
         placed.push((x, y, w));
@@ -101,10 +117,16 @@ fn draw<DB: DrawingBackend>(
     let e = |x: DrawingAreaErrorKind<DB::ErrorType>| x.to_string();
     root.fill(&WHITE).map_err(e)?;
     let full = root.clone();
-    let root = root
-        .titled(&format!("Test accuracy on {data}"), ("sans-serif", 22))
-        .map_err(e)?;
+    // Title on the first line, legend on the second, where they cover no point.
+    let (top, root) = root.split_vertically(60);
+    top.draw(&Text::new(
+        format!("Test accuracy on {data}"),
+        (16, 6),
+        ("sans-serif", 22).into_font().color(&BLACK),
+    ))
+    .map_err(e)?;
     let (left, right) = root.split_horizontally(600);
+    let mut legend: Vec<(String, RGBColor, bool)> = Vec::new();
     let accs: Vec<f64> = rows.iter().map(|(_, r)| r.test_accuracy as f64 * 100.0).collect();
     let lo = accs.iter().cloned().fold(f64::INFINITY, f64::min);
     let hi = accs.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -141,7 +163,7 @@ fn draw<DB: DrawingBackend>(
             .configure_mesh()
             .x_desc(label)
             .y_desc("test accuracy (%)")
-            .x_label_formatter(&|v| human(*v))
+            .x_label_formatter(&|v| tick_label(*v))
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(e)?;
@@ -151,31 +173,15 @@ fn draw<DB: DrawingBackend>(
             let c = colour(r);
             let shared = r.share != "none";
             let key = format!("{}, {}", r.family, if shared { "shared" } else { "unshared" });
-            let series = if shared {
+            if shared {
                 chart.draw_series(std::iter::once(TriangleMarker::new(p, 9, c.filled())))
             } else {
                 chart.draw_series(std::iter::once(Circle::new(p, 7, c.filled())))
             }
             .map_err(e)?;
             if panel == 0 && legend_done.insert(key.clone()) {
-                series.label(key).legend(move |(lx, ly)| {
-                    if shared {
-                        TriangleMarker::new((lx + 8, ly), 7, c.filled()).into_dyn()
-                    } else {
-                        Circle::new((lx + 8, ly), 6, c.filled()).into_dyn()
-                    }
-                });
+                legend.push((key, c, shared));
             }
-        }
-        if panel == 0 {
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::LowerRight)
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK.mix(0.4))
-                .label_font(("sans-serif", 13))
-                .draw()
-                .map_err(e)?;
         }
         let names: Vec<&str> = rows
             .iter()
@@ -195,6 +201,22 @@ fn draw<DB: DrawingBackend>(
             ))
             .map_err(e)?;
         }
+    }
+    let mut x = 16;
+    for (key, c, shared) in legend {
+        let at = (x + 7, 44);
+        if shared {
+            full.draw(&TriangleMarker::new(at, 7, c.filled())).map_err(e)?;
+        } else {
+            full.draw(&Circle::new(at, 6, c.filled())).map_err(e)?;
+        }
+        full.draw(&Text::new(
+            key.clone(),
+            (x + 18, 37),
+            ("sans-serif", 14).into_font().color(&BLACK),
+        ))
+        .map_err(e)?;
+        x += 30 + 7 * key.chars().count() as i32;
     }
     Ok(())
 }
@@ -295,7 +317,12 @@ mod tests {
     fn ticks_fall_within_a_decade_too() {
         assert_eq!(log_ticks(15e3, 480e3), vec![2e4, 5e4, 1e5, 2e5]);
         let t = log_ticks(1.5e6, 8.4e6);
-        assert_eq!(t, vec![2e6, 3e6, 4e6, 5e6, 6e6, 7e6, 8e6]);
+        assert_eq!(t, vec![2e6, 3e6, 5e6]);
+        assert_eq!(log_ticks(3.1e6, 4.9e6), vec![4e6]);
+        assert_eq!(
+            (tick_label(2e6), tick_label(5e4), tick_label(1.5e6)),
+            ("2 M".into(), "50 k".into(), "1.5 M".into())
+        );
         assert_eq!(log_ticks(1.0, 1e9).len(), 10);
     }
 

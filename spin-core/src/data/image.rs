@@ -4,6 +4,11 @@ use crate::error::Error;
 use ::image::Rgb32FImage;
 use std::path::Path;
 
+/// Whether a path names a file in an image format spin reads (by its extension).
+pub fn is_image_file(path: &Path) -> bool {
+    path.is_file() && ::image::ImageFormat::from_path(path).is_ok()
+}
+
 /// Decodes an image file in any format the image crate reads (PNG, JPEG, BMP, GIF, WebP, TIFF).
 pub fn decode(path: &Path) -> Result<::image::DynamicImage, Error> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;

@@ -10,7 +10,7 @@ mod formats;
 mod image;
 mod loader;
 
-pub use self::image::{decode, eval_crop, normalise, preprocess};
+pub use self::image::{decode, eval_crop, is_image_file, normalise, preprocess};
 pub use augment::{flip_and_rand, mix_batch, rand_augment, random_crop, random_resized_crop, Augment, Mix};
 pub use formats::{check_cifar_batch, check_digits};
 pub use loader::{Batch, Loader};
@@ -27,6 +27,21 @@ use std::sync::{Arc, Mutex};
 
 /// The digits set shipped inside spin (see `spin-core/data/README.md` for its attribution).
 pub const DIGITS_CSV_GZ: &[u8] = include_bytes!("../../data/digits.csv.gz");
+
+/// ImageNet-1k's classes in the order of a classifier's outputs: (WordNet id, names), e.g.
+/// `("n02123045", "tabby, tabby cat")` at 281 (attribution in `spin-core/data/README.md`).
+///
+/// ```
+/// let classes = spin_core::data::imagenet_classes();
+/// assert_eq!(classes.len(), 1000);
+/// assert_eq!(classes[281], ("n02123045", "tabby, tabby cat"));
+/// ```
+pub fn imagenet_classes() -> Vec<(&'static str, &'static str)> {
+    include_str!("../../data/imagenet_classes.tsv")
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .collect()
+}
 
 /// Where a data set's images come from.
 #[derive(Clone, Debug)]

@@ -43,7 +43,8 @@ impl DataConfig {
         }
     }
     /// How a model expects its input, as timm's data config would give it: ImageNet statistics
-    /// and crop (0.96 for ConvMixer, 0.875 for DeiT) at 224; CIFAR-10 statistics at 32; inputs
+    /// and timm's eval crop at 224 — 0.96 for timm's ConvMixers, 1.0 for SPIN's (ml-spin resizes to
+    /// 224 and centre-crops 224), 0.9 for DeiT; CIFAR-10 statistics at 32; inputs
     /// centred to [-1, 1] for the 8×8 digits members.
     ///
     /// ```
@@ -63,8 +64,11 @@ impl DataConfig {
                 crop_pct: 1.0,
                 interpolation: "bilinear".into(),
             },
-            (img, Family::ConvMixer) => Self::imagenet(img, 0.96),
-            (img, Family::Vit) => Self::imagenet(img, 0.875),
+            (img, Family::ConvMixer) => match &info.arch {
+                Arch::ConvMixer { variant, .. } if variant == "spin" => Self::imagenet(img, 1.0),
+                _ => Self::imagenet(img, 0.96),
+            },
+            (img, Family::Vit) => Self::imagenet(img, 0.9),
         }
     }
 
