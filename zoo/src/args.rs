@@ -35,6 +35,9 @@ pub enum Cmd {
     Fuse(FuseArgs),
     /// Time a forward pass (or with --train a training step) after warm-up.
     Bench(BenchArgs),
+    /// Convert a checkpoint (a PyTorch `.pth`/`.pt`/`.bin`/`.pyth` file, or safetensors) of a
+    /// member into spin's safetensors, with the member's plan.
+    Import(ImportArgs),
     /// Compress a trained ViT's MLPs with FiPS (shared SVD bases, sparse factors, block-wise
     /// reconstruction on calibration images).
     Fips(FipsArgs),
@@ -98,6 +101,23 @@ pub struct FipsArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// The checkpoint to read: `torch.save` output (state dict at the top or under model_state,
+    /// state_dict, model or model_ema; timm's keys) or safetensors.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// The zoo member it holds.
+    #[arg(long)]
+    pub model: String,
+    /// The safetensors file to write (timm layout, with the member's plan).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Storage dtype of the written checkpoint: f32, f16, bf16 or f64.
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    pub save_dtype: StorageDtype,
 }
 
 #[derive(Args, Debug)]

@@ -94,6 +94,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), Error> {
         Cmd::Fuse(a) => fuse(&a, out),
         Cmd::Bench(a) => bench(&a, out),
         Cmd::Fips(a) => fips(&a, out).map(|_| ()),
+        Cmd::Import(a) => import(&a, out),
     }
 }
 
@@ -441,6 +442,37 @@ pub fn bench(a: &BenchArgs, out: &mut dyn Write) -> Result<(), Error> {
         )
         .map_err(io)
     }
+}
+
+/// `spin import`: any checkpoint of a member, written as spin's safetensors with its plan.
+pub fn import(a: &ImportArgs, out: &mut dyn Write) -> Result<(), Error> {
+    let mut m = crate::build(&a.model, 0)?;
+    let report = m.load_checkpoint(&a.from)?;
+    m.save_timm(&a.out, a.save_dtype)?;
+    let found = match &report.torch {
+        None => format!("{}, {} tensors", report.format, report.tensors),
+        Some(t) => {
+            let dtypes: Vec<String> = t.dtypes.iter().map(|(d, n)| format!("{n} {d}")).collect();
+            format!(
+                "PyTorch, state dict {}, {} tensors ({}), {} integer buffers skipped",
+                t.nested_under
+                    .as_deref()
+                    .map_or("at the top".into(), |k| format!("under `{k}`")),
+                t.tensors,
+                dtypes.join(", "),
+                t.skipped.len()
+            )
+        }
+    };
+    writeln!(
+        out,
+        "{}: read {} ({found}); wrote {} ({} params)",
+        a.model,
+        a.from.display(),
+        a.out.display(),
+        m.num_params()
+    )
+    .map_err(io)
 }
 
 /// `spin fuse`: a shared member from a trained unshared checkpoint.

@@ -70,7 +70,7 @@ pub struct Header {
 
 /// Reads a safetensors file's header only (length prefix and JSON): its keys and metadata,
 /// without reading the tensors.
-pub fn read_header(path: &Path) -> Result<Header, Error> {
+pub fn read_safetensors_header(path: &Path) -> Result<Header, Error> {
     use std::io::Read;
     // safetensors refuses headers over 100 MB; so does this, before allocating.
     const MAX_HEADER: u64 = 100_000_000;

@@ -1,4 +1,5 @@
-//! timm checkpoints: safetensors files with timm's key names and PyTorch's layouts.
+//! timm checkpoints: safetensors files (or PyTorch's own `torch.save` files, read only) with
+//! timm's key names and PyTorch's layouts.
 //!
 //! A model lists its parameters as [`Slot`](crate::nn::param::Slot)s: one stored tensor and every timm key that names it.
 //! An unshared tensor has one key; a shared one has a key per layer that uses it, so a saved
@@ -6,8 +7,12 @@
 //! checks that the copies agree.
 mod io;
 mod packed;
+mod torch;
 
-pub use io::{lookup, read_file, read_header, read_tensors, write_atomic, write_file, Header, TensorMap};
+pub use io::{
+    lookup, read_file, read_safetensors_header, read_tensors, write_atomic, write_file, Header, TensorMap,
+};
+pub use torch::{is_torch_file, read_torch, torch_keys, TorchReport, NESTINGS};
 
 use crate::base::SpinDtype;
 use crate::error::Error;
@@ -67,10 +72,17 @@ impl std::str::FromStr for StorageDtype {
 /// # std::fs::remove_file(path).unwrap();
 /// ```
 pub trait TimmCheckpoint {
-    /// Loads a timm safetensors checkpoint (F32, F16, BF16 or F64 tensors). Every model key must be
-    /// present with its exact shape, no other key may be (BatchNorm's `num_batches_tracked` is
-    /// ignored), and tied copies of a shared tensor must be equal. Nothing is changed on error.
-    fn load_timm(&mut self, path: impl AsRef<Path>) -> Result<(), Error>;
+    /// Loads a timm checkpoint (F32, F16, BF16 or F64 tensors), safetensors or PyTorch
+    /// ([`TimmCheckpoint::load_checkpoint`]). Every model key must be present with its exact shape,
+    /// no other key may be (BatchNorm's `num_batches_tracked` is ignored), and tied copies of a
+    /// shared tensor must be equal. Nothing is changed on error.
+    fn load_timm(&mut self, path: impl AsRef<Path>) -> Result<(), Error> {
+        self.load_checkpoint(path).map(|_| ())
+    }
+    /// [`TimmCheckpoint::load_timm`], telling what was found: the format is detected from the
+    /// file's first bytes — safetensors (whose spin plan, if any, is checked first) or a PyTorch
+    /// file with the state dict at the top or under one of [`NESTINGS`].
+    fn load_checkpoint(&mut self, path: impl AsRef<Path>) -> Result<LoadReport, Error>;
     /// Saves in timm's layout as F32.
     fn save_timm(&self, path: impl AsRef<Path>) -> Result<(), Error> {
         self.save_timm_as(path, StorageDtype::F32)
@@ -80,17 +92,64 @@ pub trait TimmCheckpoint {
 }
 
 impl<M: TimmKeys + Clone> TimmCheckpoint for M {
-    fn load_timm(&mut self, path: impl AsRef<Path>) -> Result<(), Error> {
+    fn load_checkpoint(&mut self, path: impl AsRef<Path>) -> Result<LoadReport, Error> {
         let path = path.as_ref();
+        if is_torch_file(path)? {
+            let (tensors, torch) = read_torch(path)?;
+            load_tensors(self, path, &tensors)?;
+            return Ok(LoadReport {
+                format: "pytorch",
+                torch: Some(torch),
+                tensors: tensors.len(),
+            });
+        }
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         check_plan(self, path, &bytes)?;
-        load_tensors(self, path, &read_tensors(path, &bytes)?)
+        let tensors = read_tensors(path, &bytes)?;
+        load_tensors(self, path, &tensors)?;
+        Ok(LoadReport {
+            format: "safetensors",
+            torch: None,
+            tensors: tensors.len(),
+        })
     }
 
     fn save_timm_as(&self, path: impl AsRef<Path>, dtype: StorageDtype) -> Result<(), Error> {
         // Tensors are shared Arcs: the clone copies no data.
         save_keys(&mut self.clone(), path.as_ref(), dtype)
     }
+}
+
+/// What [`TimmCheckpoint::load_checkpoint`] read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadReport {
+    /// `safetensors` or `pytorch`.
+    pub format: &'static str,
+    /// For a PyTorch file: the nesting, skipped keys and stored dtypes.
+    pub torch: Option<TorchReport>,
+    /// Tensors read from the file.
+    pub tensors: usize,
+}
+
+/// A checkpoint's header: for safetensors its keys and metadata, read without the tensors; for a
+/// PyTorch file its state dict's floating keys (and no metadata).
+pub fn read_header(path: &Path) -> Result<Header, Error> {
+    if is_torch_file(path)? {
+        return Ok(Header {
+            keys: torch_keys(path)?.into_iter().collect(),
+            metadata: Default::default(),
+        });
+    }
+    read_safetensors_header(path)
+}
+
+/// Every tensor of a checkpoint, safetensors or PyTorch, by key.
+pub fn read_any(path: &Path) -> Result<TensorMap, Error> {
+    if is_torch_file(path)? {
+        return Ok(read_torch(path)?.0);
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    read_tensors(path, &bytes)
 }
 
 /// Saves any model that lists its tensors (also behind `dyn TimmKeys`) in timm's layout, in the

@@ -14,7 +14,7 @@ mod mixer;
 pub use mixer::{Fusion, FusionMixer};
 
 use crate::base::SpinDtype;
-use crate::checkpoint::{lookup, read_tensors};
+use crate::checkpoint::lookup;
 use crate::error::Error;
 use crate::nn::param::TimmKeys;
 
@@ -107,10 +107,9 @@ pub fn tensor_map<M: TimmKeys + Clone>(model: &M) -> TensorMap {
     out
 }
 
-/// Reads a safetensors checkpoint into a [`TensorMap`].
+/// Reads a checkpoint (safetensors or PyTorch) into a [`TensorMap`].
 pub fn read_checkpoint(path: &Path) -> Result<TensorMap, Error> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    read_tensors(path, &bytes)
+    crate::checkpoint::read_any(path)
 }
 
 /// What [`fuse_into`] did.

@@ -2,7 +2,7 @@
 //! training loop drives and the command line uses, whatever the model's type.
 use super::optim::AdamW;
 use crate::base::Nchw;
-use crate::checkpoint::{load_tensors, save_keys, StorageDtype, TensorMap, TimmCheckpoint};
+use crate::checkpoint::{load_tensors, save_keys, LoadReport, StorageDtype, TensorMap, TimmCheckpoint};
 use crate::data::Mix;
 use crate::error::Error;
 use crate::fusion::{fuse_into, tensor_map, FusionReport, Reduction};
@@ -56,7 +56,11 @@ pub trait Classifier: Send {
         hp: &StepParams,
     ) -> Result<StepStats, Error>;
     /// Loads a timm checkpoint (for a fusion-aware model: the unshared model to start from).
-    fn load_timm(&mut self, path: &Path) -> Result<(), Error>;
+    fn load_timm(&mut self, path: &Path) -> Result<(), Error> {
+        self.load_checkpoint(path).map(|_| ())
+    }
+    /// [`Classifier::load_timm`] from safetensors or a PyTorch file, telling what was read.
+    fn load_checkpoint(&mut self, path: &Path) -> Result<LoadReport, Error>;
     /// Saves the deployable model (for a fusion-aware model: the exported shared model).
     fn save_timm(&self, path: &Path, dtype: StorageDtype) -> Result<(), Error>;
     /// The training-time tensors by checkpoint key (for a fusion-aware model, its unshared
@@ -200,8 +204,8 @@ impl<M: SpinModel<f32, Cpu> + Send + 'static> Classifier for Runner<M> {
             grad_norm,
         })
     }
-    fn load_timm(&mut self, path: &Path) -> Result<(), Error> {
-        TimmCheckpoint::load_timm(&mut self.model, path)
+    fn load_checkpoint(&mut self, path: &Path) -> Result<LoadReport, Error> {
+        TimmCheckpoint::load_checkpoint(&mut self.model, path)
     }
     fn save_timm(&self, path: &Path, dtype: StorageDtype) -> Result<(), Error> {
         save_keys(&mut *self.model.deployable()?, path, dtype)
