@@ -2,11 +2,19 @@
 //! load into the model exactly as the same weights in safetensors do, in every nesting and dtype
 //! checkpoints come in; files spin cannot use are refused in one line naming the file.
 use spin_core::checkpoint::TimmCheckpoint;
+use spin_core::models::SpinModel;
 use spin_core::prelude::*;
 use spin_tests::{fixture, rel_err, tensor};
 
 #[convmixer(dim = 32, kernel = 5, patch = 2, image = 16, classes = 10, act = gelu, depth = 4)]
 struct SmallMixer;
+
+// The ConvMixer `scripts/make_mlspin_fixtures.py` writes in ml-spin's layout, and its shared form.
+#[convmixer(dim = 16, kernel = 3, patch = 2, image = 16, classes = 5, act = gelu, variant = spin, depth = 4)]
+struct MlSpinMixer;
+#[convmixer(dim = 16, kernel = 3, patch = 2, image = 16, classes = 5, act = gelu, variant = spin)]
+#[shared_blocks(depth = 4, groups = 2, pattern = sequential)]
+struct MlSpinShared;
 
 fn logits(m: &<SmallMixer as BuildOnDevice<Cpu, f32>>::Built) -> Vec<f64> {
     let dev = Cpu::default();
@@ -123,4 +131,56 @@ fn spin_import_converts_and_names_what_it_read() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("top.pth") && err.contains("stem.0.weight"), "{err}");
+}
+
+fn ml_spin_logits<M: SpinModel<f32, Cpu>>(m: &M, case: &str) -> (Vec<f64>, Vec<f64>) {
+    let dev = Cpu::default();
+    let io = format!("mlspin/{case}_io.safetensors");
+    let (shape, x) = tensor(&io, "input");
+    let x = dev.tensor_from_vec(
+        x.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+        (shape[0], 3, 16, 16),
+    );
+    let got = m.logits(x).as_vec().into_iter().map(|v| v as f64).collect();
+    (got, tensor(&io, "logits").1)
+}
+
+#[test]
+fn ml_spin_checkpoints_load_and_match_its_logits() {
+    use spin_core::checkpoint::Layout;
+    let dev = Cpu::default();
+    let file = |case: &str| fixture("mlspin").join(format!("{case}.pyth"));
+    // (file, into the shared model?)
+    for (case, shared) in [("unshared", false), ("shared", true), ("fused", true)] {
+        let (got, want) = if shared {
+            let mut m = dev.build_module::<MlSpinShared, f32>();
+            let report = m
+                .load_checkpoint(file(case))
+                .unwrap_or_else(|e| panic!("{case}: {e}"));
+            assert_eq!(report.layout, Layout::MlSpin);
+            assert_eq!(report.torch.unwrap().nested_under.as_deref(), Some("model_state"));
+            ml_spin_logits(&m, case)
+        } else {
+            let mut m = dev.build_module::<MlSpinMixer, f32>();
+            m.load_checkpoint(file(case))
+                .unwrap_or_else(|e| panic!("{case}: {e}"));
+            ml_spin_logits(&m, case)
+        };
+        let err = rel_err(&got, &want);
+        assert!(err < 1e-5, "{case} (shared model: {shared}): {err:e}");
+    }
+    // ml-spin's files do not record their mapping: a shared one needs the member with its groups.
+    let mut m = dev.build_module::<MlSpinMixer, f32>();
+    let err = m.load_timm(file("shared")).unwrap_err().to_string();
+    assert!(
+        err.contains("shared.pyth") && err.contains("2 pointwise convs"),
+        "{err}"
+    );
+    // Four different pointwise convs do not fit two groups: the tied copies differ.
+    let mut m = dev.build_module::<MlSpinShared, f32>();
+    let err = m.load_timm(file("unshared")).unwrap_err().to_string();
+    assert!(
+        err.contains("unshared.pyth") && err.contains("blocks.0.1.weight"),
+        "{err}"
+    );
 }

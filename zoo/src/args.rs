@@ -45,7 +45,7 @@ pub enum Cmd {
 
 #[derive(Args, Debug)]
 pub struct FipsArgs {
-    /// The trained dense ViT's checkpoint (timm layout).
+    /// The trained dense ViT's checkpoint (timm layout; safetensors or PyTorch).
     #[arg(long)]
     pub from: PathBuf,
     /// The dense ViT zoo member the checkpoint holds.
@@ -115,6 +115,10 @@ pub struct ImportArgs {
     /// The safetensors file to write (timm layout, with the member's plan).
     #[arg(long)]
     pub out: PathBuf,
+    /// The key names the file must use: auto (told from the keys), timm, or ml-spin (SPIN's
+    /// reference code: `patch_embed.*`, `blocks.{i}.dwise_blk.*`, `pwise_w.{g}`, `head.fc.*`).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "timm", "ml-spin"])]
+    pub layout: String,
     /// Storage dtype of the written checkpoint: f32, f16, bf16 or f64.
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     pub save_dtype: StorageDtype,
@@ -212,7 +216,7 @@ fn parse_reduction(s: &str) -> Result<Reduction, String> {
 
 #[derive(Args, Debug)]
 pub struct FuseArgs {
-    /// The trained unshared checkpoint (timm layout).
+    /// The trained unshared checkpoint (timm layout; safetensors or PyTorch).
     #[arg(long)]
     pub from: PathBuf,
     /// The shared zoo member to make.
@@ -413,7 +417,7 @@ pub struct EvalArgs {
     /// The zoo member the weights belong to (default: the one the checkpoint's plan names).
     #[arg(long)]
     pub model: Option<String>,
-    /// The checkpoint (timm layout, safetensors).
+    /// The checkpoint (timm layout): safetensors, or a PyTorch file (`.pth`, `.pt`, `.bin`, `.pyth`).
     #[arg(long)]
     pub weights: PathBuf,
     /// Data: `digits`, `cifar10:DIR` or `folder:DIR`; its held-out split (`val/`) is scored.
@@ -439,7 +443,7 @@ pub struct PredictArgs {
     /// The zoo member the weights belong to (default: the one the checkpoint's plan names).
     #[arg(long)]
     pub model: Option<String>,
-    /// The checkpoint (timm layout, safetensors).
+    /// The checkpoint (timm layout): safetensors, or a PyTorch file (`.pth`, `.pt`, `.bin`, `.pyth`).
     #[arg(long)]
     pub weights: PathBuf,
     /// How many classes to print per image (at least 1).

@@ -448,9 +448,22 @@ pub fn bench(a: &BenchArgs, out: &mut dyn Write) -> Result<(), Error> {
 pub fn import(a: &ImportArgs, out: &mut dyn Write) -> Result<(), Error> {
     let mut m = crate::build(&a.model, 0)?;
     let report = m.load_checkpoint(&a.from)?;
+    if a.layout != "auto" && a.layout != report.layout.name() {
+        return Err(Error::Invalid(format!(
+            "{}: the keys are in {} layout, not {} (--layout auto reads either)",
+            a.from.display(),
+            report.layout.name(),
+            a.layout
+        )));
+    }
     m.save_timm(&a.out, a.save_dtype)?;
     let found = match &report.torch {
-        None => format!("{}, {} tensors", report.format, report.tensors),
+        None => format!(
+            "{}, {} layout, {} tensors",
+            report.format,
+            report.layout.name(),
+            report.tensors
+        ),
         Some(t) => {
             let dtypes: Vec<String> = t.dtypes.iter().map(|(d, n)| format!("{n} {d}")).collect();
             format!(

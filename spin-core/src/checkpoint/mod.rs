@@ -6,12 +6,14 @@
 //! shared model is an ordinary timm checkpoint (tied copies), and loading one into a shared model
 //! checks that the copies agree.
 mod io;
+mod layout;
 mod packed;
 mod torch;
 
 pub use io::{
     lookup, read_file, read_safetensors_header, read_tensors, write_atomic, write_file, Header, TensorMap,
 };
+pub use layout::{ml_spin_to_timm, Layout};
 pub use torch::{is_torch_file, read_torch, torch_keys, TorchReport, NESTINGS};
 
 use crate::base::SpinDtype;
@@ -94,23 +96,34 @@ pub trait TimmCheckpoint {
 impl<M: TimmKeys + Clone> TimmCheckpoint for M {
     fn load_checkpoint(&mut self, path: impl AsRef<Path>) -> Result<LoadReport, Error> {
         let path = path.as_ref();
-        if is_torch_file(path)? {
+        let (format, torch, tensors) = if is_torch_file(path)? {
             let (tensors, torch) = read_torch(path)?;
-            load_tensors(self, path, &tensors)?;
-            return Ok(LoadReport {
-                format: "pytorch",
-                torch: Some(torch),
-                tensors: tensors.len(),
-            });
-        }
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        check_plan(self, path, &bytes)?;
-        let tensors = read_tensors(path, &bytes)?;
+            ("pytorch", Some(torch), tensors)
+        } else {
+            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            check_plan(self, path, &bytes)?;
+            ("safetensors", None, read_tensors(path, &bytes)?)
+        };
+        let count = tensors.len();
+        let layout = Layout::detect(tensors.keys());
+        let tensors = match layout {
+            Layout::Timm => tensors,
+            Layout::MlSpin => {
+                let plan = self
+                    .plan_json()
+                    .map(|p| Plan::from_json(&p))
+                    .transpose()
+                    .map_err(Error::Invalid)?;
+                let schedule = plan.map(|p| p.schedule).unwrap_or_default();
+                ml_spin_to_timm(path, tensors, &schedule)?
+            }
+        };
         load_tensors(self, path, &tensors)?;
         Ok(LoadReport {
-            format: "safetensors",
-            torch: None,
-            tensors: tensors.len(),
+            format,
+            layout,
+            torch,
+            tensors: count,
         })
     }
 
@@ -125,6 +138,8 @@ impl<M: TimmKeys + Clone> TimmCheckpoint for M {
 pub struct LoadReport {
     /// `safetensors` or `pytorch`.
     pub format: &'static str,
+    /// The key names the file used (renamed to timm's to load).
+    pub layout: Layout,
     /// For a PyTorch file: the nesting, skipped keys and stored dtypes.
     pub torch: Option<TorchReport>,
     /// Tensors read from the file.

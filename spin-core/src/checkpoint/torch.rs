@@ -28,13 +28,18 @@ pub struct TorchReport {
 }
 
 /// Whether the file is a PyTorch checkpoint (a zip archive as `torch.save` writes since
-/// PyTorch 1.6, or a legacy pickle stream), judged by its first bytes.
+/// PyTorch 1.6, or a legacy pickle stream) rather than safetensors, judged by its first bytes: a
+/// safetensors file starts with its header's length (8 bytes, little-endian) and then `{`.
 pub fn is_torch_file(path: &Path) -> Result<bool, Error> {
     use std::io::Read;
-    let mut head = [0u8; 4];
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let n = f.read(&mut head).map_err(|e| Error::io(path, e))?;
-    Ok(n >= 2 && (head.starts_with(b"PK\x03\x04") || head[0] == 0x80))
+    let mut head = [0u8; 9];
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let n = f.take(9).read(&mut head).map_err(|e| Error::io(path, e))?;
+    let safetensors = n == 9 && head[8] == b'{';
+    let zip = head.starts_with(b"PK\x03\x04");
+    // A legacy file is a pickle: PROTO (0x80) and a protocol version of 2 to 5.
+    let pickle = n >= 2 && head[0] == 0x80 && (2..=5).contains(&head[1]);
+    Ok(!safetensors && (zip || pickle))
 }
 
 fn bad(path: &Path, reason: impl std::fmt::Display) -> Error {
@@ -124,4 +129,28 @@ pub fn read_torch(path: &Path) -> Result<(TensorMap, TorchReport), Error> {
     }
     report.tensors = map.len();
     Ok((map, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_are_told_apart_by_their_first_bytes() {
+        let dir = std::env::temp_dir().join(format!("spin-torch-magic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cases: [(&[u8], bool); 4] = [
+            // safetensors whose header length happens to start with 0x80 (as a pickle does)
+            (b"\x80\x02\0\0\0\0\0\0{\"a\":1}", false),
+            (b"PK\x03\x04rest of a zip", true),
+            (b"\x80\x02\x8a\x0alegacy pickle", true),
+            (b"\x80\x09", false),
+        ];
+        for (i, (bytes, torch)) in cases.iter().enumerate() {
+            let p = dir.join(format!("{i}"));
+            std::fs::write(&p, bytes).unwrap();
+            assert_eq!(is_torch_file(&p).unwrap(), *torch, "case {i}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
