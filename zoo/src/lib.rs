@@ -21,6 +21,7 @@ pub mod args;
 pub mod bench;
 pub mod cli;
 pub mod fips_cmd;
+pub mod infer_cmd;
 pub mod plot;
 pub mod report;
 pub mod ui;

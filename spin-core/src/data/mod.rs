@@ -9,11 +9,13 @@ mod augment;
 mod formats;
 mod image;
 mod loader;
+mod resize;
 
-pub use self::image::{decode, eval_crop, is_image_file, normalise, preprocess};
+pub use self::image::{decode, eval_crop, eval_geometry, eval_pixels, is_image_file, normalise, preprocess};
 pub use augment::{flip_and_rand, mix_batch, rand_augment, random_crop, random_resized_crop, Augment, Mix};
 pub use formats::{check_cifar_batch, check_digits};
 pub use loader::{Batch, Loader};
+pub use resize::{pil_resize, Filter, BICUBIC, BILINEAR};
 
 use crate::error::Error;
 pub use crate::models::DataConfig;
@@ -105,6 +107,10 @@ impl Dataset {
     /// Image `i` at the model's size, normalised, CHW: the eval transform, or with `augment`
     /// the training transform drawn from `rng`.
     pub fn item(&self, i: usize, augment: Option<(&Augment, &mut StdRng)>) -> Result<Vec<f32>, Error> {
+        if let (Source::Files(paths), None) = (&self.source, &augment) {
+            // timm's eval transform on the file's 8-bit pixels, as `spin predict` runs it.
+            return Ok(preprocess(&decode(&paths[i])?, &self.config));
+        }
         let img = self.source_image(i)?;
         let size = self.config.image as u32;
         let out = match augment {
