@@ -42,7 +42,7 @@ def test_two_process_ddp_round_trip(spin, tmp_path):
 
     report = spin("eval", "--model", NAME, "--weights", str(out / "checkpoint.safetensors"),
                   "--dump-logits", str(out / "dump.safetensors"))
-    spin_accuracy = float(report.split("test accuracy ")[1].split(",")[0])
+    spin_accuracy = float(report.split("test accuracy ")[1].split()[0].rstrip(","))
     dump = load_file(out / "dump.safetensors")
     model = spin_torch.create_model(None, checkpoint=out / "checkpoint.safetensors").eval()
     with torch.no_grad():

@@ -51,3 +51,40 @@ fn the_eval_geometry_is_torchvisions() {
         ((224, 336), (0, 56))
     );
 }
+
+#[test]
+fn imagenet_validation_folders_map_class_folders_to_imagenet_indices() {
+    use spin_core::data::{load, DataSpec};
+    let dir = spin_tests::scratch("imagenet-val");
+    for class in ["n01440764", "281", "n15075141"] {
+        let d = dir.join(class);
+        std::fs::create_dir_all(&d).unwrap();
+        image::RgbImage::from_pixel(30, 20, image::Rgb([9, 99, 199]))
+            .save(d.join("a.png"))
+            .unwrap();
+    }
+    let cfg = DataConfig::imagenet(32, 0.9);
+    let split = load(&DataSpec::ImageNet(dir.clone()), &cfg).unwrap();
+    assert!(split.train.is_empty());
+    assert_eq!(split.test.classes, 1000);
+    // Folders are read in name order: 281, n01440764 (0), n15075141 (999).
+    assert_eq!(split.test.labels, vec![281, 0, 999]);
+    assert_eq!(split.test.class_names[281], "tabby, tabby cat");
+    std::fs::create_dir_all(dir.join("cats")).unwrap();
+    image::RgbImage::from_pixel(4, 4, image::Rgb([0, 0, 0]))
+        .save(dir.join("cats/b.png"))
+        .unwrap();
+    let err = load(&DataSpec::ImageNet(dir), &cfg).unwrap_err().to_string();
+    assert!(err.contains("cats") && err.contains("WordNet id"), "{err}");
+}
+
+#[test]
+fn evaluation_reports_top_5() {
+    use spin_core::data::{load, DataSpec};
+    use spin_core::train::evaluate;
+    // An untrained 10-class digits model: top-5 is at least top-1, and both are fractions.
+    let split = load(&DataSpec::Digits, &DataConfig::centred(8)).unwrap();
+    let model = zoo::build("digits_convmixer_64_8_ws4_strided", 1).unwrap();
+    let s = evaluate(model.as_ref(), &split.test, 128).unwrap();
+    assert!(s.top5 >= s.accuracy && s.top5 <= 1.0 && s.top5 > 0.0, "{s:?}");
+}

@@ -420,7 +420,8 @@ pub struct EvalArgs {
     /// The checkpoint (timm layout): safetensors, or a PyTorch file (`.pth`, `.pt`, `.bin`, `.pyth`).
     #[arg(long)]
     pub weights: PathBuf,
-    /// Data: `digits`, `cifar10:DIR` or `folder:DIR`; its held-out split (`val/`) is scored.
+    /// Data: `digits`, `cifar10:DIR`, `folder:DIR` (its held-out split, `val/`, is scored) or
+    /// `imagenet:DIR` (an ImageNet-1k validation folder, classes by WordNet id or index).
     #[arg(long, default_value = "digits", value_parser = parse_data)]
     pub data: DataSpec,
     /// Fail on the first image that does not decode (default: skip it and say so).

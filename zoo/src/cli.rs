@@ -130,6 +130,7 @@ pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<TrainResult, Error> {
     };
     let info = (member.info)();
     let split = crate::ui::load_data(&a.hyper.data, &info, a.hyper.strict)?;
+    crate::ui::need_training_images(&split, &a.hyper.data)?;
     let mut model = match (a.fusion, &a.init_from) {
         (_, Some(init)) if a.num_classes.is_some() => {
             let mut m = (member.build)(cfg.seed);

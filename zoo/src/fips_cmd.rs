@@ -40,6 +40,7 @@ pub fn fips(a: &FipsArgs, out: &mut dyn Write) -> Result<FipsResult, Error> {
         ))
     })?;
     let split = crate::ui::load_data(&a.calib, &info, false)?;
+    crate::ui::need_training_images(&split, &a.calib)?;
     let mut dense = crate::build(&a.model, 0)?;
     dense.load_timm(&a.from)?;
     let (calib, kept) = split

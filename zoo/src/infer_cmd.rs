@@ -17,6 +17,7 @@ struct EvalResult<'a> {
     data: String,
     images: usize,
     accuracy: f32,
+    top5: f32,
     loss: f32,
 }
 
@@ -43,6 +44,7 @@ pub fn eval(a: &EvalArgs, out: &mut dyn Write) -> Result<(), Error> {
             data: a.data.to_string(),
             images: s.images,
             accuracy: s.accuracy,
+            top5: s.top5,
             loss: s.loss,
         };
         let json = serde_json::to_string(&r).map_err(|e| io(e.into()))?;
@@ -50,8 +52,8 @@ pub fn eval(a: &EvalArgs, out: &mut dyn Write) -> Result<(), Error> {
     }
     writeln!(
         out,
-        "{}: test accuracy {:.4}, loss {:.4} on {} images of {}",
-        info.name, s.accuracy, s.loss, s.images, a.data
+        "{}: test accuracy {:.4} (top-5 {:.4}), loss {:.4} on {} images of {}",
+        info.name, s.accuracy, s.top5, s.loss, s.images, a.data
     )
     .map_err(io)
 }
@@ -179,7 +181,8 @@ pub fn import(a: &ImportArgs, out: &mut dyn Write) -> Result<(), Error> {
         Some(t) => {
             let dtypes: Vec<String> = t.dtypes.iter().map(|(d, n)| format!("{n} {d}")).collect();
             format!(
-                "PyTorch, state dict {}, {} tensors ({}), {} integer buffers skipped",
+                "PyTorch, {} layout, state dict {}, {} tensors ({}), {} integer buffers skipped",
+                report.layout.name(),
                 t.nested_under
                     .as_deref()
                     .map_or("at the top".into(), |k| format!("under `{k}`")),
@@ -199,4 +202,3 @@ pub fn import(a: &ImportArgs, out: &mut dyn Write) -> Result<(), Error> {
     )
     .map_err(io)
 }
-

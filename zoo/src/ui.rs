@@ -66,3 +66,13 @@ pub fn warn_skipped(sets: &[&data::Dataset]) {
         );
     }
 }
+
+/// Refuses a data set with no training images (`imagenet:DIR` is a validation set).
+pub fn need_training_images(split: &Split, spec: &DataSpec) -> Result<(), Error> {
+    if split.train.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{spec} has no training images (imagenet:DIR is for `spin eval`; train on folder:DIR)"
+        )));
+    }
+    Ok(())
+}

@@ -254,6 +254,9 @@ pub enum DataSpec {
     /// An ImageFolder directory (`folder:DIR`): `DIR/train/<class>` and `DIR/val/<class>`, or
     /// one sub-directory per class split by a seeded 20 % hold-out.
     Folder(PathBuf),
+    /// An ImageNet-1k validation directory (`imagenet:DIR`): one sub-directory per class, named
+    /// by WordNet id (`n01440764`) or by class index (`0` … `999`); evaluation only.
+    ImageNet(PathBuf),
 }
 
 impl std::str::FromStr for DataSpec {
@@ -263,8 +266,9 @@ impl std::str::FromStr for DataSpec {
             None if s == "digits" => Ok(DataSpec::Digits),
             Some(("cifar10", dir)) if !dir.is_empty() => Ok(DataSpec::Cifar10(dir.into())),
             Some(("folder", dir)) if !dir.is_empty() => Ok(DataSpec::Folder(dir.into())),
+            Some(("imagenet", dir)) if !dir.is_empty() => Ok(DataSpec::ImageNet(dir.into())),
             _ => Err(Error::Invalid(format!(
-                "unknown data `{s}`: use digits, cifar10:DIR or folder:DIR"
+                "unknown data `{s}`: use digits, cifar10:DIR, folder:DIR or imagenet:DIR"
             ))),
         }
     }
@@ -276,6 +280,7 @@ impl std::fmt::Display for DataSpec {
             DataSpec::Digits => write!(f, "digits"),
             DataSpec::Cifar10(d) => write!(f, "cifar10:{}", d.display()),
             DataSpec::Folder(d) => write!(f, "folder:{}", d.display()),
+            DataSpec::ImageNet(d) => write!(f, "imagenet:{}", d.display()),
         }
     }
 }
@@ -310,6 +315,34 @@ pub fn load_with(spec: &DataSpec, cfg: &DataConfig, strict: bool) -> Result<Spli
                 train: Dataset::from_raw(train, cfg, strict),
                 test: Dataset::from_raw(test, cfg, strict),
                 skipped: Vec::new(),
+            })
+        }
+        DataSpec::ImageNet(dir) => {
+            let mut skipped = Vec::new();
+            let mut files = list_folder(dir, strict, &mut skipped)?;
+            let classes = imagenet_classes();
+            let index: Vec<usize> = files
+                .names
+                .iter()
+                .map(|name| {
+                    classes
+                        .iter()
+                        .position(|(wnid, _)| wnid == name)
+                        .or_else(|| name.parse::<usize>().ok().filter(|&i| i < classes.len()))
+                        .ok_or_else(|| Error::Data {
+                            path: dir.join(name),
+                            line: None,
+                            reason: "not an ImageNet-1k class: name class folders by WordNet id (n01440764) or index (0..999)".into(),
+                        })
+                })
+                .collect::<Result<_, _>>()?;
+            files.labels.iter_mut().for_each(|l| *l = index[*l]);
+            files.names = classes.iter().map(|(_, n)| n.to_string()).collect();
+            let test = Dataset::from_files(files, cfg, strict);
+            Ok(Split {
+                train: test.subset(&[]),
+                test,
+                skipped,
             })
         }
         DataSpec::Folder(dir) => {

@@ -68,8 +68,10 @@ impl Default for TrainConfig {
 pub struct PassStats {
     /// Mean loss.
     pub loss: f32,
-    /// Fraction classified correctly.
+    /// Fraction classified correctly (top-1).
     pub accuracy: f32,
+    /// Fraction whose label is among the five largest logits (evaluation only; 0 in training).
+    pub top5: f32,
     /// Images seen.
     pub images: usize,
 }
@@ -141,6 +143,7 @@ pub fn train_epoch(
     Ok(PassStats {
         loss: (loss_sum / seen.max(1) as f64) as f32,
         accuracy: correct as f32 / seen.max(1) as f32,
+        top5: 0.0,
         images: seen,
     })
 }
@@ -159,7 +162,7 @@ pub fn evaluate_with(
     loader: &Loader,
     progress: &mut dyn FnMut(usize),
 ) -> Result<PassStats, Error> {
-    let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+    let (mut loss_sum, mut correct, mut in_top5, mut seen) = (0.0f64, 0usize, 0usize, 0usize);
     let idx: Vec<usize> = (0..data.len()).collect();
     loader.run(data, &idx, batch.max(1), None, 0, &mut |_, b| {
         let y = &b.labels;
@@ -173,6 +176,8 @@ pub fn evaluate_with(
             let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
             loss_sum += (lse - row[l]) as f64;
+            // Top-5: fewer than five logits above the label's (ties count for the label).
+            in_top5 += usize::from(row.iter().filter(|&&v| v > row[l]).count() < 5);
         }
         correct += count_correct(&logits, y);
         seen += y.len();
@@ -183,6 +188,7 @@ pub fn evaluate_with(
     Ok(PassStats {
         loss: (loss_sum / n as f64) as f32,
         accuracy: correct as f32 / n as f32,
+        top5: in_top5 as f32 / n as f32,
         images: seen,
     })
 }
