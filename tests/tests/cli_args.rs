@@ -21,6 +21,21 @@ const BASE: &[(&str, &[&str])] = &[
         "fips",
         &["fips", "--from", "w", "--model", "digits_vit_64_6", "--out", "o"],
     ),
+    (
+        "fuse",
+        &[
+            "fuse",
+            "--from",
+            "w",
+            "--model",
+            "digits_convmixer_64_8_ws2_sequential",
+            "--out",
+            "o",
+            "--calib",
+            "digits",
+        ],
+    ),
+    ("recalibrate", &["recalibrate", "--weights", "w", "--out", "o"]),
 ];
 
 /// (subcommand, option, bad values)
@@ -61,6 +76,11 @@ const BAD: &[(&str, &str, &[&str])] = &[
     ("fips", "--rows", &["0"]),
     ("fips", "--lr", &["0"]),
     ("fips", "--finetune-lr", &["-1"]),
+    ("fuse", "--calib-batches", &["0"]),
+    ("fuse", "--calib-batch", &["1", "0"]),
+    ("fuse", "--calib", &["mnist"]),
+    ("recalibrate", "--calib-batch", &["1"]),
+    ("recalibrate", "--data", &["imagenet:"]),
 ];
 
 #[test]

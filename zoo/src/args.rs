@@ -1,4 +1,5 @@
 //! The `spin` command's arguments (clap), with their help texts and parsers.
+use crate::parsers::*;
 use crate::report::Format;
 use clap::{Args, Parser, Subcommand};
 use spin_core::checkpoint::StorageDtype;
@@ -33,6 +34,8 @@ pub enum Cmd {
     Compare(CompareArgs),
     /// Make a shared model from a trained unshared checkpoint by weight fusion.
     Fuse(FuseArgs),
+    /// Re-estimate a checkpoint's BatchNorm statistics on calibration images (cumulative average).
+    Recalibrate(RecalibrateArgs),
     /// Time a forward pass (or with --train a training step) after warm-up.
     Bench(BenchArgs),
     /// Convert a checkpoint (a PyTorch `.pth`/`.pt`/`.bin`/`.pyth` file, or safetensors) of a
@@ -153,67 +156,6 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-/// A count of at least one (epochs, batch, steps, …).
-fn count(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(_) => Err(format!("`{s}` is not a whole number")),
-    }
-}
-
-/// A finite number in `range`, described by `what` in the error.
-fn number_in(s: &str, range: impl std::ops::RangeBounds<f64>, what: &str) -> Result<f64, String> {
-    let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
-    if v.is_finite() && range.contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!("must be {what}, got {s}"))
-    }
-}
-
-/// A learning rate: finite and above zero.
-fn learning_rate(s: &str) -> Result<f32, String> {
-    number_in(
-        s,
-        (std::ops::Bound::Excluded(0.0), std::ops::Bound::Unbounded),
-        "above 0",
-    )
-    .map(|v| v as f32)
-}
-
-/// Zero or more, finite (weight decay, clipping norm).
-fn non_negative(s: &str) -> Result<f32, String> {
-    number_in(s, 0.0.., "0 or more").map(|v| v as f32)
-}
-
-/// A fraction in [0, 1) (label smoothing, sparsity).
-fn fraction(s: &str) -> Result<f64, String> {
-    number_in(s, 0.0..1.0, "in [0, 1)")
-}
-
-/// A fraction in (0, 1] (FiPS's budget).
-fn budget(s: &str) -> Result<f64, String> {
-    number_in(
-        s,
-        (std::ops::Bound::Excluded(0.0), std::ops::Bound::Included(1.0)),
-        "in (0, 1]",
-    )
-}
-
-/// RandAugment's magnitude: 0 to 10.
-fn magnitude(s: &str) -> Result<f64, String> {
-    number_in(s, 0.0..=10.0, "in [0, 10]")
-}
-
-fn parse_schedule(s: &str) -> Result<Schedule, String> {
-    s.parse().map_err(|e: Error| e.to_string())
-}
-
-fn parse_reduction(s: &str) -> Result<Reduction, String> {
-    s.parse().map_err(|e: Error| e.to_string())
-}
-
 #[derive(Args, Debug)]
 pub struct FuseArgs {
     /// The trained unshared checkpoint (timm layout; safetensors or PyTorch).
@@ -232,6 +174,45 @@ pub struct FuseArgs {
     /// Storage dtype of the written checkpoint: f32, f16, bf16 or f64.
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     pub save_dtype: StorageDtype,
+    /// Calibration data (`digits`, `cifar10:DIR`, `folder:DIR`): the fused model's BatchNorm
+    /// statistics are re-estimated on its training split, and its test accuracy is reported
+    /// before and after.
+    #[arg(long, value_parser = parse_data)]
+    pub calib: Option<DataSpec>,
+    #[command(flatten)]
+    pub recal: Recalibration,
+    /// With --calib: report the accuracies but keep the copied statistics.
+    #[arg(long, requires = "calib")]
+    pub no_recalibrate: bool,
+}
+
+/// How many calibration images re-estimate BatchNorm statistics.
+#[derive(Args, Debug, Clone)]
+pub struct Recalibration {
+    /// Calibration batches (at least 1).
+    #[arg(long, default_value_t = 8, value_parser = count)]
+    pub calib_batches: usize,
+    /// Images per calibration batch (at least 2).
+    #[arg(long, default_value_t = 64, value_parser = at_least_two)]
+    pub calib_batch: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct RecalibrateArgs {
+    /// The zoo member (default: the one the checkpoint's plan names).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// The checkpoint whose BatchNorm statistics to re-estimate (safetensors or PyTorch).
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// Calibration data; its training split is used, its test split scored before and after.
+    #[arg(long, default_value = "digits", value_parser = parse_data)]
+    pub data: DataSpec,
+    #[command(flatten)]
+    pub recal: Recalibration,
+    /// The recalibrated checkpoint to write.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -244,14 +225,6 @@ pub struct ZooArgs {
     /// Every column (the default table keeps to 100 columns).
     #[arg(long)]
     pub wide: bool,
-}
-
-fn parse_data(s: &str) -> Result<DataSpec, String> {
-    s.parse().map_err(|e: Error| e.to_string())
-}
-
-fn parse_dtype(s: &str) -> Result<StorageDtype, String> {
-    s.parse().map_err(|e: Error| e.to_string())
 }
 
 /// Hyper-parameters shared by `train` and `compare`.

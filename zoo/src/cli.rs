@@ -94,6 +94,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), Error> {
         Cmd::Bench(a) => bench(&a, out),
         Cmd::Fips(a) => fips(&a, out).map(|_| ()),
         Cmd::Import(a) => import(&a, out),
+        Cmd::Recalibrate(a) => recalibrate(&a, out),
     }
 }
 
@@ -294,21 +295,65 @@ pub fn bench(a: &BenchArgs, out: &mut dyn Write) -> Result<(), Error> {
     }
 }
 
-/// `spin fuse`: a shared member from a trained unshared checkpoint.
+/// `spin fuse`: a shared member from a trained unshared checkpoint; with `--calib`, its BatchNorm
+/// statistics re-estimated and its accuracy reported before and after.
 pub fn fuse(a: &FuseArgs, out: &mut dyn Write) -> Result<(), Error> {
     let mut m = crate::build(&a.model, 0)?;
     let report = m.fuse_from(&read_checkpoint(&a.from)?, a.reduction)?;
-    m.save_timm(&a.out, a.save_dtype)?;
     writeln!(
         out,
-        "{}: {} tensors fused from their groups, {} copied; {} params; wrote {}",
+        "{}: {} tensors fused from their groups, {} copied; {} params",
         a.model,
         report.fused,
         report.copied,
-        m.num_params(),
-        a.out.display()
+        m.num_params()
     )
-    .map_err(io)
+    .map_err(io)?;
+    if let Some(calib) = &a.calib {
+        calibrate(m.as_mut(), calib, &a.recal, !a.no_recalibrate, out)?;
+    }
+    m.save_timm(&a.out, a.save_dtype)?;
+    writeln!(out, "wrote {}", a.out.display()).map_err(io)
+}
+
+/// `spin recalibrate`: a checkpoint's BatchNorm statistics re-estimated on calibration images.
+pub fn recalibrate(a: &RecalibrateArgs, out: &mut dyn Write) -> Result<(), Error> {
+    let mut m = crate::load(&crate::member_name(a.model.as_deref(), &a.weights)?, &a.weights)?;
+    calibrate(m.as_mut(), &a.data, &a.recal, true, out)?;
+    m.save_timm(&a.out, StorageDtype::F32)?;
+    writeln!(out, "wrote {}", a.out.display()).map_err(io)
+}
+
+/// Test accuracy on `data`'s test split, then (when `apply`) after recalibrating on its
+/// training split.
+fn calibrate(
+    m: &mut dyn spin_core::train::Classifier,
+    data: &spin_core::data::DataSpec,
+    recal: &Recalibration,
+    apply: bool,
+    out: &mut dyn Write,
+) -> Result<(), Error> {
+    let info = m.info();
+    let split = crate::ui::load_data(data, &info, false)?;
+    crate::ui::need_training_images(&split, data)?;
+    let before = train::evaluate(m, &split.test, 256)?;
+    writeln!(
+        out,
+        "test accuracy with the copied BatchNorm statistics: {:.4}",
+        before.accuracy
+    )
+    .map_err(io)?;
+    if apply {
+        let used = train::recalibrate_bn(m, &split.train, recal.calib_batches, recal.calib_batch)?;
+        let after = train::evaluate(m, &split.test, 256)?;
+        writeln!(
+            out,
+            "test accuracy after recalibrating on {used} images of {data}: {:.4}",
+            after.accuracy
+        )
+        .map_err(io)?;
+    }
+    Ok(())
 }
 
 /// `spin compare`: trains each member with the same settings, then writes `compare.csv`,

@@ -22,6 +22,7 @@ pub mod bench;
 pub mod cli;
 pub mod fips_cmd;
 pub mod infer_cmd;
+mod parsers;
 pub mod plot;
 pub mod report;
 pub mod ui;

@@ -70,6 +70,9 @@ pub trait Classifier: Send {
     fn load_state_tensors(&mut self, source: &Path, tensors: &TensorMap) -> Result<(), Error>;
     /// Fills this (shared) model from an unshared model's tensors by weight fusion.
     fn fuse_from(&mut self, source: &TensorMap, reduction: Reduction) -> Result<FusionReport, Error>;
+    /// A training-mode forward pass and nothing else: BatchNorms normalise with the batch's
+    /// statistics and move their running ones (no loss, no gradient, no step).
+    fn forward_train_mode(&mut self, images: &[f32], batch: usize);
 }
 
 /// Per-step hyper-parameters.
@@ -215,6 +218,12 @@ impl<M: SpinModel<f32, Cpu> + Send + 'static> Classifier for Runner<M> {
     }
     fn load_state_tensors(&mut self, source: &Path, tensors: &TensorMap) -> Result<(), Error> {
         load_tensors(&mut self.model, source, tensors)
+    }
+    fn forward_train_mode(&mut self, images: &[f32], batch: usize) {
+        let img = self.model.info().image;
+        let _ = self
+            .model
+            .logits_mut(images_tensor(&self.dev, images, batch, img));
     }
     fn fuse_from(&mut self, source: &TensorMap, reduction: Reduction) -> Result<FusionReport, Error> {
         fuse_into(&mut self.model, source, reduction, &|_, _| None)
