@@ -32,6 +32,23 @@ fn load_bytes(bytes: &[u8]) -> Result<(), spin_core::Error> {
     r
 }
 
+/// Overwrites the bytes at `flips`, then with `truncate` cuts the file at `cut`.
+fn corrupt(
+    bytes: &mut Vec<u8>,
+    flips: Vec<(prop::sample::Index, u8)>,
+    cut: prop::sample::Index,
+    truncate: bool,
+) {
+    for (i, v) in flips {
+        let i = i.index(bytes.len());
+        bytes[i] = v;
+    }
+    if truncate {
+        let n = cut.index(bytes.len());
+        bytes.truncate(n);
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
@@ -61,14 +78,7 @@ proptest! {
             // Unchanged: a real file of another model, refused by its shapes.
             prop_assert!(load_bytes(&bytes).is_err());
         }
-        for (i, v) in flips {
-            let i = i.index(bytes.len());
-            bytes[i] = v;
-        }
-        if truncate {
-            let n = cut.index(bytes.len());
-            bytes.truncate(n);
-        }
+        corrupt(&mut bytes, flips, cut, truncate);
         let _ = load_bytes(&bytes);
     }
 
@@ -79,14 +89,7 @@ proptest! {
         truncate in any::<bool>(),
     ) {
         let mut bytes = valid_checkpoint();
-        for (i, v) in flips {
-            let i = i.index(bytes.len());
-            bytes[i] = v;
-        }
-        if truncate {
-            let n = cut.index(bytes.len());
-            bytes.truncate(n);
-        }
+        corrupt(&mut bytes, flips, cut, truncate);
         let _ = load_bytes(&bytes); // Ok (a flip inside a value) or a typed error
     }
 

@@ -328,7 +328,8 @@ pub fn fine_tune_member(
     MEMBERS
         .iter()
         .find(|m| {
-            (m.info)().classes == classes && (m.info)().schedule == source.schedule && fits(m).is_none()
+            let info = (m.info)();
+            info.classes == classes && info.schedule == source.schedule && fits(m).is_none()
         })
         .ok_or_else(|| {
             Error::Invalid(format!(

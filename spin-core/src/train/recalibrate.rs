@@ -51,18 +51,21 @@ pub fn recalibrate_bn(
     let n = (batches * batch).min(data.len());
     let idx: Vec<usize> = (0..n).collect();
     let (mut seen, mut count) = (0usize, 0usize);
+    // Each batch's statistics after are the next batch's before: one read per batch.
+    let mut before = running(model);
     Loader::default().run(data, &idx, batch.max(1), None, 0, &mut |_, b| {
         if b.labels.is_empty() {
             return Ok(());
         }
-        let before = running(model);
         model.forward_train_mode(&b.images, b.labels.len());
-        for ((key, (_, after)), (_, old)) in running(model).iter().zip(before.values()) {
+        let now = running(model);
+        for ((key, (_, after)), (_, old)) in now.iter().zip(before.values()) {
             let sum = &mut sums.get_mut(key).expect("the same keys every time").1;
             for ((s, &a), &o) in sum.iter_mut().zip(after).zip(old) {
                 *s += (a - (1.0 - BN_MOMENTUM) * o) / BN_MOMENTUM;
             }
         }
+        before = now;
         seen += b.labels.len();
         count += 1;
         Ok(())
