@@ -80,12 +80,12 @@ pub mod __private {
     pub use crate::models::convmixer::{info as convmixer_info, ConvMixer, ConvMixerConfig};
     pub use crate::models::fips_mlps::{info as fips_info, FipsDecl, FipsMlps};
     pub use crate::models::vit::{info as vit_info, Vit, VitConfig};
-    pub use crate::models::{Describe, ModelInfo};
+    pub use crate::models::{Describe, EvalOverride, ModelInfo};
     pub use crate::sharing::{SharedStack, StackConfig};
     pub use dfdx;
     pub use spin_rules::fips as fips_rules;
     pub use spin_rules::schedule::make as make_schedule;
-    pub use spin_rules::{counts, ConvMixerShare, Pattern, VitShare};
+    pub use spin_rules::{counts, ConvMixerShare, CropMode, Interpolation, Pattern, VitShare};
 }
 
 // The CUDA device gets spin's kernels through the dfdx-op fallbacks (type-checked in CI with

@@ -27,8 +27,12 @@ impl FamilyKind {
     }
     fn valid_args(self) -> &'static str {
         match self {
-            FamilyKind::ConvMixer => "dim, kernel, patch, image, classes, act, variant, depth, name",
-            FamilyKind::Vit => "dim, heads, patch, image, classes, mlp_ratio, depth, name",
+            FamilyKind::ConvMixer => {
+                "dim, kernel, patch, image, classes, act, variant, depth, name, crop_pct, crop_mode, interpolation"
+            }
+            FamilyKind::Vit => {
+                "dim, heads, patch, image, classes, mlp_ratio, depth, name, crop_pct, crop_mode, interpolation"
+            }
         }
     }
 }
@@ -48,6 +52,10 @@ pub struct FamilyArgs {
     pub variant: Option<Arg<String>>,
     pub depth: Option<Arg<usize>>,
     pub name: Option<Arg<String>>,
+    /// The eval transform's overrides of timm's defaults for the family.
+    pub crop_pct: Option<Arg<f64>>,
+    pub crop_mode: Option<Arg<String>>,
+    pub interpolation: Option<Arg<String>>,
 }
 
 /// `#[shared_blocks(...)]`.
@@ -129,6 +137,9 @@ pub fn parse_family(kind: FamilyKind, args: TokenStream) -> syn::Result<FamilyAr
         variant: None,
         depth: None,
         name: None,
+        crop_pct: None,
+        crop_mode: None,
+        interpolation: None,
     };
     let parser = syn::meta::parser(|meta| {
         use FamilyKind::*;
@@ -149,6 +160,9 @@ pub fn parse_family(kind: FamilyKind, args: TokenStream) -> syn::Result<FamilyAr
                     },
                 )
             }
+            (_, "crop_pct") => set(&mut a.crop_pct, &meta, number(&meta, "crop_pct")?),
+            (_, "crop_mode") => set(&mut a.crop_mode, &meta, ident(&meta)?),
+            (_, "interpolation") => set(&mut a.interpolation, &meta, ident(&meta)?),
             (ConvMixer, "kernel") => set(&mut a.kernel, &meta, int(&meta)?),
             (ConvMixer, "act") => set(&mut a.act, &meta, ident(&meta)?),
             (ConvMixer, "variant") => set(&mut a.variant, &meta, ident(&meta)?),

@@ -193,6 +193,32 @@ fn enum_tokens(ty: &str, value: &impl std::fmt::Debug) -> TokenStream {
     quote!(::spin_core::__private::#ty::#variant)
 }
 
+/// The config's `EVAL` const when the declaration overrides timm's eval transform (the trait's
+/// default, timm's, otherwise).
+fn eval_tokens(e: &valid::Eval) -> TokenStream {
+    if e.crop_pct.is_none() && e.crop_mode.is_none() && e.interpolation.is_none() {
+        return quote!();
+    }
+    let pv = quote!(::spin_core::__private);
+    let opt = |t: Option<TokenStream>| match t {
+        Some(t) => quote!(::core::option::Option::Some(#t)),
+        None => quote!(::core::option::Option::None),
+    };
+    let crop_pct = opt(e.crop_pct.map(|c| {
+        let c = c as f32;
+        quote!(#c)
+    }));
+    let crop_mode = opt(e.crop_mode.map(|m| enum_tokens("CropMode", &m)));
+    let interpolation = opt(e.interpolation.map(|i| enum_tokens("Interpolation", &i)));
+    quote! {
+        const EVAL: #pv::EvalOverride = #pv::EvalOverride {
+            crop_pct: #crop_pct,
+            crop_mode: #crop_mode,
+            interpolation: #interpolation,
+        };
+    }
+}
+
 fn model_tokens(s: &ItemStruct, m: &Model, fips: Option<&valid::Fips>) -> TokenStream {
     let ident = &s.ident;
     let vis = &s.vis;
@@ -209,6 +235,7 @@ fn model_tokens(s: &ItemStruct, m: &Model, fips: Option<&valid::Fips>) -> TokenS
     };
     let c = quote!(::spin_core::__private::dfdx::shapes::Const);
     let pv = quote!(::spin_core::__private);
+    let eval = eval_tokens(&m.eval);
     let common = quote! {
         #(#attrs)*
         #[derive(Clone, Copy, Debug, Default)]
@@ -263,6 +290,7 @@ fn model_tokens(s: &ItemStruct, m: &Model, fips: Option<&valid::Fips>) -> TokenS
                     const SHARE: #pv::ConvMixerShare = #share;
                     const ACT: #pv::Act = #act;
                     const VARIANT: #pv::Variant = #variant;
+                    #eval
                 }
 
                 impl #ident {
@@ -332,6 +360,7 @@ fn model_tokens(s: &ItemStruct, m: &Model, fips: Option<&valid::Fips>) -> TokenS
                     const SCHEDULE: &'static [usize] = &#ident::SCHEDULE;
                     const SHARE: #pv::VitShare = #share;
                     #fips_const
+                    #eval
                 }
 
                 impl #ident {

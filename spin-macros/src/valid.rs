@@ -5,7 +5,10 @@
 //! divide).
 use crate::ast::{Arg, FamilyArgs, FamilyKind, FipsArgs, SharedArgs};
 use proc_macro2::Span;
-use spin_rules::{parse_name, Act, ConvMixerShare, Field, Pattern, RuleError, Variant, VitShare};
+use spin_rules::{
+    crop_pct_error, parse_name, Act, ConvMixerShare, CropMode, Field, Interpolation, Pattern, RuleError,
+    Variant, VitShare,
+};
 
 /// A checked model declaration: every number the expansion needs.
 #[derive(Clone, Debug)]
@@ -23,6 +26,15 @@ pub struct Model {
     pub heads: usize,
     pub hidden: usize,
     pub sharing: Sharing,
+    pub eval: Eval,
+}
+
+/// The eval transform's overrides written in the declaration (None: timm's default).
+#[derive(Clone, Debug, Default)]
+pub struct Eval {
+    pub crop_pct: Option<f64>,
+    pub crop_mode: Option<CropMode>,
+    pub interpolation: Option<Interpolation>,
 }
 
 /// What a model shares, per family.
@@ -167,6 +179,7 @@ pub fn model(f: &FamilyArgs, shared: Option<&SharedArgs>, ident: &syn::Ident) ->
         }
     }
     let sharing = sharing(&mut errs, f, shared);
+    let eval = eval(&mut errs, f);
     let name = f
         .name
         .as_ref()
@@ -191,7 +204,27 @@ pub fn model(f: &FamilyArgs, shared: Option<&SharedArgs>, ident: &syn::Ident) ->
             pattern: Pattern::Sequential,
             share: default_share(f.kind),
         }),
+        eval,
     })
+}
+
+fn eval(errs: &mut Errors, f: &FamilyArgs) -> Eval {
+    if let Some(c) = &f.crop_pct {
+        if let Some(msg) = crop_pct_error(c.value) {
+            errs.push(c.span, msg);
+        }
+    }
+    Eval {
+        crop_pct: f.crop_pct.as_ref().map(|c| c.value),
+        crop_mode: f
+            .crop_mode
+            .is_some()
+            .then(|| choice(errs, &f.crop_mode, "crop_mode", CropMode::NAMES)),
+        interpolation: f
+            .interpolation
+            .is_some()
+            .then(|| choice(errs, &f.interpolation, "interpolation", Interpolation::NAMES)),
+    }
 }
 
 fn default_share(kind: FamilyKind) -> Share {

@@ -62,6 +62,7 @@ def folders(root: Path, plan: dict, augment: bool) -> tuple[Dataset, Dataset]:
             "mean": tuple(data["mean"]),
             "std": tuple(data["std"]),
             "crop_pct": data["crop_pct"],
+            "crop_mode": data.get("crop_mode", "center"),
             "interpolation": data["interpolation"],
         }
     )

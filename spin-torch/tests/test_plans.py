@@ -71,6 +71,7 @@ def test_eval_transforms_are_timms(name):
     cfg = timm.get_pretrained_cfg(name).to_dict()
     assert data["crop_pct"] == pytest.approx(cfg["crop_pct"])
     assert data["interpolation"] == cfg["interpolation"]
+    assert data["crop_mode"] == cfg["crop_mode"]
     assert data["size"] == cfg["input_size"][-1]
     assert data["mean"] == pytest.approx(list(cfg["mean"]))
     assert data["std"] == pytest.approx(list(cfg["std"]))

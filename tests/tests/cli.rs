@@ -78,7 +78,8 @@ fn zoo_lists_every_member_with_params_equal_to_the_type_consts() {
     let mut lines = text.lines();
     assert_eq!(
         lines.next().unwrap(),
-        "name,family,params,macs,depth,groups,pattern,share,compression,size_f32_mb,size_f16_mb"
+        "name,family,params,macs,depth,groups,pattern,share,compression,size_f32_mb,size_f16_mb,\
+         input,crop_pct,crop_mode,interpolation"
     );
     let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
     assert_eq!(rows.len(), zoo::MEMBERS.len());
@@ -88,6 +89,10 @@ fn zoo_lists_every_member_with_params_equal_to_the_type_consts() {
             .unwrap()
     };
     assert_eq!(params("convmixer_768_32"), zoo::convmixer_768_32::PARAMS);
+    // Each family's eval transform is timm's: DeiT crops 0.9, timm's ConvMixers 0.96.
+    let eval = |name: &str| rows.iter().find(|r| r[0] == name).unwrap()[11..].join(",");
+    assert_eq!(eval("deit_tiny_patch16_224"), "224,0.9,center,bicubic");
+    assert_eq!(eval("convmixer_768_32"), "224,0.96,center,bicubic");
     assert_eq!(
         params("convmixer_768_32_ws4_sequential"),
         zoo::convmixer_768_32_ws4_sequential::PARAMS

@@ -18,4 +18,7 @@ struct PatchDoesNotTile;
 #[convmixer(dim = 64, kernel = 5, patch = 2, image = 32, classes = 10, act = swish, depth = 4)]
 struct UnknownActivation;
 
+#[vit(dim = 64, heads = 4, patch = 16, image = 224, classes = 10, depth = 4, crop_pct = 1.2, crop_mode = edge)]
+struct BadEvalTransform;
+
 fn main() {}

@@ -2,6 +2,7 @@
 use clap::ValueEnum;
 use comfy_table::{presets, CellAlignment, Table};
 use serde::Serialize;
+use spin_core::models::DataConfig;
 use spin_core::train::TrainResult;
 use spin_core::{Error, ModelInfo};
 use std::io::Write;
@@ -52,10 +53,16 @@ pub struct Row {
     pub compression: f64,
     pub size_f32_mb: f64,
     pub size_f16_mb: f64,
+    /// The eval transform (timm's data config, with the declaration's overrides).
+    pub input: usize,
+    pub crop_pct: f32,
+    pub crop_mode: String,
+    pub interpolation: String,
 }
 
 impl Row {
     pub fn from_info(i: &ModelInfo) -> Self {
+        let data = DataConfig::for_model(i);
         Row {
             name: i.name.into(),
             family: i.family.name().into(),
@@ -72,6 +79,10 @@ impl Row {
             compression: i.compression(),
             size_f32_mb: i.size_bytes(4) as f64 / 1e6,
             size_f16_mb: i.size_bytes(2) as f64 / 1e6,
+            input: data.image,
+            crop_pct: data.crop_pct,
+            crop_mode: data.crop_mode,
+            interpolation: data.interpolation,
         }
     }
 }
@@ -104,7 +115,8 @@ fn right_align(t: &mut Table, from: usize) {
 }
 
 /// `spin zoo`'s list. The table and markdown formats show the compact columns (within 100
-/// characters for every member name) unless `wide`; CSV and JSON always hold every field.
+/// characters for every member name) unless `wide`, which adds family, pattern, compression, f16
+/// size and the eval transform; CSV and JSON always hold every field.
 pub fn zoo_table(rows: &[Row], format: Format, wide: bool, out: &mut dyn Write) -> std::io::Result<()> {
     match format {
         Format::Csv => {
@@ -133,6 +145,7 @@ pub fn zoo_table(rows: &[Row], format: Format, wide: bool, out: &mut dyn Write) 
                     "compression",
                     "MB f32",
                     "MB f16",
+                    "eval transform",
                 ]);
             } else {
                 t.set_header(["name", "params", "MACs", "groups", "share", "MB f32"]);
@@ -152,6 +165,10 @@ pub fn zoo_table(rows: &[Row], format: Format, wide: bool, out: &mut dyn Write) 
                         format!("{:.2}×", r.compression),
                         format!("{:.1}", r.size_f32_mb),
                         format!("{:.1}", r.size_f16_mb),
+                        format!(
+                            "{}px {} crop {} {}",
+                            r.input, r.crop_mode, r.crop_pct, r.interpolation
+                        ),
                     ]);
                 } else {
                     t.add_row([

@@ -42,3 +42,56 @@ impl Variant {
 pub(crate) fn name_of<T: PartialEq>(table: &[(&'static str, T)], value: T) -> &'static str {
     table.iter().find(|(_, v)| *v == value).map_or("", |(n, _)| n)
 }
+
+/// How timm's eval transform fits an image to the model's input (`crop_mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum CropMode {
+    /// Resize the shorter side to image / crop_pct, keeping the aspect ratio, then centre-crop.
+    #[default]
+    Center,
+    /// Resize both sides to image / crop_pct (the aspect ratio is not kept), then centre-crop.
+    Squash,
+    /// Resize the longer side to image / crop_pct, pad with the mean colour, then centre-crop.
+    Border,
+}
+
+impl CropMode {
+    /// Every mode under the name timm and a declaration use (`crop_mode = squash`); the first
+    /// is the default.
+    pub const NAMES: &'static [(&'static str, Self)] = &[
+        ("center", Self::Center),
+        ("squash", Self::Squash),
+        ("border", Self::Border),
+    ];
+    /// The name timm and a declaration use.
+    pub fn name(self) -> &'static str {
+        name_of(Self::NAMES, self)
+    }
+}
+
+/// The eval resize's filter (`interpolation`), PIL's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Interpolation {
+    /// PIL's bicubic (a = −0.5), antialiased when shrinking.
+    #[default]
+    Bicubic,
+    /// PIL's bilinear, antialiased when shrinking.
+    Bilinear,
+}
+
+impl Interpolation {
+    /// Every filter under the name timm and a declaration use; the first is the default.
+    pub const NAMES: &'static [(&'static str, Self)] =
+        &[("bicubic", Self::Bicubic), ("bilinear", Self::Bilinear)];
+    /// The name timm and a declaration use.
+    pub fn name(self) -> &'static str {
+        name_of(Self::NAMES, self)
+    }
+}
+
+/// Why `crop_pct` is not a valid eval crop, if it is not: it must lie in (0, 1] — the resize
+/// before the crop never makes the image smaller than the model's input.
+pub fn crop_pct_error(crop_pct: f64) -> Option<String> {
+    (!(crop_pct > 0.0 && crop_pct <= 1.0))
+        .then(|| format!("crop_pct must be in (0, 1] (timm's DeiT uses 0.9), got {crop_pct}"))
+}

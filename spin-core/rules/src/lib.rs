@@ -5,7 +5,7 @@
 //! - [`schedule`]: which parameter group each layer uses, and when a schedule is valid;
 //! - [`share`]: what a family shares across the layers of a group, and where each layer's part
 //!   is stored;
-//! - [`family`]: the activations and block variants a declaration may name;
+//! - [`family`]: the activations, block variants and eval transforms a declaration may name;
 //! - [`counts`]: unique parameters and multiply-accumulates, as `const fn`s so that a declared
 //!   model's `PARAMS` and `MACS` are compile-time constants;
 //! - [`fips`]: FiPS's rank from a budget, its parameter count and its plan checks.
@@ -27,7 +27,7 @@ pub mod schedule;
 pub mod share;
 
 pub use error::{Field, RuleError};
-pub use family::{Act, Variant};
+pub use family::{crop_pct_error, Act, CropMode, Interpolation, Variant};
 pub use schedule::{Pattern, Schedule};
 pub use share::{count, slot, users, ConvMixerShare, VitShare};
 

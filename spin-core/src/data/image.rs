@@ -11,38 +11,140 @@ pub fn is_image_file(path: &Path) -> bool {
 }
 
 /// Decodes an image file in any format the image crate reads (PNG, JPEG, BMP, GIF, WebP, TIFF).
+/// JPEGs go through `jpeg-decoder`, whose chroma upsampling is libjpeg's (as PIL's), and CMYK
+/// ones come out as PIL converts them.
 pub fn decode(path: &Path) -> Result<::image::DynamicImage, Error> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    ::image::load_from_memory(&bytes).map_err(|e| Error::Image {
+    let failed = |reason: String| Error::Image {
         path: path.into(),
-        reason: e.to_string(),
+        reason,
+    };
+    if ::image::guess_format(&bytes).ok() == Some(::image::ImageFormat::Jpeg) {
+        return decode_jpeg(&bytes).map_err(failed);
+    }
+    ::image::load_from_memory(&bytes).map_err(|e| failed(e.to_string()))
+}
+
+fn decode_jpeg(bytes: &[u8]) -> Result<::image::DynamicImage, String> {
+    use ::image::{DynamicImage as D, ImageBuffer};
+    use jpeg_decoder::PixelFormat;
+    let mut decoder = jpeg_decoder::Decoder::new(bytes);
+    let pixels = decoder.decode().map_err(|e| e.to_string())?;
+    let info = decoder.info().ok_or("no image in the file")?;
+    let (w, h) = (u32::from(info.width), u32::from(info.height));
+    let short = || "the file ends before its pixels do".to_string();
+    Ok(match info.pixel_format {
+        PixelFormat::L8 => D::ImageLuma8(ImageBuffer::from_raw(w, h, pixels).ok_or_else(short)?),
+        PixelFormat::L16 => {
+            let values = pixels
+                .chunks_exact(2)
+                .map(|b| u16::from_be_bytes([b[0], b[1]]))
+                .collect();
+            D::ImageLuma16(ImageBuffer::from_raw(w, h, values).ok_or_else(short)?)
+        }
+        PixelFormat::RGB24 => D::ImageRgb8(ImageBuffer::from_raw(w, h, pixels).ok_or_else(short)?),
+        PixelFormat::CMYK32 => {
+            // PIL's cmyk2rgb: each channel (255 − k) − c·(255 − k)/255, the product rounded as
+            // its MULDIV255.
+            let rgb = pixels
+                .chunks_exact(4)
+                .flat_map(|p| {
+                    let nk = 255 - u32::from(p[3]);
+                    let mul = |c: u8| {
+                        let t = u32::from(c) * nk + 128;
+                        ((t >> 8) + t) >> 8
+                    };
+                    [0, 1, 2].map(|i| (nk - mul(p[i]).min(nk)) as u8)
+                })
+                .collect();
+            D::ImageRgb8(ImageBuffer::from_raw(w, h, rgb).ok_or_else(short)?)
+        }
     })
 }
 
-/// Where timm's eval transform takes a `w` × `h` image for `cfg`: torchvision's `Resize` of the
-/// shorter side to ⌊image / crop_pct⌋ (the longer side truncated, as Python's `int`), then
-/// `CenterCrop(image)` with its offsets rounded half to even, as Python's `round`. Returns the
-/// resized size and the crop's top-left corner.
-pub fn eval_geometry(w: u32, h: u32, cfg: &DataConfig) -> ((u32, u32), (u32, u32)) {
+/// Where timm's eval transform takes a `w` × `h` image for `cfg`: the size it resizes to, then
+/// the top-left corner of the `image` × `image` crop in the resized image — negative where the
+/// crop reaches past it and timm pads (`border` mode).
+///
+/// - `center`: torchvision's `Resize` of the shorter side to ⌊image / crop_pct⌋, the longer side
+///   truncated as Python's `int`;
+/// - `squash`: both sides to ⌊image / crop_pct⌋;
+/// - `border`: timm's `ResizeKeepRatio(longest=1)`, the longer side to ⌊image / crop_pct⌋ and the
+///   other rounded (half to even, as Python's `round`), then `CenterCropOrPad` with the padding's
+///   left/top half rounded down.
+///
+/// Crop offsets are rounded half to even, as torchvision's `CenterCrop`.
+pub fn eval_geometry(w: u32, h: u32, cfg: &DataConfig) -> ((u32, u32), (i64, i64)) {
     let image = cfg.image as u32;
     let size = ((cfg.image as f64 / f64::from(cfg.crop_pct)).floor() as u32).max(image);
-    let (short, long) = if w <= h { (w, h) } else { (h, w) };
-    let new_long = ((f64::from(size) * f64::from(long) / f64::from(short.max(1))) as u32).max(size);
-    let (nw, nh) = if w <= h {
-        (size, new_long)
-    } else {
-        (new_long, size)
+    let (wf, hf) = (f64::from(w.max(1)), f64::from(h.max(1)));
+    let (nw, nh) = match cfg.crop_mode.as_str() {
+        "squash" => (size, size),
+        "border" => {
+            let ratio = (wf / f64::from(size)).max(hf / f64::from(size));
+            let side = |x: f64| ((x / ratio).round_ties_even() as u32).max(1);
+            (side(wf), side(hf))
+        }
+        _ => {
+            let (short, long) = if w <= h { (wf, hf) } else { (hf, wf) };
+            let new_long = ((f64::from(size) * long / short) as u32).max(size);
+            if w <= h {
+                (size, new_long)
+            } else {
+                (new_long, size)
+            }
+        }
     };
-    let offset = |n: u32| (f64::from(n - image) / 2.0).round_ties_even() as u32;
+    let offset = |n: u32| {
+        if n >= image {
+            (f64::from(n - image) / 2.0).round_ties_even() as i64
+        } else {
+            -i64::from((image - n) / 2)
+        }
+    };
     ((nw, nh), (offset(nw), offset(nh)))
 }
 
 /// timm's eval transform up to `ToTensor`, on 8-bit pixels as PIL runs it: resize with the
-/// member's filter ([`pil_resize`]), centre-crop. Returns image × image RGB.
+/// member's filter ([`pil_resize`]) as [`eval_geometry`] says, centre-crop (padding with the mean
+/// colour, rounded to 8 bits, where the crop reaches past the image). Returns image × image RGB.
 pub fn eval_pixels(img: &RgbImage, cfg: &DataConfig) -> RgbImage {
     let ((nw, nh), (x0, y0)) = eval_geometry(img.width(), img.height(), cfg);
     let resized = pil_resize(img, nw, nh, Filter::named(&cfg.interpolation));
-    ::image::imageops::crop_imm(&resized, x0, y0, cfg.image as u32, cfg.image as u32).to_image()
+    let fill = ::image::Rgb(cfg.mean.map(|m| (255.0 * f64::from(m)).round_ties_even() as u8));
+    let side = cfg.image as u32;
+    RgbImage::from_fn(side, side, |x, y| {
+        let (sx, sy) = (i64::from(x) + x0, i64::from(y) + y0);
+        if (0..i64::from(nw)).contains(&sx) && (0..i64::from(nh)).contains(&sy) {
+            *resized.get_pixel(sx as u32, sy as u32)
+        } else {
+            fill
+        }
+    })
+}
+
+/// An image as PIL's `convert('RGB')` gives it, quirks included: 16-bit grey (PIL's mode `I;16`)
+/// is clipped to 255, not scaled; 16-bit colour and grey-with-alpha keep each value's high byte;
+/// alpha is dropped, not composited.
+pub fn pil_rgb(img: &::image::DynamicImage) -> RgbImage {
+    use ::image::DynamicImage as D;
+    let high = |v: u16| (v >> 8) as u8;
+    match img {
+        D::ImageLuma16(g) => RgbImage::from_fn(g.width(), g.height(), |x, y| {
+            ::image::Rgb([g.get_pixel(x, y).0[0].min(255) as u8; 3])
+        }),
+        D::ImageLumaA16(g) => RgbImage::from_fn(g.width(), g.height(), |x, y| {
+            ::image::Rgb([high(g.get_pixel(x, y).0[0]); 3])
+        }),
+        D::ImageRgb16(c) => RgbImage::from_fn(c.width(), c.height(), |x, y| {
+            ::image::Rgb(c.get_pixel(x, y).0.map(high))
+        }),
+        D::ImageRgba16(c) => RgbImage::from_fn(c.width(), c.height(), |x, y| {
+            let [r, g, b, _] = c.get_pixel(x, y).0;
+            ::image::Rgb([high(r), high(g), high(b)])
+        }),
+        other => other.to_rgb8(),
+    }
 }
 
 /// [`eval_pixels`] for an image already in [0, 1] floats (rounded to 8 bits first, as the file's
@@ -74,8 +176,8 @@ pub fn normalise(img: &Rgb32FImage, cfg: &DataConfig) -> Vec<f32> {
     chw
 }
 
-/// timm's eval transform for one image: `convert('RGB')`, [`eval_pixels`], `ToTensor`,
-/// [`normalise`]. Returns CHW.
+/// timm's eval transform for one image: `convert('RGB')` ([`pil_rgb`]), [`eval_pixels`],
+/// `ToTensor`, [`normalise`]. Returns CHW.
 pub fn preprocess(img: &::image::DynamicImage, cfg: &DataConfig) -> Vec<f32> {
-    normalise(&to_unit(&eval_pixels(&img.to_rgb8(), cfg)), cfg)
+    normalise(&to_unit(&eval_pixels(&pil_rgb(img), cfg)), cfg)
 }

@@ -11,7 +11,9 @@ mod image;
 mod loader;
 mod resize;
 
-pub use self::image::{decode, eval_crop, eval_geometry, eval_pixels, is_image_file, normalise, preprocess};
+pub use self::image::{
+    decode, eval_crop, eval_geometry, eval_pixels, is_image_file, normalise, pil_rgb, preprocess,
+};
 pub use augment::{flip_and_rand, mix_batch, rand_augment, random_crop, random_resized_crop, Augment, Mix};
 pub use formats::{check_cifar_batch, check_digits};
 pub use loader::{Batch, Loader};
@@ -101,7 +103,9 @@ impl Dataset {
                     ::image::Rgb([0, 1, 2].map(|c| px[c * plane + at] as f32 / max))
                 }))
             }
-            Source::Files(paths) => Ok(decode(&paths[i])?.to_rgb32f()),
+            Source::Files(paths) => {
+                Ok(::image::DynamicImage::ImageRgb8(pil_rgb(&decode(&paths[i])?)).to_rgb32f())
+            }
         }
     }
     /// Image `i` at the model's size, normalised, CHW: the eval transform, or with `augment`

@@ -1,5 +1,5 @@
 //! What a model is, for tables, the registry and the command line.
-use super::plan::{Arch, FipsPlanInfo};
+use super::plan::{Arch, EvalOverride, FipsPlanInfo};
 
 /// The two isotropic families spin knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -71,6 +71,8 @@ pub struct ModelInfo {
     pub buffers: usize,
     /// Bytes of the bit masks stored beside pruned tensors (FiPS's factors).
     pub mask_bytes: usize,
+    /// The declaration's overrides of timm's eval transform (see [`super::DataConfig::for_model`]).
+    pub eval: EvalOverride,
 }
 
 impl ModelInfo {
@@ -140,6 +142,7 @@ impl ModelInfo {
             unshared_params: 0,
             buffers: 0,
             mask_bytes: 0,
+            eval: EvalOverride::NONE,
         }
     }
 }

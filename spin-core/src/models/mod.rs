@@ -88,7 +88,7 @@ pub mod vit;
 mod vit_config;
 
 pub use describe::{Describe, Family, ModelInfo};
-pub use plan::{Arch, DataConfig, FipsPlanInfo, Plan, PLAN_KEY};
+pub use plan::{Arch, DataConfig, EvalOverride, FipsPlanInfo, Plan, PLAN_KEY};
 
 /// A spin model with a runtime-shaped entry point (NCHW images in, logits out): what training,
 /// evaluation and the registry drive.

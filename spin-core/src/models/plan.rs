@@ -4,7 +4,7 @@
 //! every member, and spin-torch builds the same model from it.
 use super::{Family, ModelInfo};
 use serde::{Deserialize, Serialize};
-use spin_rules::{ConvMixerShare, VitShare};
+use spin_rules::{ConvMixerShare, CropMode, Interpolation, VitShare};
 
 /// The safetensors metadata key of the plan.
 pub const PLAN_KEY: &str = "spin.plan";
@@ -20,10 +20,40 @@ pub struct DataConfig {
     pub mean: [f32; 3],
     /// Per-channel standard deviation divided by.
     pub std: [f32; 3],
-    /// Eval transform: resize the shorter side to image / crop_pct, then centre-crop.
+    /// Eval transform: resize to image / crop_pct (how, `crop_mode` says), then centre-crop.
     pub crop_pct: f32,
     /// The eval resize's filter, as timm names it (`bicubic`, `bilinear`).
     pub interpolation: String,
+    /// How the eval resize fits the image, as timm names it: `center` (the shorter side),
+    /// `squash` (both sides), `border` (the longer side, then padding with the mean colour).
+    #[serde(default = "center")]
+    pub crop_mode: String,
+}
+
+fn center() -> String {
+    CropMode::Center.name().into()
+}
+
+/// What a declaration may change in timm's eval transform for its family
+/// (`#[vit(..., crop_pct = 0.95, crop_mode = squash, interpolation = bilinear)]`); `None` keeps
+/// timm's value.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EvalOverride {
+    /// The eval crop.
+    pub crop_pct: Option<f32>,
+    /// How the resize fits the image.
+    pub crop_mode: Option<CropMode>,
+    /// The resize's filter.
+    pub interpolation: Option<Interpolation>,
+}
+
+impl EvalOverride {
+    /// Nothing overridden.
+    pub const NONE: Self = Self {
+        crop_pct: None,
+        crop_mode: None,
+        interpolation: None,
+    };
 }
 
 impl DataConfig {
@@ -40,12 +70,14 @@ impl DataConfig {
             std: Self::IMAGENET_STD,
             crop_pct,
             interpolation: "bicubic".into(),
+            crop_mode: center(),
         }
     }
     /// How a model expects its input, as timm's data config would give it: ImageNet statistics
     /// and timm's eval crop at 224 — 0.96 for timm's ConvMixers, 1.0 for SPIN's (ml-spin resizes to
     /// 224 and centre-crops 224), 0.9 for DeiT; CIFAR-10 statistics at 32; inputs
-    /// centred to [-1, 1] for the 8×8 digits members.
+    /// centred to [-1, 1] for the 8×8 digits members. What the declaration overrides
+    /// (`crop_pct`, `crop_mode`, `interpolation`) replaces timm's value.
     ///
     /// ```
     /// use spin_core::{models::DataConfig, Describe};
@@ -53,8 +85,30 @@ impl DataConfig {
     /// #[convmixer(dim = 16, kernel = 3, patch = 1, image = 8, classes = 10, depth = 2)]
     /// struct Tiny;
     /// assert_eq!(DataConfig::for_model(&Tiny::info()), DataConfig::centred(8));
+    ///
+    /// #[vit(dim = 32, heads = 2, patch = 16, image = 224, classes = 10, depth = 2,
+    ///       crop_pct = 0.95, crop_mode = squash)]
+    /// struct Squashed;
+    /// let cfg = DataConfig::for_model(&Squashed::info());
+    /// assert_eq!((cfg.crop_pct, cfg.crop_mode.as_str(), cfg.interpolation.as_str()), (0.95, "squash", "bicubic"));
     /// ```
     pub fn for_model(info: &ModelInfo) -> Self {
+        let mut cfg = Self::family_default(info);
+        let o = &info.eval;
+        if let Some(c) = o.crop_pct {
+            cfg.crop_pct = c;
+        }
+        if let Some(m) = o.crop_mode {
+            cfg.crop_mode = m.name().into();
+        }
+        if let Some(i) = o.interpolation {
+            cfg.interpolation = i.name().into();
+        }
+        cfg
+    }
+
+    /// timm's eval transform for the family at the member's size.
+    fn family_default(info: &ModelInfo) -> Self {
         match (info.image, info.family) {
             (8, _) => Self::centred(8),
             (32, _) => Self {
@@ -63,6 +117,7 @@ impl DataConfig {
                 std: [0.2470, 0.2435, 0.2616],
                 crop_pct: 1.0,
                 interpolation: "bilinear".into(),
+                crop_mode: center(),
             },
             (img, Family::ConvMixer) => match &info.arch {
                 Arch::ConvMixer { variant, .. } if variant == "spin" => Self::imagenet(img, 1.0),
@@ -80,6 +135,7 @@ impl DataConfig {
             std: [0.5; 3],
             crop_pct: 1.0,
             interpolation: "bilinear".into(),
+            crop_mode: center(),
         }
     }
 }

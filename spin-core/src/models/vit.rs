@@ -250,19 +250,25 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> Vit<C, E
     /// matching the block output).
     pub fn mlp_io(&self, x: Tensor<Nchw, E, D>) -> Vec<(Tensor<Mat, E, D>, Tensor<Mat, E, D>)> {
         let mut out = Vec::with_capacity(C::DEPTH);
-        self.blocks(
-            x,
-            Some(&mut |_, z: &Tensor<Mat, E, D>, y: &Tensor<Mat, E, D>| out.push((z.clone(), y.clone()))),
-        );
+        self.blocks(x, Some(&mut |_, z: &_, y: &_, _: &_| out.push((Tensor::clone(z), Tensor::clone(y)))));
+        out
+    }
+
+    /// Every block's output on NCHW images, `(B·N, D)` tokens: what `spin analyze` compares
+    /// across layers.
+    pub fn block_outputs(&self, x: Tensor<Nchw, E, D>) -> Vec<Tensor<Mat, E, D>> {
+        let mut out = Vec::with_capacity(C::DEPTH);
+        self.blocks(x, Some(&mut |_, _: &_, _: &_, x: &Tensor<Mat, E, D>| out.push(x.clone())));
         out
     }
 
     /// Embedding and blocks (no final norm) on NCHW images: `(B·N, D)` token features. `observe`
-    /// sees each block's MLP input and output.
+    /// sees each block's MLP input, MLP output and block output.
+    #[allow(clippy::type_complexity)]
     fn blocks<T: Tape<E, D> + Merge<T>>(
         &self,
         x: Tensor<Nchw, E, D, T>,
-        mut observe: Option<&mut dyn FnMut(usize, &Tensor<Mat, E, D>, &Tensor<Mat, E, D>)>,
+        mut observe: Option<&mut dyn FnMut(usize, &Tensor<Mat, E, D>, &Tensor<Mat, E, D>, &Tensor<Mat, E, D>)>,
     ) -> Tensor<Mat, E, D, T> {
         let b = x.shape().0;
         let (d, n) = (C::Dim::SIZE, C::Tokens::SIZE);
@@ -299,10 +305,11 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> Vit<C, E
             let z = self.norm2[jn].forward(x);
             let z_seen = observe.as_ref().map(|_| z.retaped::<NoneTape>());
             let y = self.mlp.forward(i, z);
-            if let (Some(f), Some(z)) = (observe.as_mut(), z_seen) {
-                f(i, &z, &y.retaped::<NoneTape>());
-            }
+            let y_seen = observe.as_ref().map(|_| y.retaped::<NoneTape>());
             x = y + skip;
+            if let (Some(f), Some(z), Some(y)) = (observe.as_mut(), z_seen, y_seen) {
+                f(i, &z, &y, &x.retaped::<NoneTape>());
+            }
         }
         x
     }

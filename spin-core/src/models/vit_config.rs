@@ -1,6 +1,6 @@
 //! What a ViT declaration fixes: the config trait `#[vit(...)]` implements, the FiPS plan a
 //! `#[fips(...)]` adds, and the description both give.
-use super::{Arch, Family, ModelInfo};
+use super::{Arch, EvalOverride, Family, ModelInfo};
 use dfdx::prelude::*;
 use spin_rules::counts::{vit_macs, vit_params};
 use spin_rules::VitShare;
@@ -66,6 +66,8 @@ pub trait VitConfig: 'static + Clone + Copy + std::fmt::Debug + Default + Send +
     const SHARE: VitShare;
     /// The FiPS compression a `#[fips(...)]` declaration asks for (`None` for a dense ViT).
     const FIPS: Option<FipsDecl> = None;
+    /// The declaration's overrides of timm's eval transform for the family.
+    const EVAL: EvalOverride = EvalOverride::NONE;
 }
 
 /// The description of a declared ViT.
@@ -82,6 +84,7 @@ pub fn info<C: VitConfig>() -> ModelInfo {
         params: vit_params(d, p, img, h, cls, depth, groups, C::SHARE),
         macs: vit_macs(d, p, img, h, cls, depth),
         unshared_params: vit_params(d, p, img, h, cls, depth, depth, C::SHARE),
+        eval: C::EVAL,
         ..ModelInfo::declared(
             C::NAME,
             Family::Vit,
