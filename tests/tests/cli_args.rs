@@ -36,6 +36,7 @@ const BASE: &[(&str, &[&str])] = &[
         ],
     ),
     ("recalibrate", &["recalibrate", "--weights", "w", "--out", "o"]),
+    ("analyze", &["analyze", "--from", "w"]),
 ];
 
 /// (subcommand, option, bad values)
@@ -81,6 +82,10 @@ const BAD: &[(&str, &str, &[&str])] = &[
     ("fuse", "--calib", &["mnist"]),
     ("recalibrate", "--calib-batch", &["1"]),
     ("recalibrate", "--data", &["imagenet:"]),
+    ("analyze", "--groups", &["0", "x"]),
+    ("analyze", "--images", &["1"]),
+    ("analyze", "--by", &["euclid"]),
+    ("analyze", "--data", &["cifar10:"]),
 ];
 
 #[test]

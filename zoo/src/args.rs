@@ -6,7 +6,7 @@ use spin_core::checkpoint::StorageDtype;
 use spin_core::data::{Augment, DataSpec, Loader};
 use spin_core::error::Error;
 use spin_core::fusion::Reduction;
-use spin_core::train::{Schedule, TrainConfig};
+use spin_core::train::{Schedule, SimilarityKind, TrainConfig};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -36,6 +36,9 @@ pub enum Cmd {
     Fuse(FuseArgs),
     /// Re-estimate a checkpoint's BatchNorm statistics on calibration images (cumulative average).
     Recalibrate(RecalibrateArgs),
+    /// Measure how alike a trained model's layers are (CKA of block outputs, cosine of block
+    /// weights) and find the groupings that keep alike layers together.
+    Analyze(AnalyzeArgs),
     /// Time a forward pass (or with --train a training step) after warm-up.
     Bench(BenchArgs),
     /// Convert a checkpoint (a PyTorch `.pth`/`.pt`/`.bin`/`.pyth` file, or safetensors) of a
@@ -184,6 +187,10 @@ pub struct FuseArgs {
     /// With --calib: report the accuracies but keep the copied statistics.
     #[arg(long, requires = "calib")]
     pub no_recalibrate: bool,
+    /// Check that --model is declared with the grouping `spin analyze` found: `auto` analyses
+    /// --from on the --calib data now, a path reads the analysis.json it wrote.
+    #[arg(long)]
+    pub groups: Option<String>,
 }
 
 /// How many calibration images re-estimate BatchNorm statistics.
@@ -213,6 +220,34 @@ pub struct RecalibrateArgs {
     /// The recalibrated checkpoint to write.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct AnalyzeArgs {
+    /// The trained unshared checkpoint (safetensors or PyTorch).
+    #[arg(long)]
+    pub from: PathBuf,
+    /// The unshared zoo member (default: the one the checkpoint's plan names).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Calibration data; images are drawn from its training split, evenly across classes.
+    #[arg(long, default_value = "digits", value_parser = parse_data)]
+    pub data: DataSpec,
+    /// Groups to assign the layers to (default: half the depth, share rate 2).
+    #[arg(long, value_parser = count)]
+    pub groups: Option<usize>,
+    /// Calibration images for CKA (at least 2).
+    #[arg(long, default_value_t = 256, value_parser = at_least_two)]
+    pub images: usize,
+    /// The similarity the groupings follow: cka (block outputs) or weights (block weights).
+    #[arg(long, default_value = "cka", value_parser = parse_similarity)]
+    pub by: SimilarityKind,
+    /// Directory for analysis.json and the heatmaps (similarity.png, similarity.svg).
+    #[arg(long, default_value = "analysis")]
+    pub out: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(Args, Debug)]

@@ -95,6 +95,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), Error> {
         Cmd::Fips(a) => fips(&a, out).map(|_| ()),
         Cmd::Import(a) => import(&a, out),
         Cmd::Recalibrate(a) => recalibrate(&a, out),
+        Cmd::Analyze(a) => crate::analyze_cmd::analyze(&a, out).map(|_| ()),
     }
 }
 
@@ -299,6 +300,35 @@ pub fn bench(a: &BenchArgs, out: &mut dyn Write) -> Result<(), Error> {
 /// statistics re-estimated and its accuracy reported before and after.
 pub fn fuse(a: &FuseArgs, out: &mut dyn Write) -> Result<(), Error> {
     let mut m = crate::build(&a.model, 0)?;
+    if let Some(groups) = &a.groups {
+        let analysis = if groups == "auto" {
+            let data = a.calib.as_ref().ok_or_else(|| {
+                Error::Invalid(
+                    "--groups auto analyses --from on calibration images: give --calib DATA".into(),
+                )
+            })?;
+            crate::analyze_cmd::run_analysis(
+                None,
+                &a.from,
+                data,
+                256,
+                Some(m.info().groups),
+                Default::default(),
+                true,
+            )?
+        } else {
+            let path = std::path::Path::new(groups);
+            let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+            serde_json::from_str(&text).map_err(|e| {
+                Error::Invalid(format!(
+                    "{}: not an analysis.json written by spin analyze: {e}",
+                    path.display()
+                ))
+            })?
+        };
+        let method = crate::analyze_cmd::check_member_uses(&m.info(), &analysis)?;
+        writeln!(out, "{}: declared with the analysis's {method} grouping", a.model).map_err(io)?;
+    }
     let report = m.fuse_from(&read_checkpoint(&a.from)?, a.reduction)?;
     writeln!(
         out,

@@ -17,6 +17,7 @@ use spin_core::{Describe, Error, ModelInfo};
 
 pub use spin_core::prelude::{convmixer, fips, shared_blocks, vit};
 
+pub mod analyze_cmd;
 pub mod args;
 pub mod bench;
 pub mod cli;
@@ -245,6 +246,11 @@ zoo! {
     #[vit(dim = 64, heads = 4, patch = 2, image = 8, classes = 10)]
     #[shared_blocks(depth = 6, groups = 3, pattern = sequential)]
     digits_vit_64_6_ws2_sequential;
+    /// The grouping `spin analyze --groups 3` finds for a trained digits_vit_64_6 (CKA of block
+    /// outputs; README, "Which layers to share").
+    #[vit(dim = 64, heads = 4, patch = 2, image = 8, classes = 10)]
+    #[shared_blocks(depth = 6, groups = 3, pattern = [0, 1, 1, 1, 2, 2])]
+    digits_vit_64_6_ws2_similar;
     #[vit(dim = 64, heads = 4, patch = 2, image = 8, classes = 10)]
     #[shared_blocks(depth = 6, groups = 2, pattern = sequential)]
     digits_vit_64_6_ws3_sequential;

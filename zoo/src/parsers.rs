@@ -4,7 +4,7 @@ use spin_core::checkpoint::StorageDtype;
 use spin_core::data::DataSpec;
 use spin_core::error::Error;
 use spin_core::fusion::Reduction;
-use spin_core::train::Schedule;
+use spin_core::train::{Schedule, SimilarityKind};
 
 /// A count of at least one (epochs, batch, steps, …).
 pub(crate) fn count(s: &str) -> Result<usize, String> {
@@ -80,5 +80,9 @@ pub(crate) fn parse_data(s: &str) -> Result<DataSpec, String> {
 }
 
 pub(crate) fn parse_dtype(s: &str) -> Result<StorageDtype, String> {
+    s.parse().map_err(|e: Error| e.to_string())
+}
+
+pub(crate) fn parse_similarity(s: &str) -> Result<SimilarityKind, String> {
     s.parse().map_err(|e: Error| e.to_string())
 }

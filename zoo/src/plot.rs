@@ -1,7 +1,9 @@
-//! Figures: `spin compare`'s trade-off plot and `spin fips`'s reconstruction plot (PNG, SVG).
+//! Figures: `spin compare`'s trade-off plot, `spin fips`'s reconstruction plot and `spin
+//! analyze`'s similarity heatmaps (PNG, SVG).
 use crate::report::{human, Row};
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use spin_core::train::TrainResult;
 use spin_core::{Error, Family};
 use std::path::Path;
@@ -306,6 +308,104 @@ fn draw_fips<DB: DrawingBackend>(
             }),
         )
         .map_err(e)?;
+    Ok(())
+}
+
+/// `spin analyze`'s heatmaps, side by side: CKA between block outputs and cosine similarity
+/// between block weights, layer against layer, each value printed in its cell; the boxes mark
+/// the chosen grouping's groups along the diagonal where they are contiguous.
+pub fn similarity_plot(
+    panels: &[(&str, &[Vec<f64>])],
+    schedule: &[usize],
+    dir: &Path,
+) -> Result<Vec<std::path::PathBuf>, Error> {
+    register_font();
+    let (png, svg) = (dir.join("similarity.png"), dir.join("similarity.svg"));
+    let err = |p: &Path, e: String| Error::Invalid(format!("{}: cannot draw the plot: {e}", p.display()));
+    let size = (520 * panels.len() as u32, 540);
+    {
+        let root = BitMapBackend::new(&png, size).into_drawing_area();
+        draw_heatmaps(&root, panels, schedule).map_err(|e| err(&png, e))?;
+        root.present().map_err(|e| err(&png, e.to_string()))?;
+    }
+    {
+        let root = SVGBackend::new(&svg, size).into_drawing_area();
+        draw_heatmaps(&root, panels, schedule).map_err(|e| err(&svg, e))?;
+        root.present().map_err(|e| err(&svg, e.to_string()))?;
+    }
+    Ok(vec![png, svg])
+}
+
+fn draw_heatmaps<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    panels: &[(&str, &[Vec<f64>])],
+    schedule: &[usize],
+) -> Result<(), String> {
+    use plotters::style::colors::colormaps::ViridisRGB;
+    let e = |x: DrawingAreaErrorKind<DB::ErrorType>| x.to_string();
+    root.fill(&WHITE).map_err(e)?;
+    for (area, (title, sim)) in root.split_evenly((1, panels.len())).iter().zip(panels) {
+        let d = sim.len();
+        let edge = d as f64 - 0.5;
+        // Layer k's cell is centred on k; the y axis runs down, so row 0 is at the top as a
+        // matrix is read.
+        let mut chart = ChartBuilder::on(area)
+            .caption(*title, ("sans-serif", 18))
+            .margin(14)
+            .x_label_area_size(40)
+            .y_label_area_size(40)
+            .build_cartesian_2d(-0.5..edge, edge..-0.5)
+            .map_err(e)?;
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_desc("layer")
+            .y_desc("layer")
+            .x_labels(d)
+            .y_labels(d)
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .y_label_formatter(&|v| format!("{v:.0}"))
+            .label_style(("sans-serif", 12))
+            .draw()
+            .map_err(e)?;
+        let cells = || (0..d).flat_map(|i| (0..d).map(move |j| (i, j)));
+        let at = |k: usize| k as f64;
+        chart
+            .draw_series(cells().map(|(i, j)| {
+                let v = sim[i][j].clamp(0.0, 1.0);
+                Rectangle::new(
+                    [(at(j) - 0.5, at(i) - 0.5), (at(j) + 0.5, at(i) + 0.5)],
+                    ViridisRGB::get_color(v as f32).filled(),
+                )
+            }))
+            .map_err(e)?;
+        if d <= 16 {
+            let size = if d <= 8 { 13 } else { 10 };
+            let centred = Pos::new(HPos::Center, VPos::Center);
+            chart
+                .draw_series(cells().map(|(i, j)| {
+                    let colour = if sim[i][j] > 0.6 { BLACK } else { WHITE };
+                    let style = ("sans-serif", size).into_font().color(&colour).pos(centred);
+                    Text::new(format!("{:.2}", sim[i][j]), (at(j), at(i)), style)
+                }))
+                .map_err(e)?;
+        }
+        // Each contiguous run of one group as a box on the diagonal.
+        let mut start = 0;
+        let n = schedule.len().min(d);
+        for end in 1..=n {
+            if end == n || schedule[end] != schedule[start] {
+                let (a, b) = (at(start) - 0.5, at(end) - 0.5);
+                chart
+                    .draw_series(std::iter::once(Rectangle::new(
+                        [(a, a), (b, b)],
+                        RED.stroke_width(3),
+                    )))
+                    .map_err(e)?;
+                start = end;
+            }
+        }
+    }
     Ok(())
 }
 

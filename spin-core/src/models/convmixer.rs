@@ -294,7 +294,13 @@ impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>> ConvMixer<C, E, D> {
     pub fn block_outputs(&self, x: Tensor<Nchw, E, D>) -> Vec<Tensor<Mat, E, D>> {
         check_input::<C>(x.shape());
         let mut out = Vec::with_capacity(C::DEPTH);
-        self.trunk_with(x, None, None, None, Some(&mut |_, y: &Tensor<Mat, E, D>| out.push(y.clone())));
+        self.trunk_with(
+            x,
+            None,
+            None,
+            None,
+            Some(&mut |_, y: &Tensor<Mat, E, D>| out.push(y.clone())),
+        );
         out
     }
 

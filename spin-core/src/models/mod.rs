@@ -76,6 +76,9 @@ macro_rules! typed_surface {
             ) -> Tensor<Mat, E, D, T> {
                 self.forward_dyn_mut(x)
             }
+            fn block_outputs(&self, x: Tensor<Nchw, E, D>) -> Vec<Tensor<Mat, E, D>> {
+                $model::block_outputs(self, x)
+            }
         }
     };
 }
@@ -119,5 +122,11 @@ pub trait SpinModel<E: SpinDtype, D: SpinDevice<E>>:
     /// training) the plain model it exports. Saving writes this.
     fn deployable(&self) -> Result<Box<dyn TimmKeys<Elem = E> + '_>, Error> {
         Ok(Box::new(self.clone()))
+    }
+    /// Every block's output, `(B·positions, width)`, with running statistics (empty for a model
+    /// without blocks of its own, e.g. a fusion-aware wrapper).
+    fn block_outputs(&self, x: Tensor<Nchw, E, D>) -> Vec<Tensor<Mat, E, D>> {
+        let _ = x;
+        Vec::new()
     }
 }

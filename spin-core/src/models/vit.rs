@@ -250,7 +250,10 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> Vit<C, E
     /// matching the block output).
     pub fn mlp_io(&self, x: Tensor<Nchw, E, D>) -> Vec<(Tensor<Mat, E, D>, Tensor<Mat, E, D>)> {
         let mut out = Vec::with_capacity(C::DEPTH);
-        self.blocks(x, Some(&mut |_, z: &_, y: &_, _: &_| out.push((Tensor::clone(z), Tensor::clone(y)))));
+        self.blocks(
+            x,
+            Some(&mut |_, z: &_, y: &_, _: &_| out.push((Tensor::clone(z), Tensor::clone(y)))),
+        );
         out
     }
 
@@ -258,7 +261,10 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> Vit<C, E
     /// across layers.
     pub fn block_outputs(&self, x: Tensor<Nchw, E, D>) -> Vec<Tensor<Mat, E, D>> {
         let mut out = Vec::with_capacity(C::DEPTH);
-        self.blocks(x, Some(&mut |_, _: &_, _: &_, x: &Tensor<Mat, E, D>| out.push(x.clone())));
+        self.blocks(
+            x,
+            Some(&mut |_, _: &_, _: &_, x: &Tensor<Mat, E, D>| out.push(x.clone())),
+        );
         out
     }
 
@@ -268,7 +274,9 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> Vit<C, E
     fn blocks<T: Tape<E, D> + Merge<T>>(
         &self,
         x: Tensor<Nchw, E, D, T>,
-        mut observe: Option<&mut dyn FnMut(usize, &Tensor<Mat, E, D>, &Tensor<Mat, E, D>, &Tensor<Mat, E, D>)>,
+        mut observe: Option<
+            &mut dyn FnMut(usize, &Tensor<Mat, E, D>, &Tensor<Mat, E, D>, &Tensor<Mat, E, D>),
+        >,
     ) -> Tensor<Mat, E, D, T> {
         let b = x.shape().0;
         let (d, n) = (C::Dim::SIZE, C::Tokens::SIZE);

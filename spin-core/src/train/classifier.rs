@@ -73,6 +73,10 @@ pub trait Classifier: Send {
     /// A training-mode forward pass and nothing else: BatchNorms normalise with the batch's
     /// statistics and move their running ones (no loss, no gradient, no step).
     fn forward_train_mode(&mut self, images: &[f32], batch: usize);
+    /// Every block's output for NCHW images: one `batch × features` row-major matrix per block,
+    /// each image's positions and channels flattened into its row (empty when the model has no
+    /// blocks of its own).
+    fn block_features(&self, images: &[f32], batch: usize) -> Vec<Vec<f32>>;
 }
 
 /// Per-step hyper-parameters.
@@ -227,5 +231,14 @@ impl<M: SpinModel<f32, Cpu> + Send + 'static> Classifier for Runner<M> {
     }
     fn fuse_from(&mut self, source: &TensorMap, reduction: Reduction) -> Result<FusionReport, Error> {
         fuse_into(&mut self.model, source, reduction, &|_, _| None)
+    }
+    fn block_features(&self, images: &[f32], batch: usize) -> Vec<Vec<f32>> {
+        let img = self.model.info().image;
+        // Rows are (image, position) pairs in image order, so each image's rows are contiguous.
+        self.model
+            .block_outputs(images_tensor(&self.dev, images, batch, img))
+            .iter()
+            .map(|t| t.as_vec())
+            .collect()
     }
 }

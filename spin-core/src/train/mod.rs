@@ -3,12 +3,14 @@
 //! object-safe [`Classifier`] so a model chosen by name at run time can be trained
 //! ([`classifier`]); and whole runs with checkpoints, metrics, resume and a stop on divergence
 //! ([`mod@run`]), which `spin train` only calls.
+pub mod analyze;
 pub mod classifier;
 pub mod fit;
 pub mod optim;
 pub mod recalibrate;
 pub mod run;
 
+pub use analyze::{analyze, Analysis, Grouping, SimilarityKind};
 pub use classifier::{
     count_correct, load_all_but_head, mixed_targets, smooth_targets, Classifier, Runner, StepParams,
     StepStats,

@@ -48,8 +48,7 @@ pub fn recalibrate_bn(
     }
     sums.values_mut()
         .for_each(|(_, v)| v.iter_mut().for_each(|x| *x = 0.0));
-    let n = (batches * batch).min(data.len());
-    let idx: Vec<usize> = (0..n).collect();
+    let idx = data.stratified(batches * batch, 0);
     let (mut seen, mut count) = (0usize, 0usize);
     // Each batch's statistics after are the next batch's before: one read per batch.
     let mut before = running(model);
