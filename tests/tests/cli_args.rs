@@ -77,6 +77,7 @@ const BAD: &[(&str, &str, &[&str])] = &[
     ("fips", "--rows", &["0"]),
     ("fips", "--lr", &["0"]),
     ("fips", "--finetune-lr", &["-1"]),
+    ("fips", "--sparse-schedule", &["random"]),
     ("fuse", "--calib-batches", &["0"]),
     ("fuse", "--calib-batch", &["1", "0"]),
     ("fuse", "--calib", &["mnist"]),

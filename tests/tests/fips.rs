@@ -137,6 +137,70 @@ fn reconstruction_lowers_the_block_errors_and_keeps_pruned_weights_zero() {
 }
 
 #[test]
+fn rigl_keeps_the_exact_sparsity_and_regrows_at_zero() {
+    let dev = Cpu::seed_from_u64(6);
+    let dense = dev.build_module::<Tiny, f32>();
+    let images: Tensor<(usize, usize, usize, usize), f32, Cpu> = dev.sample_normal_like(&(16, 3, 8, 8));
+    let calib = calibrate(&dense, &images.as_vec(), 16, 8);
+    let plan = FipsPlan::new(4, 16, groups(), 0.5, 0.5).unwrap();
+    let mut mlps = FipsMlps::from_dense(&dense.mlp, &plan).unwrap();
+    let start = mlps.clone();
+    mlps.prune_to(0.5);
+    let masks = |m: &FipsMlps<Tiny, f32, Cpu>| -> Vec<f32> {
+        m.layers
+            .iter()
+            .flat_map(|l| l.m1.as_vec().into_iter().chain(l.m2.as_vec()))
+            .collect()
+    };
+    for update in 0..3 {
+        let before = masks(&mlps);
+        let saved = mlps.open_masks();
+        let mut grads = mlps.alloc_grads();
+        for i in 0..4 {
+            let z = dev.tensor_from_vec(calib.inputs[i].clone(), (calib.rows, 16));
+            let y = dev.tensor_from_vec(calib.targets[i].clone(), (calib.rows, 16));
+            grads = mse_loss(mlps.forward(i, z.traced(grads)), y).backward();
+        }
+        let moved = mlps.rigl_step(saved, &grads, 0.3);
+        let after = masks(&mlps);
+        assert!(moved > 0, "update {update} moved nothing");
+        assert_eq!(mlps.sparsity(), 0.5, "update {update}");
+        let regrown: Vec<usize> = (0..after.len())
+            .filter(|&k| before[k] == 0.0 && after[k] == 1.0)
+            .collect();
+        assert_eq!(regrown.len(), moved);
+        let values: Vec<f32> = mlps
+            .layers
+            .iter()
+            .flat_map(|l| l.v1.as_vec().into_iter().chain(l.v2.as_vec()))
+            .collect();
+        assert!(
+            regrown.iter().all(|&k| values[k] == 0.0),
+            "a regrown entry is not zero"
+        );
+        pruned_entries_are_zero(&mlps);
+    }
+    // The whole reconstruction with RigL: the sparsity from the start, lower block errors.
+    let mut rigl = start.clone();
+    let cfg = ReconConfig {
+        steps: 120,
+        lr: 3e-3,
+        rows: 80,
+        schedule: fips::SparseSchedule::Rigl,
+        ..Default::default()
+    };
+    let mut one_shot = start;
+    one_shot.prune_to(0.5);
+    let before: f64 = block_errors(&one_shot, &calib).iter().sum();
+    reconstruct(&mut rigl, &calib, 0.5, &cfg, &mut |_, _| {}).unwrap();
+    let after: f64 = block_errors(&rigl, &calib).iter().sum();
+    assert!(after < 0.7 * before, "{before} → {after}");
+    assert_eq!(rigl.sparsity(), 0.5);
+    pruned_entries_are_zero(&rigl);
+    rigl.check().unwrap();
+}
+
+#[test]
 fn end_to_end_fine_tuning_leaves_pruned_entries_at_zero() {
     let dev = Cpu::seed_from_u64(6);
     let mut model = dev.build_module::<TinyFips, f32>();

@@ -171,3 +171,84 @@ fn fusion_pairs_must_match() {
         Reduction::ChannelWeightedMean
     );
 }
+
+#[vit(dim = 8, heads = 2, patch = 4, image = 8, classes = 3)]
+#[shared_blocks(depth = 4, groups = 2, pattern = strided, share = mlp)]
+struct SharedVitMlp;
+
+#[test]
+fn fusion_aware_vits_export_a_plain_shared_model_with_the_same_logits() {
+    use spin_core::fusion::{FusionVit, FusionVitOf};
+    for (reduction, mlp_only) in [
+        (Reduction::ChannelWeightedMean, false),
+        (Reduction::ScalarWeightedMean, true),
+        (Reduction::Mean, false),
+    ] {
+        let dev = Cpu::seed_from_u64(4);
+        let x = images(&dev, 4);
+        let base = dev.build_module::<PlainVit, f32>();
+        let start = tensor_map(&base);
+        macro_rules! check {
+            ($shared:ty) => {{
+                FusionVit::<PlainVit, $shared, f32, Cpu>::check_pair().unwrap();
+                let mut m = dev.build_module::<FusionVitOf<PlainVit, $shared>, f32>();
+                m.reduction = reduction;
+                fuse_into(&mut m.base, &start, Reduction::Mean, &|_, _| None).unwrap();
+                // Coefficients of one: the weighted reductions start as the mean.
+                let mut mean = dev.build_module::<$shared, f32>();
+                fuse_into(&mut mean, &start, Reduction::Mean, &|_, _| None).unwrap();
+                let before = m.logits(x.clone()).as_vec();
+                let want = mean.forward_dyn(x.clone()).as_vec();
+                assert!(
+                    before.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5),
+                    "{reduction:?}"
+                );
+
+                let mut runner = Runner::new(m, dev.clone());
+                let mut opt = AdamW::new(0.01);
+                let hp = StepParams {
+                    lr: 0.05,
+                    label_smoothing: 0.1,
+                    clip: Some(1.0),
+                };
+                for s in 0..5 {
+                    let labels: Vec<usize> = (0..6).map(|i| (i + s) % 3).collect();
+                    runner
+                        .train_step(&images(&dev, 6).as_vec(), &labels, None, &mut opt, &hp)
+                        .unwrap();
+                }
+                let m = &runner.model;
+                let moved = |a: Vec<f32>, b: Vec<f32>| a.iter().zip(&b).any(|(x, y)| x != y);
+                assert!(moved(
+                    m.base.mlp[3].fc1.weight.as_vec(),
+                    base.mlp[3].fc1.weight.as_vec()
+                ));
+                match reduction {
+                    Reduction::ChannelWeightedMean => {
+                        assert!(m.gamma_fc2[1].as_vec().iter().any(|&g| g != 1.0))
+                    }
+                    Reduction::ScalarWeightedMean => assert!(m.alpha[2][1].as_vec()[0] != 1.0),
+                    _ => {}
+                }
+                let exported = m.export_fused().unwrap();
+                assert_eq!(exported.num_trainable_params(), <$shared>::PARAMS);
+                let train_logits = m.logits(x.clone()).as_vec();
+                let export_logits = exported.forward_dyn(x.clone()).as_vec();
+                let scale = train_logits.iter().fold(0f32, |a, v| a.max(v.abs()));
+                for (a, b) in train_logits.iter().zip(&export_logits) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * scale.max(1.0),
+                        "{reduction:?}: {a} vs {b}"
+                    );
+                }
+            }};
+        }
+        if mlp_only {
+            check!(SharedVitMlp);
+        } else {
+            check!(SharedVit);
+        }
+    }
+    // A shared model with other dims is refused.
+    assert!(FusionVit::<SharedVit, PlainVit, f32, Cpu>::check_pair().is_err());
+}

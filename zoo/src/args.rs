@@ -5,6 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use spin_core::checkpoint::StorageDtype;
 use spin_core::data::{Augment, DataSpec, Loader};
 use spin_core::error::Error;
+use spin_core::fips::SparseSchedule;
 use spin_core::fusion::Reduction;
 use spin_core::train::{Schedule, SimilarityKind, TrainConfig};
 use std::path::PathBuf;
@@ -86,6 +87,10 @@ pub struct FipsArgs {
     /// Token rows per block per step.
     #[arg(long, default_value_t = 256, value_parser = count)]
     pub rows: usize,
+    /// How the factors reach the sparsity: gmp (cubic gradual magnitude pruning) or rigl
+    /// (the sparsity at once, then prune-and-regrow every 10 steps until 75 % of the steps).
+    #[arg(long, default_value = "gmp", value_parser = parse_sparse_schedule)]
+    pub sparse_schedule: SparseSchedule,
     /// End-to-end fine-tuning epochs on the calibration data after reconstruction (0: none).
     #[arg(long, default_value_t = 0)]
     pub finetune_epochs: usize,

@@ -45,7 +45,7 @@ pub fn fips(a: &FipsArgs, out: &mut dyn Write) -> Result<FipsResult, Error> {
     dense.load_timm(&a.from)?;
     let (calib, kept) = split
         .train
-        .gather(&(0..a.calib_images.min(split.train.len())).collect::<Vec<_>>())?;
+        .gather(&split.train.stratified(a.calib_images, a.seed))?;
     let n = kept.len();
     if n == 0 {
         return Err(Error::Invalid(format!(
@@ -72,6 +72,7 @@ pub fn fips(a: &FipsArgs, out: &mut dyn Write) -> Result<FipsResult, Error> {
             steps: a.steps,
             lr: a.lr,
             rows: a.rows,
+            schedule: a.sparse_schedule,
             seed: a.seed,
             ..Default::default()
         },
@@ -130,6 +131,7 @@ pub fn fips(a: &FipsArgs, out: &mut dyn Write) -> Result<FipsResult, Error> {
         &a.out.with_extension("png"),
     )?;
     let result = FipsResult {
+        sparse_schedule: format!("{:?}", a.sparse_schedule).to_lowercase(),
         model: info.name.into(),
         groups: r.plan.groups.clone(),
         rank: r.plan.rank,

@@ -9,8 +9,9 @@
 use spin_core::data::DataConfig;
 use spin_core::dfdx::prelude::*;
 use spin_core::fips::{FipsCompress, FipsLoader, FipsRunner};
-use spin_core::fusion::{Fusion, Reduction};
+use spin_core::fusion::{Fusion, FusionVitOf, Reduction};
 use spin_core::models::convmixer::ConvMixerConfig;
+use spin_core::models::vit::VitConfig;
 use spin_core::models::SpinModel;
 use spin_core::train::{Classifier, Runner};
 use spin_core::{Describe, Error, ModelInfo};
@@ -35,8 +36,9 @@ pub type FusionBuilder = fn(u64, Reduction) -> Box<dyn Classifier>;
 pub struct Member {
     pub info: fn() -> ModelInfo,
     pub build: fn(u64) -> Box<dyn Classifier>,
-    /// For a shared ConvMixer declared `shared <- base`: its fusion-aware trainer, which keeps the
-    /// base model's D tensors and fuses them every forward pass (SPIN's WFWS).
+    /// For a shared member declared `shared <- base` (`shared <- base vit` for a ViT): its
+    /// fusion-aware trainer, which keeps the base model's D tensors and fuses them every forward
+    /// pass (SPIN's WFWS).
     pub fusion: Option<FusionBuilder>,
     /// For a dense ViT: its FiPS compression pipeline (`spin fips`).
     pub fips: Option<FipsRunner>,
@@ -54,6 +56,13 @@ fn build_fusion<B: ConvMixerConfig, S: ConvMixerConfig>(
     Box::new(Runner::new(model, dev))
 }
 
+fn build_vit_fusion<B: VitConfig, S: VitConfig>(seed: u64, reduction: Reduction) -> Box<dyn Classifier> {
+    let dev = Cpu::seed_from_u64(seed);
+    let mut model = dev.build_module::<FusionVitOf<B, S>, f32>();
+    model.reduction = reduction;
+    Box::new(Runner::new(model, dev))
+}
+
 fn build_member<X>(seed: u64) -> Box<dyn Classifier>
 where
     X: BuildOnDevice<Cpu, f32>,
@@ -66,7 +75,7 @@ where
 
 /// Declares the members and generates [`MEMBERS`] from the same list.
 macro_rules! zoo {
-    ($( $(#[$attr:meta])+ $name:ident $(<- $base:ident)?; )+) => {
+    ($( $(#[$attr:meta])+ $name:ident $(<- $base:ident $($vit:ident)?)?; )+) => {
         $( $(#[$attr])+ #[allow(non_camel_case_types)] pub struct $name; )+
 
         /// Every member of the zoo, in declaration order.
@@ -74,12 +83,13 @@ macro_rules! zoo {
             $( Member {
                 info: <$name as Describe>::info,
                 build: build_member::<$name>,
-                fusion: zoo!(@fusion $name $($base)?),
+                fusion: zoo!(@fusion $name $($base $($vit)?)?),
                 fips: <$name as FipsCompress>::RUNNER,
                 load_fips: <$name as FipsCompress>::LOADER,
             }, )+
         ];
     };
+    (@fusion $name:ident $base:ident vit) => { Some(build_vit_fusion::<$base, $name>) };
     (@fusion $name:ident $base:ident) => { Some(build_fusion::<$base, $name>) };
     (@fusion $name:ident) => { None };
 }
@@ -167,16 +177,16 @@ zoo! {
     deit_tiny_patch16_224;
     #[vit(dim = 192, heads = 3, patch = 16, image = 224, classes = 1000)]
     #[shared_blocks(depth = 12, groups = 6, pattern = sequential)]
-    deit_tiny_patch16_224_ws2_sequential;
+    deit_tiny_patch16_224_ws2_sequential <- deit_tiny_patch16_224 vit;
     #[vit(dim = 192, heads = 3, patch = 16, image = 224, classes = 1000)]
     #[shared_blocks(depth = 12, groups = 6, pattern = strided)]
-    deit_tiny_patch16_224_ws2_strided;
+    deit_tiny_patch16_224_ws2_strided <- deit_tiny_patch16_224 vit;
     #[vit(dim = 192, heads = 3, patch = 16, image = 224, classes = 1000)]
     #[shared_blocks(depth = 12, groups = 3, pattern = sequential)]
-    deit_tiny_patch16_224_ws4_sequential;
+    deit_tiny_patch16_224_ws4_sequential <- deit_tiny_patch16_224 vit;
     #[vit(dim = 192, heads = 3, patch = 16, image = 224, classes = 1000)]
     #[shared_blocks(depth = 12, groups = 3, pattern = strided)]
-    deit_tiny_patch16_224_ws4_strided;
+    deit_tiny_patch16_224_ws4_strided <- deit_tiny_patch16_224 vit;
     #[vit(dim = 192, heads = 3, patch = 16, image = 224, classes = 1000)]
     #[shared_blocks(depth = 12, groups = 1, pattern = sequential, share = all)]
     deit_tiny_patch16_224_ws12_all;
@@ -245,15 +255,18 @@ zoo! {
     digits_vit_64_6;
     #[vit(dim = 64, heads = 4, patch = 2, image = 8, classes = 10)]
     #[shared_blocks(depth = 6, groups = 3, pattern = sequential)]
-    digits_vit_64_6_ws2_sequential;
+    digits_vit_64_6_ws2_sequential <- digits_vit_64_6 vit;
+    #[vit(dim = 64, heads = 4, patch = 2, image = 8, classes = 10)]
+    #[shared_blocks(depth = 6, groups = 3, pattern = strided)]
+    digits_vit_64_6_ws2_strided <- digits_vit_64_6 vit;
     /// The grouping `spin analyze --groups 3` finds for a trained digits_vit_64_6 (CKA of block
     /// outputs; README, "Which layers to share").
     #[vit(dim = 64, heads = 4, patch = 2, image = 8, classes = 10)]
     #[shared_blocks(depth = 6, groups = 3, pattern = [0, 1, 1, 1, 2, 2])]
-    digits_vit_64_6_ws2_similar;
+    digits_vit_64_6_ws2_similar <- digits_vit_64_6 vit;
     #[vit(dim = 64, heads = 4, patch = 2, image = 8, classes = 10)]
     #[shared_blocks(depth = 6, groups = 2, pattern = sequential)]
-    digits_vit_64_6_ws3_sequential;
+    digits_vit_64_6_ws3_sequential <- digits_vit_64_6 vit;
     #[vit(dim = 64, heads = 4, patch = 2, image = 8, classes = 10)]
     #[shared_blocks(depth = 6, groups = 1, pattern = sequential, share = all)]
     digits_vit_64_6_ws6_all;

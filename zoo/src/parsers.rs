@@ -3,6 +3,7 @@
 use spin_core::checkpoint::StorageDtype;
 use spin_core::data::DataSpec;
 use spin_core::error::Error;
+use spin_core::fips::SparseSchedule;
 use spin_core::fusion::Reduction;
 use spin_core::train::{Schedule, SimilarityKind};
 
@@ -84,5 +85,9 @@ pub(crate) fn parse_dtype(s: &str) -> Result<StorageDtype, String> {
 }
 
 pub(crate) fn parse_similarity(s: &str) -> Result<SimilarityKind, String> {
+    s.parse().map_err(|e: Error| e.to_string())
+}
+
+pub(crate) fn parse_sparse_schedule(s: &str) -> Result<SparseSchedule, String> {
     s.parse().map_err(|e: Error| e.to_string())
 }

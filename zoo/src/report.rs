@@ -21,6 +21,8 @@ pub enum Format {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct FipsResult {
     pub model: String,
+    /// `gmp` or `rigl`.
+    pub sparse_schedule: String,
     pub groups: Vec<Vec<usize>>,
     pub rank: usize,
     pub budget: f64,
@@ -258,11 +260,12 @@ pub fn fips_table(r: &FipsResult, calib_rows: usize, out: &mut dyn Write) -> std
     let groups: Vec<String> = r.groups.iter().map(|g| format!("{g:?}")).collect();
     writeln!(
         out,
-        "{}: FiPS over groups {} — rank {}, sparsity {:.2}, budget {:.2}",
+        "{}: FiPS over groups {} — rank {}, sparsity {:.2} ({}), budget {:.2}",
         r.model,
         groups.join(" "),
         r.rank,
         r.sparsity,
+        r.sparse_schedule,
         r.budget
     )?;
     writeln!(

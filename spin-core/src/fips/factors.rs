@@ -1,5 +1,5 @@
-//! FiPS's math on plain `f64` matrices: the SVD initialisation, global magnitude masks and the
-//! cubic sparsity schedule.
+//! FiPS's math on plain `f64` matrices: the SVD initialisation, global magnitude masks, the
+//! cubic sparsity schedule and RigL's prune-and-regrow update.
 use crate::error::Error;
 use spin_rules::fips::{kept, MATRICES_PER_BLOCK};
 
@@ -130,6 +130,71 @@ pub fn magnitude_masks(v: &[Vec<f64>], sparsity: f64) -> Vec<Vec<bool>> {
     masks
 }
 
+/// RigL's fraction of kept entries to move at `step`: `initial` decayed by a cosine to zero at
+/// `until` (no updates after it).
+pub fn rigl_fraction(step: usize, until: usize, initial: f64) -> f64 {
+    if step >= until {
+        return 0.0;
+    }
+    initial * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / until.max(1) as f64).cos())
+}
+
+/// One RigL update of a group's masks (Evci et al., 2020), global over the group's matrices:
+/// drop the `fraction` of kept entries with the smallest magnitude, then regrow as many among the
+/// entries that were pruned before this update, where the dense gradient is largest. The number
+/// kept is unchanged. Returns the new masks and, per matrix, the regrown entries (whose values
+/// the caller sets to zero, as RigL starts them).
+pub fn rigl_update(
+    values: &[Vec<f64>],
+    masks: &[Vec<bool>],
+    grads: &[Vec<f64>],
+    fraction: f64,
+) -> (Vec<Vec<bool>>, Vec<Vec<usize>>) {
+    let kept: Vec<(usize, usize)> = entries(masks, true);
+    let mut pruned: Vec<(usize, usize)> = entries(masks, false);
+    let moves = ((fraction.clamp(0.0, 1.0) * kept.len() as f64).round() as usize).min(pruned.len());
+    let mut new_masks = masks.to_vec();
+    let mut regrown = vec![Vec::new(); masks.len()];
+    if moves == 0 {
+        return (new_masks, regrown);
+    }
+    let mut by_magnitude = kept;
+    by_magnitude.sort_by(|a, b| {
+        values[a.0][a.1]
+            .abs()
+            .total_cmp(&values[b.0][b.1].abs())
+            .then(a.cmp(b))
+    });
+    for &(i, j) in by_magnitude.iter().take(moves) {
+        new_masks[i][j] = false;
+    }
+    pruned.sort_by(|a, b| {
+        grads[b.0][b.1]
+            .abs()
+            .total_cmp(&grads[a.0][a.1].abs())
+            .then(a.cmp(b))
+    });
+    for &(i, j) in pruned.iter().take(moves) {
+        new_masks[i][j] = true;
+        regrown[i].push(j);
+    }
+    (new_masks, regrown)
+}
+
+/// Every (matrix, index) whose mask is `kept`.
+fn entries(masks: &[Vec<bool>], kept: bool) -> Vec<(usize, usize)> {
+    masks
+        .iter()
+        .enumerate()
+        .flat_map(|(i, m)| {
+            m.iter()
+                .enumerate()
+                .filter(move |(_, &k)| k == kept)
+                .map(move |(j, _)| (i, j))
+        })
+        .collect()
+}
+
 /// Zeroes the pruned entries (masks are applied after every optimiser step and in the forward
 /// pass, so pruned entries stay zero).
 pub fn apply_masks(v: &mut [Vec<f64>], masks: &[Vec<bool>]) {
@@ -145,6 +210,28 @@ pub fn apply_masks(v: &mut [Vec<f64>], masks: &[Vec<bool>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rigl_moves_the_smallest_kept_entries_to_the_largest_gradients() {
+        let values = vec![vec![0.9, 0.0, -0.1, 0.5], vec![0.0, 0.3, 0.0, -0.05]];
+        let masks = vec![vec![true, false, true, true], vec![false, true, false, true]];
+        let grads = vec![vec![0.0, 2.0, 0.0, 0.0], vec![-5.0, 0.0, 0.1, 0.0]];
+        // 5 kept; a fraction of 0.4 moves 2: drop −0.05 and −0.1, regrow where |g| is 5 and 2.
+        let (m, regrown) = rigl_update(&values, &masks, &grads, 0.4);
+        assert_eq!(
+            m,
+            vec![vec![true, true, false, true], vec![true, true, false, false]]
+        );
+        assert_eq!(regrown, vec![vec![1], vec![0]]);
+        // The same count kept, whatever the fraction.
+        for f in [0.0, 0.1, 0.5, 1.0] {
+            let (m, _) = rigl_update(&values, &masks, &grads, f);
+            assert_eq!(m.iter().flatten().filter(|&&k| k).count(), 5, "fraction {f}");
+        }
+        assert_eq!(rigl_fraction(0, 100, 0.3), 0.3);
+        assert!((rigl_fraction(50, 100, 0.3) - 0.15).abs() < 1e-12);
+        assert_eq!(rigl_fraction(100, 100, 0.3), 0.0);
+    }
     use spin_rules::fips::{group_params, rank};
 
     fn lcg(seed: u64, n: usize) -> Vec<f64> {

@@ -18,9 +18,9 @@ pub mod plan;
 pub mod reconstruct;
 
 pub use crate::models::fips_mlps::{FipsDecl, FipsLayer, FipsMlps, MadeDim};
-pub use factors::{apply_masks, cubic_sparsity, init, magnitude_masks, Factors};
+pub use factors::{apply_masks, cubic_sparsity, init, magnitude_masks, rigl_fraction, rigl_update, Factors};
 pub use load::{is_fips_checkpoint, FipsLoader};
 pub use pipeline::{run, FipsCompress, FipsJob, FipsOutcome, FipsReport, FipsRunner};
 pub use plan::FipsPlan;
-pub use reconstruct::{block_errors, calibrate, reconstruct, Calibration, ReconConfig};
+pub use reconstruct::{block_errors, calibrate, reconstruct, Calibration, ReconConfig, SparseSchedule};
 pub use spin_rules::fips::{group_params, kept, mlp_params, rank, MATRICES_PER_BLOCK};

@@ -1,5 +1,5 @@
 //! A FiPS plan chosen at run time, and making a FiPS ViT's MLPs from a dense ViT's by it.
-use super::factors::{init, magnitude_masks};
+use super::factors::{init, magnitude_masks, rigl_update};
 use crate::base::SpinDtype;
 use crate::device::SpinDevice;
 use crate::error::Error;
@@ -145,5 +145,72 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> FipsMlps<C, E, D> {
                 }
             }
         }
+    }
+
+    /// Opens every mask so that the next backward pass gives the dense gradient of every V entry
+    /// (pruned entries are zero, so the forward pass is unchanged). Returns the masks, to give
+    /// back to [`Self::rigl_step`].
+    pub fn open_masks(&mut self) -> Vec<[Vec<E>; 2]> {
+        self.layers
+            .iter_mut()
+            .map(|l| {
+                let saved = [l.m1.as_vec(), l.m2.as_vec()];
+                l.m1.fill_with_ones();
+                l.m2.fill_with_ones();
+                saved
+            })
+            .collect()
+    }
+
+    /// One RigL update with the masks [`Self::open_masks`] returned and the dense gradient of that
+    /// backward pass ([`rigl_update`], per group): the masks move, the number kept does not,
+    /// dropped entries are zeroed and regrown ones start at zero. Returns the entries moved.
+    pub fn rigl_step(&mut self, saved: Vec<[Vec<E>; 2]>, grads: &Gradients<E, D>, fraction: f64) -> usize {
+        let mut moved = 0;
+        for blocks in self.groups() {
+            let (mut values, mut masks, mut dense) = (Vec::new(), Vec::new(), Vec::new());
+            for &b in &blocks {
+                let l = &self.layers[b];
+                for (j, v) in [&l.v1, &l.v2].into_iter().enumerate() {
+                    values.push(v.as_vec().iter().map(|x| x.as_f64()).collect::<Vec<f64>>());
+                    masks.push(
+                        saved[b][j]
+                            .iter()
+                            .map(|m| m.as_f64() != 0.0)
+                            .collect::<Vec<bool>>(),
+                    );
+                    dense.push(
+                        grads
+                            .get(v)
+                            .as_vec()
+                            .iter()
+                            .map(|x| x.as_f64())
+                            .collect::<Vec<f64>>(),
+                    );
+                }
+            }
+            let (new_masks, regrown) = rigl_update(&values, &masks, &dense, fraction);
+            moved += regrown.iter().map(Vec::len).sum::<usize>();
+            for (k, &b) in blocks.iter().enumerate() {
+                let l = &mut self.layers[b];
+                for (j, (v, m)) in [(&mut l.v1, &mut l.m1), (&mut l.v2, &mut l.m2)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let mask = &new_masks[MATRICES_PER_BLOCK * k + j];
+                    let one = |keep: bool| E::cast(if keep { 1.0 } else { 0.0 });
+                    m.copy_from(&mask.iter().map(|&k| one(k)).collect::<Vec<E>>());
+                    // Kept entries keep their values; dropped and regrown ones are zero.
+                    let old = &masks[MATRICES_PER_BLOCK * k + j];
+                    let vals = &values[MATRICES_PER_BLOCK * k + j];
+                    let kept = vals
+                        .iter()
+                        .zip(mask.iter().zip(old))
+                        .map(|(&x, (&now, &before))| E::cast(if now && before { x } else { 0.0 }));
+                    v.copy_from(&kept.collect::<Vec<E>>());
+                }
+            }
+        }
+        moved
     }
 }

@@ -4,7 +4,7 @@
 //! Attention is left as it is, so a block's output differs from the original only through its
 //! MLP: the MSE of the block outputs is the MSE of the MLP outputs on the block's own (original)
 //! normalised MLP inputs, which is what is stored and matched.
-use super::factors::cubic_sparsity;
+use super::factors::{cubic_sparsity, rigl_fraction};
 use crate::error::Error;
 use crate::models::fips_mlps::FipsMlps;
 use crate::models::vit::{Vit, VitConfig, VitMlps};
@@ -30,8 +30,41 @@ pub struct ReconConfig {
     pub prune_until: f64,
     /// Steps between mask updates.
     pub prune_every: usize,
+    /// How the sparsity is reached: gradual magnitude pruning, or RigL.
+    pub schedule: SparseSchedule,
+    /// RigL: the fraction of kept entries moved at the first update, decayed by a cosine.
+    pub rigl_fraction: f64,
+    /// RigL: the fraction of the steps after which the masks stay put.
+    pub rigl_until: f64,
     /// Seeds the row sampling.
     pub seed: u64,
+}
+
+/// How the factors reach their sparsity during reconstruction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SparseSchedule {
+    /// Gradual magnitude pruning: the cubic schedule from `initial_sparsity` to the target,
+    /// masks by magnitude every `prune_every` steps.
+    #[default]
+    Gmp,
+    /// RigL (FiPS's reference default): the target sparsity from a magnitude mask at step 0;
+    /// every `prune_every` steps until `rigl_until`, drop the smallest-magnitude fraction of the
+    /// kept entries and regrow as many where the dense gradient is largest (regrown at zero), the
+    /// fraction decaying by a cosine. An update step moves masks instead of weights.
+    Rigl,
+}
+
+impl std::str::FromStr for SparseSchedule {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "gmp" => Ok(Self::Gmp),
+            "rigl" => Ok(Self::Rigl),
+            _ => Err(Error::Invalid(format!(
+                "unknown sparse schedule `{s}`: use gmp or rigl"
+            ))),
+        }
+    }
 }
 
 impl Default for ReconConfig {
@@ -44,6 +77,9 @@ impl Default for ReconConfig {
             initial_sparsity: 0.0,
             prune_until: 0.5,
             prune_every: 10,
+            schedule: SparseSchedule::Gmp,
+            rigl_fraction: 0.3,
+            rigl_until: 0.75,
             seed: 0,
         }
     }
@@ -122,7 +158,7 @@ pub fn block_errors<C: VitConfig>(mlps: &FipsMlps<C, f32, Cpu>, calib: &Calibrat
 }
 
 /// Block-wise reconstruction: AdamW with cosine decay on Σ_blocks MSE over random token rows,
-/// masks updated by the cubic schedule up to the plan's sparsity and re-applied after every step.
+/// masks updated by the sparse schedule (see [`SparseSchedule`]) and re-applied after every step.
 /// `progress(step, loss)` is called after each step. Returns the loss of every step.
 pub fn reconstruct<C: VitConfig>(
     mlps: &mut FipsMlps<C, f32, Cpu>,
@@ -140,10 +176,21 @@ pub fn reconstruct<C: VitConfig>(
     let mut opt = AdamW::new(cfg.weight_decay);
     let mut grads = mlps.alloc_grads();
     let prune_steps = ((cfg.steps as f64 * cfg.prune_until) as usize).max(1);
+    let rigl_steps = (cfg.steps as f64 * cfg.rigl_until) as usize;
     let mut sparsity = None;
     let mut losses = Vec::with_capacity(cfg.steps);
+    if cfg.schedule == SparseSchedule::Rigl {
+        mlps.prune_to(target_sparsity);
+        sparsity = Some(target_sparsity);
+    }
     for step in 0..cfg.steps {
-        if step % cfg.prune_every.max(1) == 0 || step == prune_steps {
+        // RigL: a mask update on every prune_every-th step after the first, until rigl_until.
+        let every = cfg.prune_every.max(1);
+        let rigl = (cfg.schedule == SparseSchedule::Rigl && step > 0 && step % every == 0)
+            .then(|| rigl_fraction(step, rigl_steps, cfg.rigl_fraction))
+            .filter(|&f| f > 0.0);
+        let saved = rigl.map(|_| mlps.open_masks());
+        if cfg.schedule == SparseSchedule::Gmp && (step % every == 0 || step == prune_steps) {
             let s = cubic_sparsity(step, prune_steps, cfg.initial_sparsity, target_sparsity);
             if sparsity != Some(s) {
                 mlps.prune_to(s);
@@ -169,8 +216,15 @@ pub fn reconstruct<C: VitConfig>(
                 loss: loss_sum,
             });
         }
-        let lr = cfg.lr * 0.5 * (1.0 + (std::f32::consts::PI * step as f32 / cfg.steps as f32).cos());
-        opt.step(mlps, &grads, lr, None);
+        match (rigl, saved) {
+            (Some(fraction), Some(saved)) => {
+                mlps.rigl_step(saved, &grads, fraction);
+            }
+            _ => {
+                let lr = cfg.lr * 0.5 * (1.0 + (std::f32::consts::PI * step as f32 / cfg.steps as f32).cos());
+                opt.step(mlps, &grads, lr, None);
+            }
+        }
         mlps.apply_masks();
         losses.push(loss_sum);
         progress(step, loss_sum);

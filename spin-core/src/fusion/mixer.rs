@@ -100,7 +100,7 @@ impl<CU: ConvMixerConfig, CS: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>> T
 
 /// Registers a `Vec` of coefficient tensors (initialised to one).
 #[allow(clippy::type_complexity)]
-fn scalar_fields<'a, M, E, D, S>(
+pub(super) fn scalar_fields<'a, M, E, D, S>(
     names: &'a [String],
     get: fn(&M) -> &Vec<Tensor<S, E, D>>,
     get_mut: fn(&mut M) -> &mut Vec<Tensor<S, E, D>>,

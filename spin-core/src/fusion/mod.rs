@@ -6,12 +6,14 @@
 //! head and norms) is copied. The reduction works on timm keys, so it serves every family and
 //! granularity: a shared model lists, for each stored tensor, the keys of every layer using it.
 //!
-//! [`FusionMixer`] is SPIN's fusion-aware training (WFWS) for ConvMixers: it keeps all D original
-//! tensors and the reduction coefficients, fuses in every forward pass, trains end to end, and
-//! [`FusionMixer::export_fused`] writes a plain shared model.
+//! [`FusionMixer`] and [`FusionVit`] are SPIN's fusion-aware training (WFWS) for ConvMixers and
+//! ViTs: each keeps all D original tensors and the reduction coefficients, fuses in every forward
+//! pass, trains end to end, and `export_fused` writes a plain shared model.
 mod mixer;
+mod vit;
 
 pub use mixer::{Fusion, FusionMixer};
+pub use vit::{FusionVit, FusionVitOf};
 
 use crate::base::SpinDtype;
 use crate::checkpoint::lookup;

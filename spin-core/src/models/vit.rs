@@ -7,6 +7,7 @@ use super::ModelInfo;
 use crate::base::{Mat, Nchw, SpinDtype};
 use crate::device::{buffer_keys, fill_linear, to_host, BlockCache, SpinDevice};
 use crate::kernels::blocks::{HostLinear, VitBlockHost};
+use crate::nn::functional::{attention, gelu, linear};
 use crate::nn::init::reset_trunc_normal;
 use crate::nn::layers::{Attention, LayerNorm, Mlp, PatchConv, VitLinear};
 use crate::nn::param::{param2, push_slots, PackedSlot, ParamSlot, Slot, TimmKeys};
@@ -16,6 +17,18 @@ use dfdx::tensor::Tape;
 use spin_rules::{count, slot, users};
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
+
+/// A fused (weight, bias) pair of one Linear, from outside the model (fusion-aware training).
+pub type FusedLinear<E, D, T> = (Tensor<Mat, E, D, T>, Tensor<(usize,), E, D, T>);
+
+/// One block's Linears given from outside instead of the stored ones: attention's (qkv, proj)
+/// and the MLP's (fc1, fc2), each when set (see [`crate::fusion::FusionVit`]).
+pub struct FusedBlock<E: Dtype, D: Storage<E>, T> {
+    /// qkv and proj.
+    pub attn: Option<(FusedLinear<E, D, T>, FusedLinear<E, D, T>)>,
+    /// fc1 and fc2.
+    pub mlp: Option<(FusedLinear<E, D, T>, FusedLinear<E, D, T>)>,
+}
 
 /// How a ViT stores its blocks' MLPs: timm's dense MLPs under SPIN's schedule ([`DenseMlps`]) or
 /// FiPS factors (`FipsMlps` (`models::fips_mlps`)).
@@ -253,6 +266,7 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> Vit<C, E
         self.blocks(
             x,
             Some(&mut |_, z: &_, y: &_, _: &_| out.push((Tensor::clone(z), Tensor::clone(y)))),
+            None,
         );
         out
     }
@@ -264,12 +278,14 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> Vit<C, E
         self.blocks(
             x,
             Some(&mut |_, _: &_, _: &_, x: &Tensor<Mat, E, D>| out.push(x.clone())),
+            None,
         );
         out
     }
 
     /// Embedding and blocks (no final norm) on NCHW images: `(B·N, D)` token features. `observe`
-    /// sees each block's MLP input, MLP output and block output.
+    /// sees each block's MLP input, MLP output and block output; `fused` replaces the stored
+    /// Linears of every block (fusion-aware training).
     #[allow(clippy::type_complexity)]
     fn blocks<T: Tape<E, D> + Merge<T>>(
         &self,
@@ -277,6 +293,7 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> Vit<C, E
         mut observe: Option<
             &mut dyn FnMut(usize, &Tensor<Mat, E, D>, &Tensor<Mat, E, D>, &Tensor<Mat, E, D>),
         >,
+        fused: Option<&[FusedBlock<E, D, T>]>,
     ) -> Tensor<Mat, E, D, T> {
         let b = x.shape().0;
         let (d, n) = (C::Dim::SIZE, C::Tokens::SIZE);
@@ -288,7 +305,7 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> Vit<C, E
         let pos = param2::<_, _, _, T>(&self.pos_embed, n, d).broadcast_like::<_, Axis<0>>(&(b, n, d));
         let mut x = (tokens + pos).reshape_like(&(b * n, d));
         let (s, sched) = (C::SHARE, C::SCHEDULE);
-        if !T::OWNS_TAPE && observe.is_none() {
+        if !T::OWNS_TAPE && observe.is_none() && fused.is_none() {
             // Inference: every block in the device's fused kernel, where it has one.
             let (x0, tape) = x.split_tape();
             let blocks = || {
@@ -308,11 +325,26 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> Vit<C, E
         for i in 0..C::DEPTH {
             let (jn, ja) = (slot(s.norms(), sched, i), slot(s.attn(), sched, i));
             let skip = x.with_empty_tape();
-            x = self.attn[ja].forward(self.norm1[jn].forward(x), b, C::HEADS) + skip;
+            let xn = self.norm1[jn].forward(x);
+            let fused_i = fused.map(|f| &f[i]);
+            let t = |p: &FusedLinear<E, D, T>| (p.0.with_empty_tape(), p.1.with_empty_tape());
+            x = match fused_i.and_then(|f| f.attn.as_ref()) {
+                Some((qkv, proj)) => {
+                    let ((qw, qb), (pw, pb)) = (t(qkv), t(proj));
+                    attention(xn, b, C::HEADS, qw, qb, pw, pb)
+                }
+                None => self.attn[ja].forward(xn, b, C::HEADS),
+            } + skip;
             let skip = x.with_empty_tape();
             let z = self.norm2[jn].forward(x);
             let z_seen = observe.as_ref().map(|_| z.retaped::<NoneTape>());
-            let y = self.mlp.forward(i, z);
+            let y = match fused_i.and_then(|f| f.mlp.as_ref()) {
+                Some((fc1, fc2)) => {
+                    let ((w1, b1), (w2, b2)) = (t(fc1), t(fc2));
+                    linear(gelu(linear(z, w1, b1)), w2, b2)
+                }
+                None => self.mlp.forward(i, z),
+            };
             let y_seen = observe.as_ref().map(|_| y.retaped::<NoneTape>());
             x = y + skip;
             if let (Some(f), Some(z), Some(y)) = (observe.as_mut(), z_seen, y_seen) {
@@ -340,6 +372,16 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> Vit<C, E
 
     /// Logits for a runtime-shaped batch `(B, 3, H, W)`; panics if H, W differ from the declared size.
     pub fn forward_dyn<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Nchw, E, D, T>) -> Tensor<Mat, E, D, T> {
+        self.forward_fused(x, None)
+    }
+
+    /// Logits with every block's Linears given from outside when `fused` is set (see
+    /// [`crate::fusion::FusionVit`]).
+    pub fn forward_fused<T: Tape<E, D> + Merge<T>>(
+        &self,
+        x: Tensor<Nchw, E, D, T>,
+        fused: Option<&[FusedBlock<E, D, T>]>,
+    ) -> Tensor<Mat, E, D, T> {
         let &(b, c, h, w) = x.shape();
         let img = C::Image::SIZE;
         assert!(
@@ -348,7 +390,7 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> Vit<C, E
             C::NAME
         );
         let (d, n) = (C::Dim::SIZE, C::Tokens::SIZE);
-        let x = self.norm.forward(self.blocks(x, None));
+        let x = self.norm.forward(self.blocks(x, None, fused));
         let cls = x
             .reshape_like(&(b, n, d))
             .slice((.., 0..1, ..))
@@ -373,7 +415,7 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> Vit<C, E
         let img = C::Image::SIZE;
         let y = self
             .norm
-            .forward(self.blocks(x.reshape_like(&(b.size(), 3, img, img)), None));
+            .forward(self.blocks(x.reshape_like(&(b.size(), 3, img, img)), None, None));
         y.reshape_like(&(b, Default::default(), Default::default()))
     }
 }
