@@ -138,8 +138,11 @@ pub struct ImportArgs {
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// The zoo member to time (`spin zoo` lists them).
-    #[arg(long)]
-    pub model: String,
+    #[arg(long, required_unless_present = "peak")]
+    pub model: Option<String>,
+    /// Measure the machine's FP32 FMA throughput (GFLOP/s on --threads threads) instead.
+    #[arg(long, conflicts_with_all = ["model", "train", "weights"])]
+    pub peak: bool,
     /// Images per forward pass or step (at least 1).
     #[arg(long, default_value_t = 1, value_parser = count)]
     pub batch: usize,

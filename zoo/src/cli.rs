@@ -273,9 +273,23 @@ pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<TrainResult, Error> {
 /// `spin bench`.
 pub fn bench(a: &BenchArgs, out: &mut dyn Write) -> Result<(), Error> {
     set_threads(a.threads)?;
+    let model = match (&a.model, a.peak) {
+        (_, true) => {
+            let threads = rayon::current_num_threads();
+            let gflops = spin_core::kernels::peak::fma_gflops(threads, 1.0);
+            let line = if a.json {
+                format!("{{\"threads\":{threads},\"peak_gflops\":{gflops:.1}}}")
+            } else {
+                format!("FP32 FMA peak on {threads} threads: {gflops:.1} GFLOP/s")
+            };
+            return writeln!(out, "{line}").map_err(io);
+        }
+        (Some(m), false) => m.as_str(),
+        (None, false) => return Err(Error::Invalid("give --model NAME (or --peak)".into())),
+    };
     let r = match (a.dtype.as_str(), a.train) {
-        ("f32", train) => crate::bench::bench(&a.model, a.weights.as_deref(), a.batch, train, a.iters)?,
-        ("f16", false) => crate::bench::bench_f16(&a.model, a.batch, a.iters)?,
+        ("f32", train) => crate::bench::bench(model, a.weights.as_deref(), a.batch, train, a.iters)?,
+        ("f16", false) => crate::bench::bench_f16(model, a.batch, a.iters)?,
         ("f16", true) => return Err(Error::Invalid("f16 benchmarks time the forward pass only".into())),
         (d, _) => return Err(Error::Invalid(format!("unknown dtype `{d}`: use f32 or f16"))),
     };

@@ -9,3 +9,4 @@ pub mod epilogue;
 pub mod gemm;
 pub mod norm;
 pub mod patchify;
+pub mod peak;

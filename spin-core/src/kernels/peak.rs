@@ -1,0 +1,62 @@
+//! The machine's FP32 fused-multiply-add throughput, measured: what "fraction of peak" in a
+//! benchmark is a fraction of. Each thread runs `CHAINS` independent accumulator vectors — more
+//! than FMA latency × FMA ports, so the units never wait on a result — through `mul_add`, which
+//! the AVX-512/AVX2 builds compile to vector FMAs.
+use multiversion::multiversion;
+use rayon::prelude::*;
+use std::time::Instant;
+
+/// Independent accumulators per thread, 16 lanes each (one AVX-512 register, two AVX2 ones).
+const CHAINS: usize = 12;
+const LANES: usize = 16;
+
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn fma_loop(iters: usize, x: f32, y: f32) -> f32 {
+    // One flat array: LLVM keeps it in CHAINS vector registers (nested arrays it spilled).
+    let mut acc = [1.0f32; LANES * CHAINS];
+    for _ in 0..iters {
+        for v in acc.iter_mut() {
+            *v = v.mul_add(x, y);
+        }
+    }
+    acc.iter().sum()
+}
+
+/// GFLOP/s (one FMA = 2 FLOPs) of `threads` threads of the current rayon pool running FMAs for
+/// about `seconds`; the best of three timed passes.
+pub fn fma_gflops(threads: usize, seconds: f64) -> f64 {
+    // Calibrate the loop length on one thread.
+    let mut iters = 1 << 16;
+    loop {
+        let t = Instant::now();
+        std::hint::black_box(fma_loop(iters, std::hint::black_box(0.999_999), 1e-7));
+        if t.elapsed().as_secs_f64() > seconds / 10.0 || iters > 1 << 30 {
+            break;
+        }
+        iters *= 2;
+    }
+    let flops = 2.0 * (CHAINS * LANES * iters * threads) as f64;
+    (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            let sums: f32 = (0..threads)
+                .into_par_iter()
+                .map(|_| fma_loop(iters, std::hint::black_box(0.999_999), 1e-7))
+                .sum();
+            std::hint::black_box(sums);
+            flops / t.elapsed().as_secs_f64() / 1e9
+        })
+        .fold(0.0, f64::max)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_probe_computes_what_it_counts() {
+        // x = 1, y = 1: every lane counts its iterations, so the loop was not optimised away.
+        assert_eq!(
+            super::fma_loop(100, 1.0, 1.0),
+            (super::CHAINS * super::LANES) as f32 * 101.0
+        );
+    }
+}
