@@ -252,3 +252,21 @@ fn fusion_aware_vits_export_a_plain_shared_model_with_the_same_logits() {
     // A shared model with other dims is refused.
     assert!(FusionVit::<SharedVit, PlainVit, f32, Cpu>::check_pair().is_err());
 }
+
+#[test]
+fn every_small_zoo_fusion_pair_builds_and_its_model_is_the_shared_member() {
+    let mut built = 0;
+    for m in zoo::MEMBERS
+        .iter()
+        .filter(|m| (m.info)().unshared_params < 10_000_000)
+    {
+        if let Some(fusion) = m.fusion {
+            let model = fusion(0, Reduction::ChannelWeightedMean);
+            let (got, want) = (model.info(), (m.info)());
+            assert_eq!((got.name, got.schedule), (want.name, want.schedule));
+            built += 1;
+        }
+    }
+    // The digits ConvMixers and ViTs, deit_tiny's and convmixer_256's shared members.
+    assert!(built >= 11, "{built}");
+}

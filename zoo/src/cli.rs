@@ -154,7 +154,7 @@ pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<TrainResult, Error> {
         (Some(r), Some(init)) => {
             let build = member.fusion.ok_or_else(|| {
                 Error::Invalid(format!(
-                    "{} has no fusion-aware trainer: it exists for the shared ConvMixer members",
+                    "{} has no fusion-aware trainer: it exists for the shared members declared `<- base` in the zoo",
                     info.name
                 ))
             })?;

@@ -50,6 +50,8 @@ fn build_fusion<B: ConvMixerConfig, S: ConvMixerConfig>(
     seed: u64,
     reduction: Reduction,
 ) -> Box<dyn Classifier> {
+    // The zoo's pairs are checked by a test, so a failure here is a declaration bug.
+    spin_core::fusion::FusionMixer::<B, S, f32, Cpu>::check_pair().expect("a valid fusion pair");
     let dev = Cpu::seed_from_u64(seed);
     let mut model = dev.build_module::<Fusion<B, S>, f32>();
     model.reduction = reduction;
@@ -57,6 +59,7 @@ fn build_fusion<B: ConvMixerConfig, S: ConvMixerConfig>(
 }
 
 fn build_vit_fusion<B: VitConfig, S: VitConfig>(seed: u64, reduction: Reduction) -> Box<dyn Classifier> {
+    spin_core::fusion::FusionVit::<B, S, f32, Cpu>::check_pair().expect("a valid fusion pair");
     let dev = Cpu::seed_from_u64(seed);
     let mut model = dev.build_module::<FusionVitOf<B, S>, f32>();
     model.reduction = reduction;

@@ -38,7 +38,7 @@ fn decode_jpeg(bytes: &[u8]) -> Result<::image::DynamicImage, String> {
         PixelFormat::L16 => {
             let values = pixels
                 .chunks_exact(2)
-                .map(|b| u16::from_be_bytes([b[0], b[1]]))
+                .map(|b| u16::from_ne_bytes([b[0], b[1]])) // jpeg-decoder writes native order
                 .collect();
             D::ImageLuma16(ImageBuffer::from_raw(w, h, values).ok_or_else(short)?)
         }
