@@ -15,6 +15,8 @@
 //!
 //! ```sh
 //! cargo run --release -p zoo --example sharing_experiment -- [OUT_DIR] [SEEDS] [BASE_EPOCHS] [EPOCHS]
+//! # the table and the plot again from OUT_DIR/results.csv, without training:
+//! cargo run --release -p zoo --example sharing_experiment -- --redraw OUT_DIR
 //! ```
 use clap::Parser;
 use plotters::prelude::*;
@@ -95,8 +97,38 @@ fn number_after(text: &str, prefix: &str) -> f32 {
         .expect("a number")
 }
 
+/// `results.csv` back into the map `main` fills.
+fn read_results(path: &Path) -> BTreeMap<(String, usize, String, String), Vec<f32>> {
+    let text = std::fs::read_to_string(path).expect("results.csv");
+    let mut results: BTreeMap<_, Vec<f32>> = BTreeMap::new();
+    for line in text.lines().skip(1) {
+        // seed, family, rate, schedule, "method" (may hold a comma), accuracy
+        let f: Vec<&str> = line.split(',').collect();
+        let method = f[4..f.len() - 1].join(",").trim_matches('"').to_string();
+        let key = (
+            f[1].to_string(),
+            f[2].parse().expect("rate"),
+            f[3].to_string(),
+            method,
+        );
+        results
+            .entry(key)
+            .or_default()
+            .push(f[f.len() - 1].parse().expect("accuracy"));
+    }
+    results
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--redraw") {
+        let out = PathBuf::from(args.get(1).expect("--redraw OUT_DIR"));
+        let results = read_results(&out.join("results.csv"));
+        let seeds = results.values().map(Vec::len).max().unwrap_or(0) as u64;
+        print!("{}", markdown(&results, seeds, "?", "?"));
+        plot(&results, &out).expect("the plot");
+        return;
+    }
     let out = PathBuf::from(args.first().map_or("runs/experiment", String::as_str));
     let seeds: u64 = args.get(1).map_or(3, |s| s.parse().expect("SEEDS"));
     let base_epochs = args.get(2).map_or("20", String::as_str).to_string();
@@ -106,7 +138,7 @@ fn main() {
     let mut results: BTreeMap<(String, usize, String, String), Vec<f32>> = BTreeMap::new();
     let mut csv = String::from("seed,family,rate,schedule,method,accuracy\n");
     let mut record = |seed: u64, fam: &str, rate: usize, sched: &str, method: &str, acc: f32| {
-        let _ = writeln!(csv, "{seed},{fam},{rate},{sched},{method},{acc:.4}");
+        let _ = writeln!(csv, "{seed},{fam},{rate},{sched},\"{method}\",{acc:.4}");
         eprintln!("seed {seed} {fam} ws{rate} {sched:<10} {method:<24} {acc:.4}");
         results
             .entry((fam.to_string(), rate, sched.to_string(), method.to_string()))
@@ -369,7 +401,7 @@ fn draw<DB: DrawingBackend>(
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(SeriesLabelPosition::MiddleLeft)
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
         .label_font(("sans-serif", 13))
