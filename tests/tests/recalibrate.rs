@@ -1,5 +1,8 @@
 //! BatchNorm recalibration: with one calibration batch, the running statistics become exactly
 //! that batch's (mean, unbiased variance), computed here by hand for the stem's BatchNorm.
+//! Recalibration draws its images evenly across classes ([`Dataset::stratified`]).
+//!
+//! [`Dataset::stratified`]: spin_core::data::Dataset::stratified
 use spin_core::data::{self, DataConfig, DataSpec};
 use spin_core::prelude::*;
 use spin_core::train::{recalibrate_bn, Classifier, Runner};
@@ -19,8 +22,9 @@ fn one_batch_gives_that_batchs_statistics() {
     assert_eq!(used, batch);
     let state = model.state_tensors();
     let (w, b) = (&state["stem.0.weight"].1, &state["stem.0.bias"].1);
-    // The stem by hand: a 2×2 stride-2 conv on each of the 2×2 patches, then ReLU.
-    let (x, _) = data.gather(&(0..batch).collect::<Vec<_>>()).unwrap();
+    // The stem by hand on the batch recalibration drew (evenly across classes, seed 0): a 2×2
+    // stride-2 conv on each of the 2×2 patches, then ReLU.
+    let (x, _) = data.gather(&data.stratified(batch, 0)).unwrap();
     let mut rows: Vec<[f64; 4]> = Vec::new();
     for img in x.chunks(3 * 16) {
         for (py, px) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
