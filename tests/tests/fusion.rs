@@ -79,7 +79,13 @@ fn mean_fusion_averages_each_group_and_copies_the_rest() {
     assert!(fuse_into(&mut fused, &tensor_map(&vit), Reduction::Mean, &|_, _| None).is_err());
 }
 
-fn train_steps<M: SpinModel<f32, Cpu> + Send + 'static>(runner: &mut Runner<M>, dev: &Cpu, steps: usize) {
+/// A few AdamW steps on random images with labels cycling through `classes`.
+fn train_steps<M: SpinModel<f32, Cpu> + Send + 'static>(
+    runner: &mut Runner<M>,
+    dev: &Cpu,
+    steps: usize,
+    classes: usize,
+) {
     let mut opt = AdamW::new(0.01);
     let hp = StepParams {
         lr: 0.05,
@@ -88,7 +94,7 @@ fn train_steps<M: SpinModel<f32, Cpu> + Send + 'static>(runner: &mut Runner<M>, 
     };
     for s in 0..steps {
         let x = images(dev, 6).as_vec();
-        let labels: Vec<usize> = (0..6).map(|i| (i + s) % 5).collect();
+        let labels: Vec<usize> = (0..6).map(|i| (i + s) % classes).collect();
         runner.train_step(&x, &labels, None, &mut opt, &hp).unwrap();
     }
 }
@@ -121,7 +127,7 @@ fn fusion_aware_training_exports_a_plain_shared_model_with_the_same_logits() {
                 );
 
                 let mut runner = Runner::new(m, dev.clone());
-                train_steps(&mut runner, &dev, 5);
+                train_steps(&mut runner, &dev, 5, 5);
                 let m = &runner.model;
                 // Every layer's original tensor and the coefficients trained.
                 let moved = |a: Vec<f32>, b: Vec<f32>| a.iter().zip(&b).any(|(x, y)| x != y);
@@ -205,18 +211,7 @@ fn fusion_aware_vits_export_a_plain_shared_model_with_the_same_logits() {
                 );
 
                 let mut runner = Runner::new(m, dev.clone());
-                let mut opt = AdamW::new(0.01);
-                let hp = StepParams {
-                    lr: 0.05,
-                    label_smoothing: 0.1,
-                    clip: Some(1.0),
-                };
-                for s in 0..5 {
-                    let labels: Vec<usize> = (0..6).map(|i| (i + s) % 3).collect();
-                    runner
-                        .train_step(&images(&dev, 6).as_vec(), &labels, None, &mut opt, &hp)
-                        .unwrap();
-                }
+                train_steps(&mut runner, &dev, 5, 3);
                 let m = &runner.model;
                 let moved = |a: Vec<f32>, b: Vec<f32>| a.iter().zip(&b).any(|(x, y)| x != y);
                 assert!(moved(

@@ -127,22 +127,32 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> FipsMlps<C, E, D> {
                 }
             }
             let masks = magnitude_masks(&vs, sparsity);
-            for (k, &b) in blocks.iter().enumerate() {
-                let l = &mut self.layers[b];
-                for (j, (v, m)) in [(&mut l.v1, &mut l.m1), (&mut l.v2, &mut l.m2)]
-                    .into_iter()
-                    .enumerate()
-                {
-                    let mask = &masks[MATRICES_PER_BLOCK * k + j];
-                    let one = |keep: bool| E::cast(if keep { 1.0 } else { 0.0 });
-                    m.copy_from(&mask.iter().map(|&k| one(k)).collect::<Vec<E>>());
-                    let vals = &vs[MATRICES_PER_BLOCK * k + j];
-                    let kept = vals
+            self.set_group(&blocks, &masks, &vs);
+        }
+    }
+
+    /// Writes a group's masks and its V's, kept entries from `values` and pruned ones zero;
+    /// both lists hold fc1's then fc2's of each block in `blocks`, in order.
+    fn set_group(&mut self, blocks: &[usize], masks: &[Vec<bool>], values: &[Vec<f64>]) {
+        let as_e = |keep: bool, x: f64| E::cast(if keep { x } else { 0.0 });
+        for (k, &b) in blocks.iter().enumerate() {
+            let l = &mut self.layers[b];
+            for (j, (v, m)) in [(&mut l.v1, &mut l.m1), (&mut l.v2, &mut l.m2)]
+                .into_iter()
+                .enumerate()
+            {
+                let (mask, vals) = (
+                    &masks[MATRICES_PER_BLOCK * k + j],
+                    &values[MATRICES_PER_BLOCK * k + j],
+                );
+                m.copy_from(&mask.iter().map(|&keep| as_e(keep, 1.0)).collect::<Vec<E>>());
+                v.copy_from(
+                    &vals
                         .iter()
                         .zip(mask)
-                        .map(|(&x, &keep)| E::cast(if keep { x } else { 0.0 }));
-                    v.copy_from(&kept.collect::<Vec<E>>());
-                }
+                        .map(|(&x, &keep)| as_e(keep, x))
+                        .collect::<Vec<E>>(),
+                );
             }
         }
     }
@@ -191,25 +201,9 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> FipsMlps<C, E, D> {
             }
             let (new_masks, regrown) = rigl_update(&values, &masks, &dense, fraction);
             moved += regrown.iter().map(Vec::len).sum::<usize>();
-            for (k, &b) in blocks.iter().enumerate() {
-                let l = &mut self.layers[b];
-                for (j, (v, m)) in [(&mut l.v1, &mut l.m1), (&mut l.v2, &mut l.m2)]
-                    .into_iter()
-                    .enumerate()
-                {
-                    let mask = &new_masks[MATRICES_PER_BLOCK * k + j];
-                    let one = |keep: bool| E::cast(if keep { 1.0 } else { 0.0 });
-                    m.copy_from(&mask.iter().map(|&k| one(k)).collect::<Vec<E>>());
-                    // Kept entries keep their values; dropped and regrown ones are zero.
-                    let old = &masks[MATRICES_PER_BLOCK * k + j];
-                    let vals = &values[MATRICES_PER_BLOCK * k + j];
-                    let kept = vals
-                        .iter()
-                        .zip(mask.iter().zip(old))
-                        .map(|(&x, (&now, &before))| E::cast(if now && before { x } else { 0.0 }));
-                    v.copy_from(&kept.collect::<Vec<E>>());
-                }
-            }
+            // Entries pruned before this update are zero in `values`, so regrown ones start at
+            // zero; dropped ones are zeroed by their new mask.
+            self.set_group(&blocks, &new_masks, &values);
         }
         moved
     }
