@@ -81,6 +81,7 @@ const BAD: &[(&str, &str, &[&str])] = &[
     ("fuse", "--calib-batches", &["0"]),
     ("fuse", "--calib-batch", &["1", "0"]),
     ("fuse", "--calib", &["mnist"]),
+    ("fuse", "--refit", &["-1", "x"]),
     ("recalibrate", "--calib-batch", &["1"]),
     ("recalibrate", "--data", &["imagenet:"]),
     ("analyze", "--groups", &["0", "x"]),

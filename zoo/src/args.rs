@@ -195,6 +195,10 @@ pub struct FuseArgs {
     /// With --calib: report the accuracies but keep the copied statistics.
     #[arg(long, requires = "calib")]
     pub no_recalibrate: bool,
+    /// With --calib: refit the fused ConvMixer to --from on the calibration images for this many
+    /// passes (closed-form least squares, no labels; the pass closest to --from is kept). 0: off.
+    #[arg(long, default_value_t = 0, requires = "calib")]
+    pub refit: usize,
     /// Check that --model is declared with the grouping `spin analyze` found: `auto` analyses
     /// --from on the --calib data now, a path reads the analysis.json it wrote.
     #[arg(long)]

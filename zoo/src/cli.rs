@@ -354,7 +354,25 @@ pub fn fuse(a: &FuseArgs, out: &mut dyn Write) -> Result<(), Error> {
     )
     .map_err(io)?;
     if let Some(calib) = &a.calib {
-        calibrate(m.as_mut(), calib, &a.recal, !a.no_recalibrate, out)?;
+        let split = calibrate(m.as_mut(), calib, &a.recal, !a.no_recalibrate, out)?;
+        if a.refit > 0 {
+            let images = a.recal.calib_batches * a.recal.calib_batch;
+            let mut say = |pass: usize, err: f64| {
+                let _ = writeln!(
+                    out,
+                    "refit pass {pass}: logits' mean squared error to --from {err:.4}"
+                );
+            };
+            let teacher = read_checkpoint(&a.from)?;
+            train::refit_fused(m.as_mut(), &teacher, &split.train, images, a.refit, &mut say)?;
+            let after = train::evaluate(m.as_mut(), &split.test, 256)?;
+            writeln!(
+                out,
+                "test accuracy after refitting on {images} images of {calib}: {:.4}",
+                after.accuracy
+            )
+            .map_err(io)?;
+        }
     }
     m.save_timm(&a.out, a.save_dtype)?;
     writeln!(out, "wrote {}", a.out.display()).map_err(io)
@@ -369,14 +387,14 @@ pub fn recalibrate(a: &RecalibrateArgs, out: &mut dyn Write) -> Result<(), Error
 }
 
 /// Test accuracy on `data`'s test split, then (when `apply`) after recalibrating on its
-/// training split.
+/// training split; returns the split.
 fn calibrate(
     m: &mut dyn spin_core::train::Classifier,
     data: &spin_core::data::DataSpec,
     recal: &Recalibration,
     apply: bool,
     out: &mut dyn Write,
-) -> Result<(), Error> {
+) -> Result<spin_core::data::Split, Error> {
     let info = m.info();
     let split = crate::ui::load_data(data, &info, false)?;
     crate::ui::need_training_images(&split, data)?;
@@ -397,7 +415,7 @@ fn calibrate(
         )
         .map_err(io)?;
     }
-    Ok(())
+    Ok(split)
 }
 
 /// `spin compare`: trains each member with the same settings, then writes `compare.csv`,

@@ -3,7 +3,7 @@ use super::{fuse_into, tensor_map, Reduction};
 use crate::base::{Mat, Nchw, SpinDtype};
 use crate::device::SpinDevice;
 use crate::error::Error;
-use crate::models::convmixer::{info, ConvMixer, ConvMixerConfig, Fused};
+use crate::models::convmixer::{info, keys, ConvMixer, ConvMixerConfig, Fused};
 use crate::models::{ModelInfo, SpinModel};
 use crate::nn::param::{param1, param2, Slot, TimmKeys};
 use crate::nn::storage::names;
@@ -278,8 +278,8 @@ impl<CU: ConvMixerConfig, CS: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>> F
         let readc =
             |t: &Tensor<(CU::Dim,), E, D>| t.as_vec().iter().map(|v| v.as_f64()).collect::<Vec<f64>>();
         let coeffs = |key: &str, l: usize| -> Option<Vec<f64>> {
-            let pointwise = key == format!("blocks.{l}.1.weight");
-            let depthwise = key == format!("blocks.{l}.0.fn.0.weight");
+            let pointwise = key == format!("{}.weight", keys::block(l, keys::POINTWISE));
+            let depthwise = key == format!("{}.weight", keys::block(l, keys::DEPTHWISE));
             match (self.reduction, pointwise, depthwise) {
                 (Reduction::ScalarWeightedMean, true, _) => Some(read(&self.alpha_pw[l])),
                 (Reduction::ScalarWeightedMean, _, true) => Some(read(&self.alpha_dw[l])),

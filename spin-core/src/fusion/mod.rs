@@ -8,11 +8,14 @@
 //!
 //! [`FusionMixer`] and [`FusionVit`] are SPIN's fusion-aware training (WFWS) for ConvMixers and
 //! ViTs: each keeps all D original tensors and the reduction coefficients, fuses in every forward
-//! pass, trains end to end, and `export_fused` writes a plain shared model.
+//! pass, trains end to end, and `export_fused` writes a plain shared model. [`refit`] refits a
+//! fused ConvMixer to its source on calibration images in closed form.
 mod mixer;
+pub mod refit;
 mod vit;
 
 pub use mixer::{Fusion, FusionMixer};
+pub use refit::{refit_mixer, MixerGroups, MixerShape};
 pub use vit::{FusionVit, FusionVitOf};
 
 use crate::base::SpinDtype;

@@ -407,6 +407,29 @@ fn check_input<C: ConvMixerConfig>(&(_, c, h, w): &Nchw) {
 
 typed_surface!(ConvMixer, ConvMixerConfig);
 
+/// Where each part of a ConvMixer is stored in a timm checkpoint (a block's parts under
+/// `blocks.{i}.`); the model's slots and everything that reads a checkpoint by part use these.
+pub mod keys {
+    /// The patch-embedding convolution.
+    pub const STEM_CONV: &str = "stem.0";
+    /// The stem's BatchNorm.
+    pub const STEM_NORM: &str = "stem.2";
+    /// A block's depthwise convolution.
+    pub const DEPTHWISE: &str = "0.fn.0";
+    /// The BatchNorm after it.
+    pub const NORM1: &str = "0.fn.2";
+    /// A block's pointwise (1×1) convolution.
+    pub const POINTWISE: &str = "1";
+    /// The BatchNorm after it.
+    pub const NORM2: &str = "3";
+    /// The classifier.
+    pub const HEAD: &str = "head";
+    /// Block `i`'s `part`.
+    pub fn block(i: usize, part: &str) -> String {
+        format!("blocks.{i}.{part}")
+    }
+}
+
 impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>> TimmKeys for ConvMixer<C, E, D> {
     type Elem = E;
     fn plan_json(&self) -> Option<String> {
@@ -419,24 +442,24 @@ impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>> TimmKeys for ConvMixer<
         let layers = |shared: bool, j: usize, suffix: &str| -> Vec<String> {
             users(shared, sched, j)
                 .into_iter()
-                .map(|i| format!("blocks.{i}.{suffix}"))
+                .map(|i| keys::block(i, suffix))
                 .collect()
         };
-        push_slots(&mut out, &one("stem.0"), self.stem.slots());
-        push_slots(&mut out, &one("stem.2"), self.stem_bn.slots());
+        push_slots(&mut out, &one(keys::STEM_CONV), self.stem.slots());
+        push_slots(&mut out, &one(keys::STEM_NORM), self.stem_bn.slots());
         for (j, m) in self.dw.iter_mut().enumerate() {
-            push_slots(&mut out, &layers(s.depthwise(), j, "0.fn.0"), m.slots());
+            push_slots(&mut out, &layers(s.depthwise(), j, keys::DEPTHWISE), m.slots());
         }
         for (j, m) in self.bn1.iter_mut().enumerate() {
-            push_slots(&mut out, &layers(s.norms(), j, "0.fn.2"), m.slots());
+            push_slots(&mut out, &layers(s.norms(), j, keys::NORM1), m.slots());
         }
         for (j, m) in self.pw.iter_mut().enumerate() {
-            push_slots(&mut out, &layers(s.pointwise(), j, "1"), m.slots());
+            push_slots(&mut out, &layers(s.pointwise(), j, keys::POINTWISE), m.slots());
         }
         for (j, m) in self.bn2.iter_mut().enumerate() {
-            push_slots(&mut out, &layers(s.norms(), j, "3"), m.slots());
+            push_slots(&mut out, &layers(s.norms(), j, keys::NORM2), m.slots());
         }
-        push_slots(&mut out, &one("head"), self.head.slots());
+        push_slots(&mut out, &one(keys::HEAD), self.head.slots());
         out
     }
 }

@@ -8,6 +8,7 @@ pub mod classifier;
 pub mod fit;
 pub mod optim;
 pub mod recalibrate;
+pub mod refit;
 pub mod run;
 
 pub use analyze::{analyze, Analysis, Grouping, SimilarityKind};
@@ -18,4 +19,5 @@ pub use classifier::{
 pub use fit::{epoch_order, evaluate, evaluate_with, steps_per_epoch, train_epoch, PassStats, TrainConfig};
 pub use optim::{AdamW, LrSchedule, OneCycle, Schedule};
 pub use recalibrate::recalibrate_bn;
+pub use refit::refit_fused;
 pub use run::{fine_tune, run, EpochRecord, Event, RunOptions, RunState, TrainResult};
