@@ -148,6 +148,9 @@ pub struct MixerBlockHost<E> {
     pub act: Act,
 }
 
+/// The largest weight [`pointwise_into`] lets every small task pack for itself.
+const PACK_IN_L2_BYTES: usize = 512 * 1024;
+
 /// A ConvMixer pointwise half at inference, into `out`: `act(x · Wᵀ + b)·s + t` (BatchNorm
 /// folded into the epilogue's scale and shift), plus `x` when `residual`. `x` is `(rows, C)`.
 pub fn pointwise_into<E: SpinDtype>(
@@ -158,7 +161,14 @@ pub fn pointwise_into<E: SpinDtype>(
     out: &mut [E],
 ) {
     let c = l.b.len();
-    let chunk = row_chunk(x.len() / c);
+    let rows = x.len() / c;
+    // Every task packs all of W for gemm: while W fits in L2, small tasks keep their rows there
+    // too; a larger W (ConvMixer-768's is 2.4 MB) is packed once per thread instead.
+    let chunk = if l.wt.len() * std::mem::size_of::<E>() <= PACK_IN_L2_BYTES {
+        row_chunk(rows)
+    } else {
+        rows.div_ceil(rayon::current_num_threads()).max(8)
+    };
     out.par_chunks_mut(chunk * c)
         .zip(x.par_chunks(chunk * c))
         .for_each(|(ys, xs)| {
