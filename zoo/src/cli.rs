@@ -343,7 +343,8 @@ pub fn fuse(a: &FuseArgs, out: &mut dyn Write) -> Result<(), Error> {
         let method = crate::analyze_cmd::check_member_uses(&m.info(), &analysis)?;
         writeln!(out, "{}: declared with the analysis's {method} grouping", a.model).map_err(io)?;
     }
-    let report = m.fuse_from(&read_checkpoint(&a.from)?, a.reduction)?;
+    let source = read_checkpoint(&a.from)?;
+    let report = m.fuse_from(&source, a.reduction)?;
     writeln!(
         out,
         "{}: {} tensors fused from their groups, {} copied; {} params",
@@ -363,8 +364,7 @@ pub fn fuse(a: &FuseArgs, out: &mut dyn Write) -> Result<(), Error> {
                     "refit pass {pass}: logits' mean squared error to --from {err:.4}"
                 );
             };
-            let teacher = read_checkpoint(&a.from)?;
-            train::refit_fused(m.as_mut(), &teacher, &split.train, images, a.refit, &mut say)?;
+            train::refit_fused(m.as_mut(), &source, &split.train, images, a.refit, &mut say)?;
             let after = train::evaluate(m.as_mut(), &split.test, 256)?;
             writeln!(
                 out,

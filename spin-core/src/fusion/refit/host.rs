@@ -24,7 +24,7 @@ pub(super) struct Norm {
     pub(super) bias: Vec<f32>,
 }
 
-pub(super) const NORM_PARTS: [&str; 4] = ["running_mean", "running_var", "weight", "bias"];
+const NORM_PARTS: [&str; 4] = ["running_mean", "running_var", "weight", "bias"];
 
 impl Norm {
     pub(super) fn read(map: &TensorMap, name: &str, prefix: &str, c: usize) -> Result<Self, Error> {

@@ -102,8 +102,9 @@ pub fn refit_mixer(
     }
     let n = images.len() / per_image;
     let (g, k) = (shape.grid(), shape.kernel);
-    // Two traces (the source's and the fused model's) of five activations per block, in f32.
-    let bytes = 2 * 5 * shape.depth * n * g * g * shape.dim * 4;
+    // At most three traces at once (the source's, the fused model's, and one more while a pass
+    // is scored), each of five activations per block, in f32.
+    let bytes = 3 * 5 * shape.depth * n * g * g * shape.dim * 4;
     if bytes > MAX_TRACE_BYTES {
         return Err(Error::Invalid(format!(
             "refit: {n} calibration images would hold {:.1} GiB of activations (at most {} GiB): use fewer",
