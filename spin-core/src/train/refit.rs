@@ -16,7 +16,7 @@ fn mixer_of(info: &ModelInfo) -> Result<(MixerShape, MixerGroups), Error> {
         return refuse("refitting after fusion is built for ConvMixers only");
     };
     let share = parse_name(ConvMixerShare::NAMES, "share", info.share).map_err(Error::Invalid)?;
-    if share.norms() || info.fips.is_some() {
+    if share.norms() {
         return refuse("a refit fits each layer's BatchNorms, and this model shares them");
     }
     let stored = |shared: bool| -> Vec<Vec<usize>> {

@@ -189,17 +189,23 @@ pub(super) fn neighbours(row: usize, g: usize, k: usize) -> impl Iterator<Item =
     })
 }
 
-pub(super) fn depthwise(x: &Act2, w: &DMatrix<f32>, b: &[f32], g: usize, k: usize) -> Act2 {
-    let rows = x.nrows();
-    // Each position's neighbourhood once, shared by every channel.
-    let taps: Vec<Vec<(usize, usize)>> = (0..rows)
+/// Every position's in-image neighbours as (tap, position), for `rows` positions: made once per
+/// refit, read by every depthwise conv of every forward pass.
+pub(super) type Taps = Vec<Vec<(usize, usize)>>;
+
+pub(super) fn taps(rows: usize, g: usize, k: usize) -> Taps {
+    (0..rows)
         .map(|row| {
             neighbours(row, g, k)
                 .enumerate()
                 .filter_map(|(t, at)| Some((t, at?)))
                 .collect()
         })
-        .collect();
+        .collect()
+}
+
+pub(super) fn depthwise(x: &Act2, w: &DMatrix<f32>, b: &[f32], taps: &Taps) -> Act2 {
+    let rows = x.nrows();
     let columns: Vec<Vec<f32>> = (0..x.ncols())
         .into_par_iter()
         .map(|c| {
@@ -231,8 +237,8 @@ pub(super) struct Trace {
     pub(super) logits: Act2,
 }
 
-pub(super) fn trace(h: &Host, s: &MixerShape, stem: &Act2, n: usize) -> Trace {
-    let (g, k) = (s.grid(), s.kernel);
+pub(super) fn trace(h: &Host, s: &MixerShape, stem: &Act2, n: usize, taps: &Taps) -> Trace {
+    let g = s.grid();
     let mut t = Trace {
         input: vec![],
         dw_pre: vec![],
@@ -244,7 +250,7 @@ pub(super) fn trace(h: &Host, s: &MixerShape, stem: &Act2, n: usize) -> Trace {
     };
     let mut x = stem.clone();
     for b in &h.blocks {
-        let dw_pre = depthwise(&x, &b.dw_w, &b.dw_b, g, k);
+        let dw_pre = depthwise(&x, &b.dw_w, &b.dw_b, taps);
         let mut y = dw_pre.clone();
         activation(s.act, &mut y);
         b.bn1.apply(&mut y);

@@ -1,6 +1,6 @@
 //! The least-squares fits of a refit: a linear map, a depthwise conv per channel, and a
 //! BatchNorm as a per-channel affine map.
-use super::host::{neighbours, Act2, Norm};
+use super::host::{Act2, Norm, Taps};
 use crate::base::BN_EPS;
 use nalgebra::DMatrix;
 use rayon::prelude::*;
@@ -77,7 +77,7 @@ pub(super) fn fit_linear(pairs: &[(&Act2, &Act2)]) -> (DMatrix<f32>, Vec<f32>) {
 }
 
 /// Least squares per channel for a depthwise conv: `y[:, c] ≈ conv(z[:, c]) + b[c]`.
-pub(super) fn fit_depthwise(pairs: &[(&Act2, &Act2)], g: usize, k: usize) -> (DMatrix<f32>, Vec<f32>) {
+pub(super) fn fit_depthwise(pairs: &[(&Act2, &Act2)], taps: &Taps, k: usize) -> (DMatrix<f32>, Vec<f32>) {
     let (c, kk) = (pairs[0].0.ncols(), k * k);
     let fitted: Vec<DMatrix<f64>> = (0..c)
         .into_par_iter()
@@ -88,8 +88,9 @@ pub(super) fn fit_depthwise(pairs: &[(&Act2, &Act2)], g: usize, k: usize) -> (DM
             for (z, y) in pairs {
                 let (zc, yc) = (z.column(ch), y.column(ch));
                 for row in 0..z.nrows() {
-                    for (f, at) in feat.iter_mut().zip(neighbours(row, g, k)) {
-                        *f = at.map_or(0.0, |a| f64::from(zc[a]));
+                    feat.fill(0.0);
+                    for &(t, a) in &taps[row] {
+                        feat[t] = f64::from(zc[a]);
                     }
                     feat[kk] = 1.0;
                     let t = f64::from(yc[row]);
@@ -113,7 +114,7 @@ pub(super) fn fit_depthwise(pairs: &[(&Act2, &Act2)], g: usize, k: usize) -> (DM
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fusion::refit::host::{depthwise, linear};
+    use crate::fusion::refit::host::{depthwise, linear, taps};
 
     #[test]
     fn linear_and_depthwise_fits_recover_exact_maps() {
@@ -125,8 +126,9 @@ mod tests {
         let (w2, b2) = fit_linear(&[(&z, &y)]);
         assert!((w2 - &w).amax() < 1e-3 && b2.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-3));
         let kw = DMatrix::<f32>::from_fn(c, k * k, |i, t| ((i + 2 * t) % 5) as f32 * 0.2 - 0.4);
-        let y = depthwise(&z, &kw, &b, g, k);
-        let (kw2, b2) = fit_depthwise(&[(&z, &y)], g, k);
+        let taps = taps(rows, g, k);
+        let y = depthwise(&z, &kw, &b, &taps);
+        let (kw2, b2) = fit_depthwise(&[(&z, &y)], &taps, k);
         assert!((kw2 - &kw).amax() < 1e-3 && b2.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-3));
     }
 

@@ -22,7 +22,7 @@ mod lstsq;
 
 use crate::checkpoint::TensorMap;
 use crate::error::Error;
-use host::{activation, trace, Act2, Host, Norm};
+use host::{activation, linear, taps, trace, Act2, Host, Norm};
 use lstsq::{fit_depthwise, fit_linear};
 use spin_rules::{Act, Variant};
 
@@ -102,8 +102,8 @@ pub fn refit_mixer(
     }
     let n = images.len() / per_image;
     let (g, k) = (shape.grid(), shape.kernel);
-    // At most three traces at once (the source's, the fused model's, and one more while a pass
-    // is scored), each of five activations per block, in f32.
+    // At most three traces at once (the source's, and two of the fused model's while a group's
+    // pointwise conv is refitted), each of five activations per block, in f32.
     let bytes = 3 * 5 * shape.depth * n * g * g * shape.dim * 4;
     if bytes > MAX_TRACE_BYTES {
         return Err(Error::Invalid(format!(
@@ -114,10 +114,10 @@ pub fn refit_mixer(
     }
     let t = Host::read(teacher, "<unshared source>", shape)?;
     let mut s = Host::read(student, "<fused model>", shape)?;
-    let target = trace(&t, shape, &t.stem(shape, images, n), n);
+    let taps = taps(n * g * g, g, k);
+    let target = trace(&t, shape, &t.stem(shape, images, n), n, &taps);
     let stem = s.stem(shape, images, n);
-    let score = |s: &Host| mse(&trace(s, shape, &stem, n).logits, &target.logits);
-    let mut errors = vec![score(&s)];
+    let mut errors = vec![mse(&trace(&s, shape, &stem, n, &taps).logits, &target.logits)];
     on_pass(0, errors[0]);
     let mut best = (errors[0], s.clone());
     for pass in 1..=passes {
@@ -130,31 +130,31 @@ pub fn refit_mixer(
                     .collect()
             };
             for users in touched(&groups.depthwise) {
-                let now = trace(&s, shape, &stem, n);
+                let now = trace(&s, shape, &stem, n, &taps);
                 let pairs: Vec<_> = users
                     .iter()
                     .map(|&l| (&now.input[l], &target.dw_pre[l]))
                     .collect();
-                let (w, b) = fit_depthwise(&pairs, g, k);
+                let (w, b) = fit_depthwise(&pairs, &taps, k);
                 for &l in &users {
                     (s.blocks[l].dw_w, s.blocks[l].dw_b) = (w.clone(), b.clone());
                 }
             }
-            let now = trace(&s, shape, &stem, n);
+            let now = trace(&s, shape, &stem, n, &taps);
             for &l in layers {
                 let mut z = now.dw_pre[l].clone();
                 activation(shape.act, &mut z);
                 s.blocks[l].bn1 = Norm::fit(&z, &(&target.mid[l] - &now.input[l]));
             }
             for users in touched(&groups.pointwise) {
-                let now = trace(&s, shape, &stem, n);
+                let now = trace(&s, shape, &stem, n, &taps);
                 let pairs: Vec<_> = users.iter().map(|&l| (&now.mid[l], &target.pw_pre[l])).collect();
                 let (w, b) = fit_linear(&pairs);
                 for &l in &users {
                     (s.blocks[l].pw_w, s.blocks[l].pw_b) = (w.clone(), b.clone());
                 }
             }
-            let now = trace(&s, shape, &stem, n);
+            let now = trace(&s, shape, &stem, n, &taps);
             for &l in layers {
                 let mut z = now.pw_pre[l].clone();
                 activation(shape.act, &mut z);
@@ -165,9 +165,10 @@ pub fn refit_mixer(
                 s.blocks[l].bn2 = Norm::fit(&z, &goal);
             }
         }
-        let now = trace(&s, shape, &stem, n);
+        let now = trace(&s, shape, &stem, n, &taps);
         (s.head_w, s.head_b) = fit_linear(&[(&now.pooled, &target.logits)]);
-        let err = score(&s);
+        // Only the head changed since `now`: its features give this pass's logits.
+        let err = mse(&linear(&now.pooled, &s.head_w, &s.head_b), &target.logits);
         errors.push(err);
         on_pass(pass, err);
         if err < best.0 {
