@@ -1,10 +1,9 @@
-//! Inference-only kernels a device may have: the attention core, whole ViT encoder blocks and a
+//! Inference-only kernels a device may have: whole ViT encoder blocks and a
 //! whole ConvMixer trunk on host buffers ([`crate::kernels::blocks`]), and buffer identities for
 //! the cache of a ViT's host weights. Every method defaults to `None` ("not on this device"), so
 //! the models fall back to the composed ops.
 use super::host;
 use crate::base::SpinDtype;
-use crate::kernels::attention::attention_core;
 use crate::kernels::blocks::{mixer_trunk, vit_block, MixerBlockHost, VitBlockHost, VitScratch};
 use crate::kernels::gemm::has_kernels;
 use dfdx::prelude::*;
@@ -13,17 +12,6 @@ use std::sync::Arc;
 
 /// The fused inference kernels of a device.
 pub trait InferKernels<E: SpinDtype>: Storage<E> + Sized {
-    /// Inference only: multi-head attention's core on timm's qkv layout, `qkv` `(B·N, 3·D)` with
-    /// columns (3, heads, head_dim) → `softmax(q·kᵀ/√head_dim)·v` as `(B·N, D)`
-    /// ([`attention_core`](crate::kernels::attention::attention_core)). `None` where the device has no such kernel.
-    fn attention_core_infer(
-        _qkv: &Tensor<(usize, usize), E, Self>,
-        _batch: usize,
-        _heads: usize,
-    ) -> Option<Tensor<(usize, usize), E, Self>> {
-        None
-    }
-
     /// Inference only: timm encoder blocks on tokens `x` `(B·N, D)`, one per entry of what
     /// `blocks()` returns ([`vit_block`](crate::kernels::blocks::vit_block)); `blocks` is only called when the device
     /// and dtype have the kernel. `None` where they do not.
@@ -59,17 +47,6 @@ pub trait InferKernels<E: SpinDtype>: Storage<E> + Sized {
 }
 
 impl<E: SpinDtype> InferKernels<E> for Cpu {
-    fn attention_core_infer(
-        qkv: &Tensor<(usize, usize), E, Self>,
-        batch: usize,
-        heads: usize,
-    ) -> Option<Tensor<(usize, usize), E, Self>> {
-        let (rows, three_d) = *qkv.shape();
-        let mut out = vec![E::zero(); rows * three_d / 3];
-        attention_core(&host(qkv), &mut out, batch, heads, three_d / 3);
-        Some(qkv.device().tensor_from_vec(out, (rows, three_d / 3)))
-    }
-
     fn vit_blocks_infer(
         x: &Tensor<(usize, usize), E, Self>,
         batch: usize,

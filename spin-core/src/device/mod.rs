@@ -4,6 +4,7 @@
 //! the reference the tests check the CPU kernel against), and its tests.
 //!
 //! [`SpinDevice`] is every op together: the bound every model is generic over.
+mod attention;
 mod cache;
 mod depthwise;
 mod gelu;
@@ -12,6 +13,7 @@ mod linear;
 mod norm;
 mod patchify;
 
+pub use attention::{attention_core_composed, AttentionKernel};
 pub use cache::{buffer_keys, BlockCache};
 pub use depthwise::{dwconv_fallback, DepthwiseKernel};
 pub use gelu::{gelu_fallback, GeluKernel};
@@ -35,6 +37,7 @@ use dfdx::prelude::*;
 /// ```
 pub trait SpinDevice<E: SpinDtype>:
     Device<E>
+    + AttentionKernel<E>
     + LinearKernel<E>
     + DepthwiseKernel<E>
     + PatchifyKernel<E>
@@ -46,6 +49,7 @@ pub trait SpinDevice<E: SpinDtype>:
 
 impl<E: SpinDtype, D> SpinDevice<E> for D where
     D: Device<E>
+        + AttentionKernel<E>
         + LinearKernel<E>
         + DepthwiseKernel<E>
         + PatchifyKernel<E>

@@ -66,6 +66,95 @@ pub fn attention_core<E: SpinDtype>(qkv: &[E], out: &mut [E], batch: usize, head
     });
 }
 
+/// Training's forward: [`attention_core`], one task per image, also keeping every head's
+/// softmax in `probs` `(B, heads, N, N)` for [`attention_core_backward`].
+pub fn attention_core_keep<E: SpinDtype>(
+    qkv: &[E],
+    out: &mut [E],
+    probs: &mut [E],
+    (batch, heads, d): (usize, usize, usize),
+) {
+    let n = out.len() / d / batch.max(1);
+    assert!(
+        qkv.len() == 3 * out.len() && out.len() == batch * n * d,
+        "attention: buffer sizes"
+    );
+    assert_eq!(
+        probs.len(),
+        batch * heads * n * n,
+        "attention: probabilities' size"
+    );
+    let hd = d / heads;
+    let scale = E::cast((hd as f64).powf(-0.5));
+    out.par_chunks_mut(n * d)
+        .zip(probs.par_chunks_mut(heads * n * n))
+        .enumerate()
+        .for_each(|(b, (o, pb))| {
+            let img = &qkv[b * n * 3 * d..][..n * 3 * d];
+            let part = |i: usize, h: usize| MatRef::strided(&img[i * d + h * hd..], n, hd, 3 * d);
+            for (h, s) in pb.chunks_mut(n * n).enumerate() {
+                matmul(s, n, part(0, h), part(1, h).t(), scale, false);
+                softmax_rows(s, n);
+                matmul(
+                    &mut o[h * hd..],
+                    d,
+                    MatRef::row_major(s, n, n),
+                    part(2, h),
+                    E::one(),
+                    false,
+                );
+            }
+        });
+}
+
+/// The attention core's backward, one task per image: from the kept softmax `P` and the
+/// output's gradient dO, `dqkv` `(B·N, 3·D)` on timm's layout. Per head:
+/// dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P ⊙ (dP − rowsum(dP ⊙ P)), dQ = s·dS·K, dK = s·dSᵀ·Q.
+pub fn attention_core_backward<E: SpinDtype>(
+    qkv: &[E],
+    probs: &[E],
+    gout: &[E],
+    dqkv: &mut [E],
+    (batch, heads, d): (usize, usize, usize),
+) {
+    let n = gout.len() / d / batch.max(1);
+    assert!(
+        qkv.len() == 3 * gout.len() && dqkv.len() == qkv.len(),
+        "attention: buffer sizes"
+    );
+    assert_eq!(
+        probs.len(),
+        batch * heads * n * n,
+        "attention: probabilities' size"
+    );
+    let hd = d / heads;
+    let scale = E::cast((hd as f64).powf(-0.5));
+    dqkv.par_chunks_mut(n * 3 * d)
+        .zip(probs.par_chunks(heads * n * n))
+        .enumerate()
+        .for_each(|(b, (g, pb))| {
+            let img = &qkv[b * n * 3 * d..][..n * 3 * d];
+            let go = &gout[b * n * d..][..n * d];
+            let part = |i: usize, h: usize| MatRef::strided(&img[i * d + h * hd..], n, hd, 3 * d);
+            let mut ds = vec![E::zero(); n * n];
+            for (h, p) in pb.chunks(n * n).enumerate() {
+                let pm = MatRef::row_major(p, n, n);
+                let go_h = MatRef::strided(&go[h * hd..], n, hd, d);
+                matmul(&mut g[2 * d + h * hd..], 3 * d, pm.t(), go_h, E::one(), false);
+                matmul(&mut ds, n, go_h, part(2, h).t(), E::one(), false);
+                for (dr, pr) in ds.chunks_mut(n).zip(p.chunks(n)) {
+                    let dot = dr.iter().zip(pr).fold(E::zero(), |a, (&x, &y)| a + x * y);
+                    for (x, &y) in dr.iter_mut().zip(pr) {
+                        *x = y * (*x - dot);
+                    }
+                }
+                let dsm = MatRef::row_major(&ds, n, n);
+                matmul(&mut g[h * hd..], 3 * d, dsm, part(1, h), scale, false);
+                matmul(&mut g[d + h * hd..], 3 * d, dsm.t(), part(0, h), scale, false);
+            }
+        });
+}
+
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 /// Softmax of every row of `s` (rows of `n`), in place; sixteen independent accumulators per
 /// reduction, since one running max or sum is a serial chain the compiler may not reorder.

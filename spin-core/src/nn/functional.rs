@@ -111,47 +111,7 @@ pub fn attention<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
     proj_b: Tensor<(usize,), E, D, T>,
 ) -> Tensor<Mat, E, D, T> {
     let qkv = linear(x, qkv_w, qkv_b);
-    if !T::OWNS_TAPE {
-        // Inference: the core in one kernel where the device has it.
-        let (q, tape) = qkv.split_tape();
-        if let Some(core) = D::attention_core_infer(&q, batch, heads) {
-            return linear(core.put_tape(tape), proj_w, proj_b);
-        }
-        return attention_core_composed(q.put_tape(tape), batch, heads, proj_w, proj_b);
-    }
-    attention_core_composed(qkv, batch, heads, proj_w, proj_b)
-}
-
-/// The attention core from dfdx ops (training, other devices, and the reference).
-fn attention_core_composed<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
-    qkv: Tensor<Mat, E, D, T>,
-    batch: usize,
-    heads: usize,
-    proj_w: Tensor<Mat, E, D, T>,
-    proj_b: Tensor<(usize,), E, D, T>,
-) -> Tensor<Mat, E, D, T> {
-    let (rows, three_d) = *qkv.shape();
-    let (n, dim) = (rows / batch, three_d / 3);
-    let hd = dim / heads;
-    let qkv = qkv
-        .reshape_like(&(batch, n, 3, heads, hd))
-        .permute::<_, Axes5<2, 0, 3, 1, 4>>();
-    let part = |qkv: Tensor<(usize, usize, usize, usize, usize), E, D, T>, i: usize| {
-        qkv.slice((i..i + 1, .., .., .., ..))
-            .reshape_like(&(batch, heads, n, hd))
-    };
-    let q = part(qkv.with_empty_tape(), 0);
-    let k = part(qkv.with_empty_tape(), 1);
-    let v = part(qkv, 2);
-    let scale = E::cast((hd as f64).powf(-0.5));
-    let attn = (q * scale)
-        .matmul(k.permute::<_, Axes4<0, 1, 3, 2>>())
-        .softmax::<Axis<3>>();
-    let out = attn
-        .matmul(v)
-        .permute::<_, Axes4<0, 2, 1, 3>>()
-        .reshape_like(&(rows, dim));
-    linear(out, proj_w, proj_b)
+    linear(D::attention_core(qkv, batch, heads), proj_w, proj_b)
 }
 
 #[cfg(test)]
