@@ -1,4 +1,5 @@
-//! Times spin's CPU kernels on ConvMixer-256/8's shapes (batch 8, 16×16, 256 channels, k9):
+//! Times spin's CPU kernels on ConvMixer-256/8's shapes (batch 8, 16×16, 256 channels, k9), then
+//! the two fused inference passes of a ConvMixer-768/32 block on two threads:
 //! `cargo run --release -p spin-core --example kernel_timing`.
 use spin_core::device::{DepthwiseKernel, GeluKernel, NormKernels};
 use spin_core::dfdx::prelude::*;
@@ -45,5 +46,58 @@ fn main() {
     println!(
         "transpose fc1  {:.3} ms",
         ms(|| spin_core::kernels::gemm::transpose_into(&mut t.borrow_mut(), &fc1, 768, 192))
+    );
+    big_block();
+}
+
+/// ConvMixer-768/32's block at batch 1 (32×32 grid, kernel 7) on the fused inference kernels, on
+/// a pool of two threads: how one block's time splits between its two passes and re-laying out
+/// its pointwise weight.
+fn big_block() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    pool.install(big_block_on_pool);
+}
+
+/// [`big_block`]'s work, run on a pool worker (the caller then takes part in every loop).
+fn big_block_on_pool() {
+    use spin_core::base::Act;
+    use spin_core::kernels::blocks::{pointwise_into, HostLinear};
+    use spin_core::kernels::depthwise::{forward_into, DwGeometry};
+    use spin_core::kernels::epilogue::Epilogue;
+    let (g, c, k) = (32, 768, 7);
+    let v = |n: usize| {
+        (0..n)
+            .map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5)
+            .collect::<Vec<f32>>()
+    };
+    let (x, dw, ones, zeros) = (v(g * g * c), v(k * k * c), vec![1.0; c], vec![0.0; c]);
+    let epi = Epilogue {
+        bias: &zeros,
+        scale: &ones,
+        shift: &zeros,
+        act: Act::Relu,
+    };
+    let geo = DwGeometry::new((1, g, g, c), k);
+    let out = std::cell::RefCell::new(vec![0.0f32; x.len()]);
+    println!(
+        "768/32 depthwise k7 + epilogue    {:.3} ms",
+        ms(|| forward_into(&geo, &x, &dw, &zeros, Some(&epi), &mut out.borrow_mut()))
+    );
+    println!(
+        "768/32 depthwise k7, no epilogue  {:.3} ms",
+        ms(|| forward_into(&geo, &x, &dw, &zeros, None, &mut out.borrow_mut()))
+    );
+    let pw = HostLinear {
+        wt: v(c * c),
+        b: zeros.clone(),
+    };
+    println!(
+        "768/32 pointwise + epilogue       {:.3} ms",
+        ms(|| pointwise_into(&x, &pw, &epi, false, &mut out.borrow_mut()))
+    );
+    let t = std::cell::RefCell::new(Vec::new());
+    println!(
+        "768/32 pointwise weight transpose {:.3} ms",
+        ms(|| spin_core::kernels::gemm::transpose_into(&mut t.borrow_mut(), &pw.wt, c, c))
     );
 }

@@ -38,9 +38,20 @@ pub fn gelu_grad<E: SpinDtype>(gx: &mut [E], x: &[E], gy: &[E]) {
         .for_each(|(a, (xi, gi))| gelu_grad_chunk(a, xi, gi));
 }
 
+/// `dst += src` over a chunk.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn add_chunk<E: SpinDtype>(dst: &mut [E], src: &[E]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d += s;
+    }
+}
+
 /// Adds `src` into `dst` (a gradient buffer), split across threads.
 pub fn add_into<E: SpinDtype>(dst: &mut [E], src: &[E]) {
-    dst.par_iter_mut().zip(src.par_iter()).for_each(|(d, &s)| *d += s);
+    assert_eq!(dst.len(), src.len(), "add_into: lengths differ");
+    dst.par_chunks_mut(CHUNK)
+        .zip(src.par_chunks(CHUNK))
+        .for_each(|(d, s)| add_chunk(d, s));
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
