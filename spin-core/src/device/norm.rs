@@ -182,3 +182,40 @@ pub fn batch_norm_train_composed<E: SpinDtype, D: Device<E>, T: Tape<E, D> + Mer
     let xhat = centered * inv.broadcast_like::<_, Axis<0>>(&shape);
     (affine_composed(xhat, g, b), mean_v, var_v)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_layer_norm_matches_the_composed_ops_forward_and_backward() {
+        // f64, 40 channels (two full lanes of 16 and a partial one); every gradient through a
+        // random projection.
+        let dev = Cpu::seed_from_u64(11);
+        let (rows, c) = (7, 40);
+        let x: Tensor<(usize, usize), f64, Cpu> = dev.sample_normal_like(&(rows, c));
+        let g: Tensor<(usize,), f64, Cpu> = dev.sample_normal_like(&(c,));
+        let b: Tensor<(usize,), f64, Cpu> = dev.sample_normal_like(&(c,));
+        let r: Tensor<(usize, usize), f64, Cpu> = dev.sample_normal_like(&(rows, c));
+        let ya = Cpu::layer_norm(x.leaky_trace(), g.retaped(), b.retaped());
+        let yb = layer_norm_composed(x.leaky_trace(), g.retaped(), b.retaped());
+        for (a, e) in ya.as_vec().iter().zip(yb.as_vec()) {
+            assert!((a - e).abs() < 1e-12, "{a} vs {e}");
+        }
+        let ga = (ya * r.clone()).sum::<(), _>().backward();
+        let gb = (yb * r).sum::<(), _>().backward();
+        for (name, a, e) in [
+            ("x", ga.get(&x).as_vec(), gb.get(&x).as_vec()),
+            ("g", ga.get(&g).as_vec(), gb.get(&g).as_vec()),
+            ("b", ga.get(&b).as_vec(), gb.get(&b).as_vec()),
+        ] {
+            assert!(
+                e.iter().any(|v| v.abs() > 1e-3),
+                "d{name} of the reference is not trivial"
+            );
+            for (i, (p, q)) in a.iter().zip(&e).enumerate() {
+                assert!((p - q).abs() < 1e-10, "d{name}[{i}]: {p} vs {q}");
+            }
+        }
+    }
+}

@@ -33,6 +33,7 @@ pub fn col_sums(rows: usize, c: usize, f: impl Fn(usize, &mut [f64]) + Sync) -> 
 }
 
 /// Adds a row to per-column f64 sums.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 pub fn add_row<E: SpinDtype>(acc: &mut [f64], row: &[E]) {
     for (a, &v) in acc.iter_mut().zip(row) {
         *a += v.as_f64();
@@ -191,30 +192,51 @@ pub fn layer_norm_fwd<E: SpinDtype>(x: &[E], g: &[E], b: &[E], eps: f64) -> (Vec
 pub fn layer_norm_bwd<E: SpinDtype>(x: &[E], g: &[E], stats: &[f64], gy: &[E]) -> (Vec<E>, Vec<E>, Vec<E>) {
     let c = g.len();
     let rows = x.len() / c;
-    let xhat = |r: usize, j: usize| (x[r * c + j].as_f64() - stats[2 * r]) * stats[2 * r + 1];
     let mut gx = vec![E::zero(); x.len()];
     gx.par_chunks_mut(c).enumerate().for_each(|(r, gr)| {
-        let (mut m1, mut m2) = (0.0, 0.0);
-        for j in 0..c {
-            let gh = gy[r * c + j].as_f64() * g[j].as_f64();
-            m1 += gh;
-            m2 += gh * xhat(r, j);
-        }
-        let (m1, m2) = (m1 / c as f64, m2 / c as f64);
-        for j in 0..c {
-            let gh = gy[r * c + j].as_f64() * g[j].as_f64();
-            gr[j] = E::cast((gh - m1 - xhat(r, j) * m2) * stats[2 * r + 1]);
-        }
+        let rows = (&x[r * c..][..c], &gy[r * c..][..c]);
+        layer_norm_bwd_row(gr, rows, g, (stats[2 * r], stats[2 * r + 1]));
     });
     let gg = col_sums(rows, c, |r, acc| {
         let (xr, gr) = (&x[r * c..][..c], &gy[r * c..][..c]);
-        let (m, i) = (stats[2 * r], stats[2 * r + 1]);
-        for j in 0..c {
-            acc[j] += gr[j].as_f64() * (xr[j].as_f64() - m) * i;
-        }
+        add_xhat_dy_row(acc, xr, gr, (stats[2 * r], stats[2 * r + 1]));
     });
     let gb = col_sums(rows, c, |r, acc| add_row(acc, &gy[r * c..][..c]));
     (gx, cast(&gg), cast(&gb))
+}
+
+/// One row of LayerNorm's dL/dx, with x̂ = (x − mean)·inv and ĝ = dy ⊙ g:
+/// `(ĝ − mean(ĝ) − x̂·mean(ĝ ⊙ x̂))·inv`; lane accumulators, since one running sum is a serial
+/// chain the compiler may not reorder.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn layer_norm_bwd_row<E: SpinDtype>(gx: &mut [E], (x, gy): (&[E], &[E]), g: &[E], (mean, inv): (f64, f64)) {
+    let c = g.len();
+    let (mut a1, mut a2) = ([0.0f64; F32_LANES], [0.0f64; F32_LANES]);
+    for j0 in (0..c).step_by(F32_LANES) {
+        for l in 0..F32_LANES.min(c - j0) {
+            let j = j0 + l;
+            let gh = gy[j].as_f64() * g[j].as_f64();
+            a1[l] += gh;
+            a2[l] += gh * (x[j].as_f64() - mean) * inv;
+        }
+    }
+    let (m1, m2) = (
+        a1.iter().sum::<f64>() / c as f64,
+        a2.iter().sum::<f64>() / c as f64,
+    );
+    for j in 0..c {
+        let gh = gy[j].as_f64() * g[j].as_f64();
+        let xhat = (x[j].as_f64() - mean) * inv;
+        gx[j] = E::cast((gh - m1 - xhat * m2) * inv);
+    }
+}
+
+/// `acc += dy ⊙ x̂` for one row (LayerNorm's scale gradient).
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn add_xhat_dy_row<E: SpinDtype>(acc: &mut [f64], x: &[E], gy: &[E], (mean, inv): (f64, f64)) {
+    for ((a, &xv), &gv) in acc.iter_mut().zip(x).zip(gy) {
+        *a += gv.as_f64() * (xv.as_f64() - mean) * inv;
+    }
 }
 
 /// LayerNorm (eps 1e-6) of each row of `x` into `out`; statistics in f64 as the training kernel.
