@@ -90,6 +90,7 @@ fn big_block_on_pool() {
     let pw = HostLinear {
         wt: v(c * c),
         b: zeros.clone(),
+        ..Default::default()
     };
     println!(
         "768/32 pointwise + epilogue       {:.3} ms",

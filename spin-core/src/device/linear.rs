@@ -46,6 +46,7 @@ impl<E: SpinDtype> LinearKernel<E> for Cpu {
         let l = HostLinear {
             wt: transpose(&ws, out, inp),
             b: host(&b),
+            ..Default::default()
         };
         let mut y = vec![E::zero(); rows * out];
         linear_rows(&host(&x), &l, &mut y);

@@ -13,18 +13,23 @@ use super::elementwise::{add_bias_rows, gelu_inplace};
 use super::epilogue::{epilogue_rows, Epilogue};
 use super::gemm::{matmul, row_chunk, MatRef};
 use super::norm::layer_norm_rows;
+use super::packed::{self, PackedRhs};
 use crate::base::{Act, SpinDtype};
 use rayon::prelude::*;
+use std::any::TypeId;
 
 /// A Linear layer's weight and bias on the host, the weight as `Wᵀ` `(in, out)` row-major: then
 /// gemm packs it with contiguous copies, where PyTorch's `(out, in)` needs a strided gather on
-/// every call (a quarter of DeiT-Tiny's inference time in the profile).
+/// every call (a quarter of DeiT-Tiny's inference time in the profile). A weight kept between
+/// calls can be packed once for [`super::packed`] instead ([`HostLinear::pack`]).
 #[derive(Clone, Debug, Default)]
 pub struct HostLinear<E> {
-    /// The weight as `Wᵀ`, `(in, out)` row-major.
+    /// The weight as `Wᵀ`, `(in, out)` row-major (empty once packed).
     pub wt: Vec<E>,
     /// The bias, `(out,)`.
     pub b: Vec<E>,
+    /// The weight packed for [`super::packed::linear_packed`], where [`HostLinear::pack`] did.
+    pub packed: PackedRhs,
 }
 
 impl<E: SpinDtype> HostLinear<E> {
@@ -33,6 +38,31 @@ impl<E: SpinDtype> HostLinear<E> {
         let out = self.b.len();
         MatRef::row_major(&self.wt, self.wt.len() / out.max(1), out)
     }
+
+    /// Packs the weight once for [`super::packed`]'s microkernel where it runs (f32 on AVX-512),
+    /// dropping `wt`; elsewhere leaves the layer as it is.
+    pub fn pack(&mut self) {
+        if TypeId::of::<E>() != TypeId::of::<f32>() || !packed::available() || self.wt.is_empty() {
+            return;
+        }
+        let n = self.b.len();
+        self.packed = PackedRhs::pack(as_f32(&self.wt), self.wt.len() / n, n);
+        self.wt = Vec::new();
+    }
+}
+
+/// `v` as f32 values; callers have checked that E is f32.
+fn as_f32<E: 'static>(v: &[E]) -> &[f32] {
+    assert_eq!(TypeId::of::<E>(), TypeId::of::<f32>());
+    // SAFETY: E is f32 (asserted), so the slice is a `[f32]` of the same length and layout.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const f32, v.len()) }
+}
+
+/// `v` as mutable f32 values; callers have checked that E is f32.
+fn as_f32_mut<E: 'static>(v: &mut [E]) -> &mut [f32] {
+    assert_eq!(TypeId::of::<E>(), TypeId::of::<f32>());
+    // SAFETY: as for `as_f32`; the borrow of `v` is carried over to the result.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut f32, v.len()) }
 }
 
 /// One pre-norm encoder block's weights on the host.
@@ -50,6 +80,15 @@ pub struct VitBlockHost<E> {
     pub fc1: HostLinear<E>,
     /// The MLP's second Linear.
     pub fc2: HostLinear<E>,
+}
+
+impl<E: SpinDtype> VitBlockHost<E> {
+    /// Packs the four Linear layers' weights once ([`HostLinear::pack`]).
+    pub fn pack(&mut self) {
+        for l in [&mut self.qkv, &mut self.proj, &mut self.fc1, &mut self.fc2] {
+            l.pack();
+        }
+    }
 }
 
 /// Buffers reused from block to block.
@@ -117,6 +156,11 @@ pub fn linear_rows<E: SpinDtype>(x: &[E], l: &HostLinear<E>, out: &mut [E]) {
 
 /// `out (= or +=) x · Wᵀ + b` for `r` rows.
 pub fn linear_into<E: SpinDtype>(out: &mut [E], x: &[E], r: usize, l: &HostLinear<E>, accumulate: bool) {
+    if l.packed.is_packed() {
+        assert_eq!(x.len(), r * l.packed.k(), "linear_into: input rows");
+        packed::linear_packed(as_f32_mut(out), as_f32(x), &l.packed, as_f32(&l.b), accumulate);
+        return;
+    }
     let rhs = l.rhs();
     let n = rhs.cols;
     matmul(

@@ -8,5 +8,6 @@ pub mod elementwise;
 pub mod epilogue;
 pub mod gemm;
 pub mod norm;
+pub mod packed;
 pub mod patchify;
 pub mod peak;

@@ -367,6 +367,7 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> Vit<C, E
         fill_linear(&mut w.qkv, &at.qkv.weight, &at.qkv.bias, false);
         fill_linear(&mut w.proj, &at.proj.weight, &at.proj.bias, false);
         self.mlp.host_weights(i, &mut w.fc1, &mut w.fc2);
+        w.pack();
         w
     }
 
