@@ -43,11 +43,14 @@ impl<E: SpinDtype> LinearKernel<E> for Cpu {
             "linear: bias size differs from the weight's outputs"
         );
         let ws = host(&w);
-        let l = HostLinear {
+        let mut l = HostLinear {
             wt: transpose(&ws, out, inp),
             b: host(&b),
             ..Default::default()
         };
+        // Packed once here, the weight is read in place by every row task (gemm would pack it
+        // again in each).
+        l.pack();
         let mut y = vec![E::zero(); rows * out];
         linear_rows(&host(&x), &l, &mut y);
         let y = x.device().tensor_from_vec(y, (rows, out));

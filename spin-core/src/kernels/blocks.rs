@@ -35,8 +35,18 @@ pub struct HostLinear<E> {
 impl<E: SpinDtype> HostLinear<E> {
     /// The weight as the `(in, out)` right-hand side of `x · Wᵀ`.
     pub fn rhs(&self) -> MatRef<'_, E> {
+        assert!(!self.packed.is_packed(), "HostLinear::rhs: the weight was packed");
         let out = self.b.len();
         MatRef::row_major(&self.wt, self.wt.len() / out.max(1), out)
+    }
+
+    /// Input features.
+    pub fn inputs(&self) -> usize {
+        if self.packed.is_packed() {
+            self.packed.k()
+        } else {
+            self.wt.len() / self.b.len().max(1)
+        }
     }
 
     /// Packs the weight once for [`super::packed`]'s microkernel where it runs (f32 on AVX-512),
@@ -146,8 +156,7 @@ pub fn vit_block<E: SpinDtype>(
 
 /// `out = x · Wᵀ + b` over all rows of `x`, split across threads.
 pub fn linear_rows<E: SpinDtype>(x: &[E], l: &HostLinear<E>, out: &mut [E]) {
-    let rhs = l.rhs();
-    let (k, n) = (rhs.rows, rhs.cols);
+    let (k, n) = (l.inputs(), l.b.len());
     let chunk = row_chunk(x.len() / k.max(1));
     out.par_chunks_mut(chunk * n)
         .zip(x.par_chunks(chunk * k))
