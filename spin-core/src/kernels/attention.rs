@@ -66,6 +66,24 @@ pub fn attention_core<E: SpinDtype>(qkv: &[E], out: &mut [E], batch: usize, head
     });
 }
 
+/// Tokens per image, head size and the scores' scale for `outputs` values of `batch` images of `d`
+/// features, checking the kept softmax's size `probs`.
+fn shapes<E: SpinDtype>(
+    outputs: usize,
+    probs: usize,
+    (batch, heads, d): (usize, usize, usize),
+) -> (usize, usize, E) {
+    let n = outputs / d / batch.max(1);
+    assert_eq!(
+        outputs,
+        batch * n * d,
+        "attention: outputs are not {batch} images of {d} features"
+    );
+    assert_eq!(probs, batch * heads * n * n, "attention: probabilities' size");
+    let hd = d / heads;
+    (n, hd, E::cast((hd as f64).powf(-0.5)))
+}
+
 /// Training's forward: [`attention_core`], one task per image, also keeping every head's
 /// softmax in `probs` `(B, heads, N, N)` for [`attention_core_backward`].
 pub fn attention_core_keep<E: SpinDtype>(
@@ -74,18 +92,12 @@ pub fn attention_core_keep<E: SpinDtype>(
     probs: &mut [E],
     (batch, heads, d): (usize, usize, usize),
 ) {
-    let n = out.len() / d / batch.max(1);
-    assert!(
-        qkv.len() == 3 * out.len() && out.len() == batch * n * d,
-        "attention: buffer sizes"
-    );
     assert_eq!(
-        probs.len(),
-        batch * heads * n * n,
-        "attention: probabilities' size"
+        qkv.len(),
+        3 * out.len(),
+        "attention: qkv must be three times the output"
     );
-    let hd = d / heads;
-    let scale = E::cast((hd as f64).powf(-0.5));
+    let (n, hd, scale) = shapes::<E>(out.len(), probs.len(), (batch, heads, d));
     out.par_chunks_mut(n * d)
         .zip(probs.par_chunks_mut(heads * n * n))
         .enumerate()
@@ -117,18 +129,11 @@ pub fn attention_core_backward<E: SpinDtype>(
     dqkv: &mut [E],
     (batch, heads, d): (usize, usize, usize),
 ) {
-    let n = gout.len() / d / batch.max(1);
     assert!(
         qkv.len() == 3 * gout.len() && dqkv.len() == qkv.len(),
-        "attention: buffer sizes"
+        "attention: qkv and its gradient must be three times the output"
     );
-    assert_eq!(
-        probs.len(),
-        batch * heads * n * n,
-        "attention: probabilities' size"
-    );
-    let hd = d / heads;
-    let scale = E::cast((hd as f64).powf(-0.5));
+    let (n, hd, scale) = shapes::<E>(gout.len(), probs.len(), (batch, heads, d));
     dqkv.par_chunks_mut(n * 3 * d)
         .zip(probs.par_chunks(heads * n * n))
         .enumerate()

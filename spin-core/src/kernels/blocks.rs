@@ -52,7 +52,8 @@ impl<E: SpinDtype> HostLinear<E> {
     /// Packs the weight once for [`super::packed`]'s microkernel where it runs (f32 on AVX-512),
     /// dropping `wt`; elsewhere leaves the layer as it is.
     pub fn pack(&mut self) {
-        if TypeId::of::<E>() != TypeId::of::<f32>() || !packed::available() || self.wt.is_empty() {
+        let has_weight = !self.wt.is_empty() && !self.b.is_empty();
+        if TypeId::of::<E>() != TypeId::of::<f32>() || !packed::available() || !has_weight {
             return;
         }
         let n = self.b.len();

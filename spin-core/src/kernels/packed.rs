@@ -164,10 +164,15 @@ impl Tile<'_> {
                 }
             }
             let masks: [__mmask16; 2] = [lane_mask(self.cols), lane_mask(self.cols.saturating_sub(16))];
-            let bias =
-                [0, 1].map(|h| _mm512_maskz_loadu_ps(masks[h], self.bias.as_ptr().add(self.c0 + 16 * h)));
+            // `wrapping_add`: with a short last panel the second half starts past the row's end;
+            // its mask is then empty and nothing there is read or written.
+            let bias = [0, 1]
+                .map(|h| _mm512_maskz_loadu_ps(masks[h], self.bias.as_ptr().wrapping_add(self.c0 + 16 * h)));
             for (r, a) in acc.iter().enumerate() {
                 for h in 0..2 {
+                    if masks[h] == 0 {
+                        continue;
+                    }
                     let o = out.as_mut_ptr().add(r * ldo + self.c0 + 16 * h);
                     let mut v = _mm512_add_ps(a[h], bias[h]);
                     if self.accumulate {

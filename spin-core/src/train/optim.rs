@@ -205,6 +205,11 @@ impl TensorVisitor<f32, Cpu> for Update<'_> {
             scale: self.scale,
         };
         let g = &self.grads[i];
+        assert!(
+            m.len() == p.len() && v.len() == p.len() && g.len() == p.len(),
+            "AdamW: tensor {i} has {} values but its moments or gradient another count",
+            p.len()
+        );
         p.par_chunks_mut(CHUNK)
             .zip(m.par_chunks_mut(CHUNK))
             .zip(v.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)))
