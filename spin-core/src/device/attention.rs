@@ -2,7 +2,7 @@
 //! the CPU one op on dfdx's tape (host kernels through gemm's AVX-512 products, every head of an
 //! image in one task, the softmax kept for the backward); elsewhere, and as the reference, dfdx's
 //! reshapes, slices, batched matmuls and softmax.
-use super::host;
+use super::{host, with_grad};
 use crate::base::{Mat, SpinDtype};
 use crate::kernels::attention::{attention_core, attention_core_backward, attention_core_keep};
 use crate::kernels::elementwise::add_into;
@@ -49,11 +49,12 @@ impl<E: SpinDtype> AttentionKernel<E> for Cpu {
         let y = qkv.device().tensor_from_vec(out, (rows, d));
         let y_keep = y.clone();
         tape.add_backward_op(move |grads| {
-            let go = host(&grads.get(&y_keep));
-            let mut g = vec![E::zero(); xs.len()];
-            attention_core_backward(&xs, &probs, &go, &mut g, (batch, heads, d));
-            add_into(grads.get_or_alloc_mut(&qkv)?, &g);
-            Ok(())
+            with_grad(grads, &y_keep, |grads, go| {
+                let mut g = vec![E::zero(); xs.len()];
+                attention_core_backward(&xs, &probs, go, &mut g, (batch, heads, d));
+                add_into(grads.get_or_alloc_mut(&qkv)?, &g);
+                Ok(())
+            })
         });
         y.put_tape(tape)
     }

@@ -1,6 +1,6 @@
 //! The depthwise K×K convolution op: the CPU kernel ([`crate::kernels::depthwise`]) on dfdx's
 //! tape, and a fallback from dfdx's own ops for other devices (also the reference in tests).
-use super::{host, transpose};
+use super::{host, transpose, with_grad};
 use crate::base::{Nhwc, SpinDtype};
 use crate::kernels::depthwise::{backward, forward, DwGeometry};
 use crate::kernels::elementwise::add_into;
@@ -46,12 +46,13 @@ impl<E: SpinDtype> DepthwiseKernel<E> for Cpu {
         if T::OWNS_TAPE {
             let y_keep = y.clone();
             tape.add_backward_op(move |grads| {
-                let gy = host(&grads.get(&y_keep));
-                let (gx, gw, gb) = backward(&geo, &xs, &wt, &gy);
-                add_into(grads.get_or_alloc_mut(&x)?, &gx);
-                add_into(grads.get_or_alloc_mut(&w)?, &transpose(&gw, k * k, geo.c));
-                add_into(grads.get_or_alloc_mut(&b)?, &gb);
-                Ok(())
+                with_grad(grads, &y_keep, |grads, gy| {
+                    let (gx, gw, gb) = backward(&geo, &xs, &wt, gy);
+                    add_into(grads.get_or_alloc_mut(&x)?, &gx);
+                    add_into(grads.get_or_alloc_mut(&w)?, &transpose(&gw, k * k, geo.c));
+                    add_into(grads.get_or_alloc_mut(&b)?, &gb);
+                    Ok(())
+                })
             });
         }
         Ok(y.put_tape(tape))

@@ -1,6 +1,6 @@
 //! Exact (erf) GELU as an op: vectorised host loops on the CPU, a value-and-slope formulation in
 //! dfdx's ops elsewhere.
-use super::host;
+use super::{host, with_grad};
 use crate::base::SpinDtype;
 use crate::kernels::elementwise;
 use dfdx::prelude::*;
@@ -22,9 +22,10 @@ impl<E: SpinDtype> GeluKernel<E> for Cpu {
         if T::OWNS_TAPE {
             let y_keep = y.clone();
             tape.add_backward_op(move |grads| {
-                let gy = host(&grads.get(&y_keep));
-                elementwise::gelu_grad(grads.get_or_alloc_mut(&x)?, &xs, &gy);
-                Ok(())
+                with_grad(grads, &y_keep, |grads, gy| {
+                    elementwise::gelu_grad(grads.get_or_alloc_mut(&x)?, &xs, gy);
+                    Ok(())
+                })
             });
         }
         y.put_tape(tape)

@@ -1,6 +1,6 @@
 //! The Linear op `x · Wᵀ + b`: on the CPU one op on dfdx's tape through gemm's AVX-512 kernels
 //! (forward and backward); elsewhere, and as the reference, dfdx's matmul.
-use super::{host, transpose};
+use super::{host, transpose, with_grad};
 use crate::base::{Mat, SpinDtype};
 use crate::kernels::blocks::{linear_rows, HostLinear};
 use crate::kernels::elementwise::add_into;
@@ -57,17 +57,18 @@ impl<E: SpinDtype> LinearKernel<E> for Cpu {
         if T::OWNS_TAPE {
             let y_keep = y.clone();
             tape.add_backward_op(move |grads| {
-                let gy = host(&grads.get(&y_keep));
-                // dx = dy · W, dW = dyᵀ · x, db = Σ_rows dy.
-                let mut gx = vec![E::zero(); rows * inp];
-                par_matmul(&gy, MatRef::row_major(&ws, out, inp), &mut gx);
-                let gw = par_matmul_tn(&gy, out, &host(&x), inp);
-                let gb = col_sums(rows, out, |r, acc| add_row(acc, &gy[r * out..][..out]));
-                add_into(grads.get_or_alloc_mut(&x)?, &gx);
-                add_into(grads.get_or_alloc_mut(&w)?, &gw);
-                let gb: Vec<E> = gb.into_iter().map(E::cast).collect();
-                add_into(grads.get_or_alloc_mut(&b)?, &gb);
-                Ok(())
+                with_grad(grads, &y_keep, |grads, gy| {
+                    // dx = dy · W, dW = dyᵀ · x, db = Σ_rows dy.
+                    let mut gx = vec![E::zero(); rows * inp];
+                    par_matmul(gy, MatRef::row_major(&ws, out, inp), &mut gx);
+                    let gw = par_matmul_tn(gy, out, &host(&x), inp);
+                    let gb = col_sums(rows, out, |r, acc| add_row(acc, &gy[r * out..][..out]));
+                    add_into(grads.get_or_alloc_mut(&x)?, &gx);
+                    add_into(grads.get_or_alloc_mut(&w)?, &gw);
+                    let gb: Vec<E> = gb.into_iter().map(E::cast).collect();
+                    add_into(grads.get_or_alloc_mut(&b)?, &gb);
+                    Ok(())
+                })
             });
         }
         y.put_tape(tape)

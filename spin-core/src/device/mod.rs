@@ -26,6 +26,7 @@ use crate::base::SpinDtype;
 use crate::kernels::blocks::HostLinear;
 use crate::kernels::gemm::transpose_into;
 use dfdx::prelude::*;
+use dfdx::tensor::CpuError;
 
 /// A dfdx device with the ops spin needs: dfdx's own plus spin's, hand-written on the CPU and
 /// dfdx-op fallbacks elsewhere.
@@ -65,6 +66,20 @@ pub fn host<S: Shape, E: SpinDtype>(t: &Tensor<S, E, Cpu>) -> Vec<E> {
     let mut v = vec![E::zero(); t.shape().num_elements()];
     t.copy_into(&mut v);
     v
+}
+
+/// Runs `f` on the gradient reaching `y` (a CPU op's output) without copying it: the buffer is
+/// moved out of `grads` for the call and put back after it, so `grads` ends as it was. dfdx's
+/// `Gradients::get` would clone it, and [`host`] copy it again.
+pub fn with_grad<S: Shape, E: SpinDtype, R>(
+    grads: &mut Gradients<E, Cpu>,
+    y: &Tensor<S, E, Cpu>,
+    f: impl FnOnce(&mut Gradients<E, Cpu>, &[E]) -> Result<R, CpuError>,
+) -> Result<R, CpuError> {
+    let gy = std::mem::take(&mut **grads.get_or_alloc_mut(y)?);
+    let out = f(grads, &gy);
+    **grads.get_or_alloc_mut(y)? = gy;
+    out
 }
 
 /// A tensor's values into `buf` (resized; no allocation once it has the size).

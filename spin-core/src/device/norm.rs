@@ -1,7 +1,7 @@
 //! The normalisation ops on channels-last matrices `(rows, C)`: a per-channel affine map
 //! (BatchNorm at inference), BatchNorm with batch statistics, LayerNorm. On the CPU each is one
 //! fused op on dfdx's tape ([`crate::kernels::norm`]); elsewhere, and as the reference, dfdx's ops.
-use super::host;
+use super::{host, with_grad};
 use crate::base::{Mat, SpinDtype, BN_EPS, LN_EPS};
 use crate::kernels::elementwise::add_into;
 use crate::kernels::norm;
@@ -134,12 +134,13 @@ where
     if T::OWNS_TAPE {
         let (y_keep, cache) = (y.clone(), cache.clone());
         tape.add_backward_op(move |grads| {
-            let gy = host(&grads.get(&y_keep));
-            let (gx, gg, gb) = bwd(&xs, &gs, &cache, &gy);
-            add_into(grads.get_or_alloc_mut(&x)?, &gx);
-            add_into(grads.get_or_alloc_mut(&g)?, &gg);
-            add_into(grads.get_or_alloc_mut(&b)?, &gb);
-            Ok(())
+            with_grad(grads, &y_keep, |grads, gy| {
+                let (gx, gg, gb) = bwd(&xs, &gs, &cache, gy);
+                add_into(grads.get_or_alloc_mut(&x)?, &gx);
+                add_into(grads.get_or_alloc_mut(&g)?, &gg);
+                add_into(grads.get_or_alloc_mut(&b)?, &gb);
+                Ok(())
+            })
         });
     }
     (y.put_tape(tape), cache)

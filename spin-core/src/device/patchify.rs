@@ -1,6 +1,6 @@
 //! The patchify op (a P×P stride-P convolution's input as a matrix): a gather on the CPU, dfdx's
 //! reshape and permute elsewhere and as the reference.
-use super::host;
+use super::{host, with_grad};
 use crate::base::{Nchw, SpinDtype};
 use crate::kernels::patchify::patch_index;
 use dfdx::prelude::*;
@@ -37,13 +37,14 @@ impl<E: SpinDtype> PatchifyKernel<E> for Cpu {
         if T::OWNS_TAPE {
             let y_keep = y.clone();
             tape.add_backward_op(move |grads| {
-                let gy = host(&grads.get(&y_keep));
-                let gx = grads.get_or_alloc_mut(&x)?;
-                // Patches do not overlap: every input element has exactly one output slot.
-                for (o, &i) in idx.iter().enumerate() {
-                    gx[i] += gy[o];
-                }
-                Ok(())
+                with_grad(grads, &y_keep, |grads, gy| {
+                    let gx = grads.get_or_alloc_mut(&x)?;
+                    // Patches do not overlap: every input element has exactly one output slot.
+                    for (o, &i) in idx.iter().enumerate() {
+                        gx[i] += gy[o];
+                    }
+                    Ok(())
+                })
             });
         }
         Ok(y.put_tape(tape))

@@ -306,12 +306,13 @@ fn dw_forward_row<E: SpinDtype>(
 
 /// Backward: returns (dL/dx, dL/dw in `(K·K, C)`, dL/db).
 pub fn backward<E: SpinDtype>(g: &DwGeometry, x: &[E], wt: &[E], gy: &[E]) -> (Vec<E>, Vec<E>, Vec<E>) {
-    let (h, w, c, k) = (g.h, g.w, g.c, g.k);
-    // dL/dx: input row hh collects from output rows hh + p - ky.
+    let (h, c, k) = (g.h, g.c, g.k);
+    // dL/dx[hh, xi] = Σ dy[hh + p − ky, xi + p − kx]·w[ky, kx]: the same 'same'-padded depthwise
+    // convolution of dy with the kernel turned half a turn (tap t ↔ K·K − 1 − t), so it takes
+    // the forward's kernels.
+    let flipped: Vec<E> = wt.chunks(c).rev().flat_map(|tap| tap.iter().copied()).collect();
     let mut gx = vec![E::zero(); x.len()];
-    gx.par_chunks_mut(w * c)
-        .enumerate()
-        .for_each(|(row, o)| dw_backward_x_row(g, wt, gy, row, o));
+    forward_into(g, gy, &flipped, &vec![E::zero(); c], None, &mut gx);
     // dL/dw and dL/db: partial sums over fixed blocks of output rows, added in block order, so
     // the result does not depend on how rayon schedules the work (training is reproducible).
     let kkc = k * k * c;
@@ -331,27 +332,6 @@ pub fn backward<E: SpinDtype>(g: &DwGeometry, x: &[E], wt: &[E], gy: &[E]) -> (V
     let mut gw = sums;
     gw.truncate(kkc);
     (gx, gw, gb)
-}
-
-/// dL/dx for one input row: input row hh collects from output rows hh + p − ky. Compiled for
-/// AVX-512 and AVX2 too, like the forward.
-#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn dw_backward_x_row<E: SpinDtype>(g: &DwGeometry, wt: &[E], gy: &[E], row: usize, o: &mut [E]) {
-    let (h, w, c, k, p) = (g.h, g.w, g.c, g.k, g.p);
-    let (bi, hh) = (row / h, row % h);
-    for ky in 0..k {
-        let Some(ho) = (hh + p).checked_sub(ky).filter(|&ho| ho < h) else {
-            continue;
-        };
-        let grow = &gy[(bi * h + ho) * w * c..][..w * c];
-        for kx in 0..k {
-            let wk = &wt[(ky * k + kx) * c..][..c];
-            for wi in g.out_cols(kx) {
-                let xi = wi + kx - p;
-                fma_row(&mut o[xi * c..][..c], &grow[wi * c..][..c], wk);
-            }
-        }
-    }
 }
 
 /// The dL/dw `(K·K, C)` and dL/db partial sums of a block of output rows.

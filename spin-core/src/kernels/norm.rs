@@ -52,12 +52,59 @@ pub fn affine_fwd<E: SpinDtype>(x: &[E], s: &[E], t: &[E]) -> Vec<E> {
         .zip(x.par_chunks(c * BLOCK))
         .for_each(|(yb, xb)| {
             for (yr, xr) in yb.chunks_mut(c).zip(xb.chunks(c)) {
-                for j in 0..c {
-                    yr[j] = xr[j] * s[j] + t[j];
-                }
+                affine_row(yr, xr, s, t);
             }
         });
     y
+}
+
+/// `y = x · s + t` for one row.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn affine_row<E: SpinDtype>(y: &mut [E], x: &[E], s: &[E], t: &[E]) {
+    for (((o, &v), &a), &b) in y.iter_mut().zip(x).zip(s).zip(t) {
+        *o = v * a + b;
+    }
+}
+
+/// `y = x · s` for one row.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn scale_row<E: SpinDtype>(y: &mut [E], x: &[E], s: &[E]) {
+    for ((o, &v), &a) in y.iter_mut().zip(x).zip(s) {
+        *o = v * a;
+    }
+}
+
+/// `acc += (x − mean)²` for one row, per column.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn add_sq_dev_row<E: SpinDtype>(acc: &mut [f64], x: &[E], mean: &[f64]) {
+    for ((a, &v), &m) in acc.iter_mut().zip(x).zip(mean) {
+        let d = v.as_f64() - m;
+        *a += d * d;
+    }
+}
+
+/// `acc += dy · (x − mean)` for one row, per column (BatchNorm's scale gradient before 1/σ).
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn add_centered_dy_row<E: SpinDtype>(acc: &mut [f64], x: &[E], gy: &[E], mean: &[f64]) {
+    for (((a, &v), &g), &m) in acc.iter_mut().zip(x).zip(gy).zip(mean) {
+        *a += g.as_f64() * (v.as_f64() - m);
+    }
+}
+
+/// `acc += dy · x` for one row, per column.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn add_prod_row<E: SpinDtype>(acc: &mut [f64], x: &[E], gy: &[E]) {
+    for ((a, &v), &g) in acc.iter_mut().zip(x).zip(gy) {
+        *a += (g * v).as_f64();
+    }
+}
+
+/// `out = a · dy + b · x + d` for one row, per column (BatchNorm's input gradient).
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn bn_dx_row<E: SpinDtype>(out: &mut [E], gy: &[E], x: &[E], (a, b, d): (&[E], &[E], &[E])) {
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = a[j] * gy[j] + b[j] * x[j] + d[j];
+    }
 }
 
 /// Backward of [`affine_fwd`]: (dL/dx, dL/ds, dL/dt).
@@ -69,15 +116,11 @@ pub fn affine_bwd<E: SpinDtype>(x: &[E], s: &[E], gy: &[E]) -> (Vec<E>, Vec<E>, 
         .zip(gy.par_chunks(c * BLOCK))
         .for_each(|(gb, yb)| {
             for (gr, yr) in gb.chunks_mut(c).zip(yb.chunks(c)) {
-                for j in 0..c {
-                    gr[j] = yr[j] * s[j];
-                }
+                scale_row(gr, yr, s);
             }
         });
     let gs = col_sums(rows, c, |r, acc| {
-        for ((a, &g), &v) in acc.iter_mut().zip(&gy[r * c..][..c]).zip(&x[r * c..][..c]) {
-            *a += (g * v).as_f64();
-        }
+        add_prod_row(acc, &x[r * c..][..c], &gy[r * c..][..c])
     });
     let gt = col_sums(rows, c, |r, acc| add_row(acc, &gy[r * c..][..c]));
     (gx, cast(&gs), cast(&gt))
@@ -101,12 +144,7 @@ pub fn batch_norm_fwd<E: SpinDtype>(x: &[E], g: &[E], b: &[E], eps: f64) -> (Vec
     let n = rows as f64;
     let mean = col_sums(rows, c, |r, acc| add_row(acc, &x[r * c..][..c]));
     let mean: Vec<f64> = mean.iter().map(|s| s / n).collect();
-    let var = col_sums(rows, c, |r, acc| {
-        for ((a, &v), &m) in acc.iter_mut().zip(&x[r * c..][..c]).zip(&mean) {
-            let d = v.as_f64() - m;
-            *a += d * d;
-        }
-    });
+    let var = col_sums(rows, c, |r, acc| add_sq_dev_row(acc, &x[r * c..][..c], &mean));
     let var: Vec<f64> = var.iter().map(|s| s / n).collect();
     let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
     // y = x·(γ/σ) + (β − μ·γ/σ)
@@ -140,11 +178,9 @@ pub fn batch_norm_bwd<E: SpinDtype>(
     let inv: Vec<f64> = cache.inv.iter().map(|v| v.as_f64()).collect();
     let gb = col_sums(rows, c, |r, acc| add_row(acc, &gy[r * c..][..c]));
     let gg = col_sums(rows, c, |r, acc| {
-        let (xr, gr) = (&x[r * c..][..c], &gy[r * c..][..c]);
-        for j in 0..c {
-            acc[j] += gr[j].as_f64() * (xr[j].as_f64() - mean[j]) * inv[j];
-        }
+        add_centered_dy_row(acc, &x[r * c..][..c], &gy[r * c..][..c], &mean)
     });
+    let gg: Vec<f64> = gg.iter().zip(&inv).map(|(s, i)| s * i).collect();
     // dx = a·dy + b·x + d per column, with a = γ/σ, b = −γ/σ·dγ/(σN), d = −γ/σ·(dβ − μ·dγ/σ)/N.
     let a: Vec<E> = (0..c).map(|j| E::cast(g[j].as_f64() * inv[j])).collect();
     let bx: Vec<E> = (0..c)
@@ -159,9 +195,7 @@ pub fn batch_norm_bwd<E: SpinDtype>(
         .zip(gy.par_chunks(c * BLOCK))
         .for_each(|((ob, xb), gb_)| {
             for ((or, xr), gr) in ob.chunks_mut(c).zip(xb.chunks(c)).zip(gb_.chunks(c)) {
-                for j in 0..c {
-                    or[j] = a[j] * gr[j] + bx[j] * xr[j] + d[j];
-                }
+                bn_dx_row(or, gr, xr, (&a, &bx, &d));
             }
         });
     (gx, cast(&gg), cast(&gb))
