@@ -14,6 +14,7 @@ use super::epilogue::{epilogue_rows, Epilogue};
 use super::gemm::{matmul, row_chunk, MatRef};
 use super::norm::layer_norm_rows;
 use super::packed::{self, PackedRhs};
+use super::{as_f32, as_f32_mut};
 use crate::base::{Act, SpinDtype};
 use rayon::prelude::*;
 use std::any::TypeId;
@@ -60,20 +61,6 @@ impl<E: SpinDtype> HostLinear<E> {
         self.packed = PackedRhs::pack(as_f32(&self.wt), self.wt.len() / n, n);
         self.wt = Vec::new();
     }
-}
-
-/// `v` as f32 values; callers have checked that E is f32.
-fn as_f32<E: 'static>(v: &[E]) -> &[f32] {
-    assert_eq!(TypeId::of::<E>(), TypeId::of::<f32>());
-    // SAFETY: E is f32 (asserted), so the slice is a `[f32]` of the same length and layout.
-    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const f32, v.len()) }
-}
-
-/// `v` as mutable f32 values; callers have checked that E is f32.
-fn as_f32_mut<E: 'static>(v: &mut [E]) -> &mut [f32] {
-    assert_eq!(TypeId::of::<E>(), TypeId::of::<f32>());
-    // SAFETY: as for `as_f32`; the borrow of `v` is carried over to the result.
-    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut f32, v.len()) }
 }
 
 /// One pre-norm encoder block's weights on the host.

@@ -11,3 +11,19 @@ pub mod norm;
 pub mod packed;
 pub mod patchify;
 pub mod peak;
+
+use std::any::TypeId;
+
+/// `v` as f32 values; callers have checked that E is f32.
+pub(crate) fn as_f32<E: 'static>(v: &[E]) -> &[f32] {
+    assert_eq!(TypeId::of::<E>(), TypeId::of::<f32>());
+    // SAFETY: E is f32 (asserted), so the slice is a `[f32]` of the same length and layout.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const f32, v.len()) }
+}
+
+/// `v` as mutable f32 values; callers have checked that E is f32.
+pub(crate) fn as_f32_mut<E: 'static>(v: &mut [E]) -> &mut [f32] {
+    assert_eq!(TypeId::of::<E>(), TypeId::of::<f32>());
+    // SAFETY: as for `as_f32`; the borrow of `v` is carried over to the result.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut f32, v.len()) }
+}
