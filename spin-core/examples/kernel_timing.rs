@@ -1,5 +1,6 @@
 //! Times spin's CPU kernels on ConvMixer-256/8's shapes (batch 8, 16×16, 256 channels, k9), then
-//! the two fused inference passes of a ConvMixer-768/32 block on two threads:
+//! the two fused inference passes of a ConvMixer-768/32 block and DeiT-Tiny's fc1 backward (gemm
+//! against the packed kernel) on two threads:
 //! `cargo run --release -p spin-core --example kernel_timing`.
 use spin_core::device::{DepthwiseKernel, GeluKernel, NormKernels};
 use spin_core::dfdx::prelude::*;
@@ -100,5 +101,38 @@ fn big_block_on_pool() {
     println!(
         "768/32 pointwise weight transpose {:.3} ms",
         ms(|| spin_core::kernels::gemm::transpose_into(&mut t.borrow_mut(), &pw.wt, c, c))
+    );
+    vit_linear_backward();
+}
+
+/// DeiT-Tiny's fc1 backward at batch 8 (1576 rows, 192 → 768): gemm against the packed kernel,
+/// for the input and the weight gradient.
+fn vit_linear_backward() {
+    use spin_core::kernels::gemm::{par_matmul, par_matmul_tn, MatRef};
+    use spin_core::kernels::packed;
+    let (rows, inp, out) = (1576, 192, 768);
+    let v = |n: usize| {
+        (0..n)
+            .map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5)
+            .collect::<Vec<f32>>()
+    };
+    let (gy, w, x) = (v(rows * out), v(out * inp), v(rows * inp));
+    let gx = std::cell::RefCell::new(vec![0.0f32; rows * inp]);
+    let gw = std::cell::RefCell::new(vec![0.0f32; out * inp]);
+    println!(
+        "fc1 dx gemm   {:.3} ms",
+        ms(|| par_matmul(&gy, MatRef::row_major(&w, out, inp), &mut gx.borrow_mut()))
+    );
+    println!(
+        "fc1 dx packed {:.3} ms",
+        ms(|| packed::linear_grad_input(&gy, &w, (out, inp), &mut gx.borrow_mut()))
+    );
+    println!(
+        "fc1 dW gemm   {:.3} ms",
+        ms(|| drop(par_matmul_tn(&gy, out, &x, inp)))
+    );
+    println!(
+        "fc1 dW packed {:.3} ms",
+        ms(|| packed::linear_grad_weight(&gy, &x, (out, inp), &mut gw.borrow_mut()))
     );
 }

@@ -6,8 +6,10 @@ use crate::kernels::blocks::{linear_rows, HostLinear};
 use crate::kernels::elementwise::add_into;
 use crate::kernels::gemm::{par_matmul, par_matmul_tn, MatRef};
 use crate::kernels::norm::{add_row, col_sums};
+use crate::kernels::{as_f32, as_f32_mut, packed};
 use dfdx::prelude::*;
 use dfdx::tensor::{Storage, Tape};
+use std::any::TypeId;
 
 /// `x · Wᵀ + b` with PyTorch's `(out, in)` weight.
 pub trait LinearKernel<E: SpinDtype>: Storage<E> + Sized {
@@ -58,15 +60,24 @@ impl<E: SpinDtype> LinearKernel<E> for Cpu {
             let y_keep = y.clone();
             tape.add_backward_op(move |grads| {
                 with_grad(grads, &y_keep, |grads, gy| {
+                    let gb = col_sums(rows, out, |r, acc| add_row(acc, &gy[r * out..][..out]));
+                    let gb: Vec<E> = gb.into_iter().map(E::cast).collect();
+                    add_into(grads.get_or_alloc_mut(&b)?, &gb);
+                    if TypeId::of::<E>() == TypeId::of::<f32>() && packed::available() {
+                        // Both products accumulate straight into dfdx's gradient buffers.
+                        let (gy, dims) = (as_f32(gy), (out, inp));
+                        let gx = as_f32_mut(grads.get_or_alloc_mut(&x)?);
+                        packed::linear_grad_input(gy, as_f32(&ws), dims, gx);
+                        let gw = as_f32_mut(grads.get_or_alloc_mut(&w)?);
+                        packed::linear_grad_weight(gy, as_f32(&host(&x)), dims, gw);
+                        return Ok(());
+                    }
                     // dx = dy · W, dW = dyᵀ · x, db = Σ_rows dy.
                     let mut gx = vec![E::zero(); rows * inp];
                     par_matmul(gy, MatRef::row_major(&ws, out, inp), &mut gx);
                     let gw = par_matmul_tn(gy, out, &host(&x), inp);
-                    let gb = col_sums(rows, out, |r, acc| add_row(acc, &gy[r * out..][..out]));
                     add_into(grads.get_or_alloc_mut(&x)?, &gx);
                     add_into(grads.get_or_alloc_mut(&w)?, &gw);
-                    let gb: Vec<E> = gb.into_iter().map(E::cast).collect();
-                    add_into(grads.get_or_alloc_mut(&b)?, &gb);
                     Ok(())
                 })
             });

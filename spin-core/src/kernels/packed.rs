@@ -67,18 +67,65 @@ pub fn available() -> bool {
 /// `out = x · W + bias`, or `out += x · W + bias` when `accumulate`, for `x` `(rows, k)` row-major
 /// on this thread (callers split rows). Panics unless [`available`] and `w` is packed.
 pub fn linear_packed(out: &mut [f32], x: &[f32], w: &PackedRhs, bias: &[f32], accumulate: bool) {
+    let k = w.k;
+    let rows = x.len() / k.max(1);
+    assert!(x.len() == rows * k, "linear_packed: x is not rows × k");
+    matmul_packed(out, Lhs::rows(x, rows, k), w, Some(bias), accumulate);
+}
+
+/// The left operand of [`matmul_packed`], `(rows, k)`: element (r, kk) at `r·rs + kk·cs`, with
+/// one of the strides 1.
+#[derive(Clone, Copy, Debug)]
+pub struct Lhs<'a> {
+    data: &'a [f32],
+    rows: usize,
+    k: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> Lhs<'a> {
+    /// A row-major `(rows, k)` matrix.
+    pub fn rows(data: &'a [f32], rows: usize, k: usize) -> Self {
+        Self::strided(data, rows, k, k, 1)
+    }
+
+    /// `aᵀ` `(rows, k)` for `a` `(k, ld)` row-major, of whose columns it takes the first `rows`
+    /// (a weight gradient's `dyᵀ`, or a block of its rows when `data` starts at that column).
+    pub fn transposed(data: &'a [f32], rows: usize, k: usize, ld: usize) -> Self {
+        Self::strided(data, rows, k, 1, ld)
+    }
+
+    fn strided(data: &'a [f32], rows: usize, k: usize, rs: usize, cs: usize) -> Self {
+        assert!(rs == 1 || cs == 1, "Lhs: one stride must be 1");
+        assert!(
+            rows == 0 || k == 0 || (rows - 1) * rs + (k - 1) * cs < data.len(),
+            "Lhs: {rows} × {k} with strides ({rs}, {cs}) overruns {} values",
+            data.len()
+        );
+        Self {
+            data,
+            rows,
+            k,
+            rs,
+            cs,
+        }
+    }
+}
+
+/// `out = x · W + bias` (bias optional), or `out += …` when `accumulate`, for `out` `(x.rows, n)`
+/// row-major, on this thread. Panics unless [`available`] and `w` is packed.
+pub fn matmul_packed(out: &mut [f32], x: Lhs<'_>, w: &PackedRhs, bias: Option<&[f32]>, accumulate: bool) {
     assert!(
         available() && w.is_packed(),
-        "linear_packed needs AVX-512F and a packed weight"
+        "matmul_packed needs AVX-512F and a packed weight"
     );
-    let (k, n) = (w.k, w.n);
-    let rows = x.len() / k.max(1);
     assert!(
-        x.len() == rows * k && out.len() == rows * n && bias.len() == n,
-        "linear_packed: sizes"
+        x.k == w.k && out.len() == x.rows * w.n && bias.is_none_or(|b| b.len() == w.n),
+        "matmul_packed: sizes"
     );
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX-512F is present (asserted above); sizes are checked inside.
+    // SAFETY: AVX-512F is present (asserted above); sizes are checked above and inside.
     unsafe {
         rows_avx512(out, x, w, bias, accumulate)
     }
@@ -91,9 +138,8 @@ pub fn linear_packed(out: &mut [f32], x: &[f32], w: &PackedRhs, bias: &[f32], ac
 /// The CPU must support AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn rows_avx512(out: &mut [f32], x: &[f32], w: &PackedRhs, bias: &[f32], accumulate: bool) {
-    let (k, n) = (w.k, w.n);
-    let rows = x.len() / k;
+unsafe fn rows_avx512(out: &mut [f32], x: Lhs<'_>, w: &PackedRhs, bias: Option<&[f32]>, accumulate: bool) {
+    let (k, n, rows) = (w.k, w.n, x.rows);
     assert!(out.len() == rows * n && w.data.len() == n.div_ceil(NR) * k * NR);
     for p in 0..n.div_ceil(NR) {
         let tile = Tile {
@@ -105,60 +151,130 @@ unsafe fn rows_avx512(out: &mut [f32], x: &[f32], w: &PackedRhs, bias: &[f32], a
         };
         for r0 in (0..rows).step_by(MR) {
             let mr = MR.min(rows - r0);
-            let (xs, os) = (&x[r0 * k..(r0 + mr) * k], &mut out[r0 * n..(r0 + mr) * n]);
-            // SAFETY: AVX-512F (this function's contract); `xs` and `os` hold mr whole rows.
+            let xs = Lhs {
+                data: &x.data[r0 * x.rs..],
+                rows: mr,
+                ..x
+            };
+            let os = &mut out[r0 * n..(r0 + mr) * n];
+            // SAFETY: AVX-512F (this function's contract); `xs` and `os` hold mr rows.
             unsafe {
-                match mr {
-                    MR => tile.run::<MR>(xs, k, os, n),
-                    11 => tile.run::<11>(xs, k, os, n),
-                    10 => tile.run::<10>(xs, k, os, n),
-                    9 => tile.run::<9>(xs, k, os, n),
-                    8 => tile.run::<8>(xs, k, os, n),
-                    7 => tile.run::<7>(xs, k, os, n),
-                    6 => tile.run::<6>(xs, k, os, n),
-                    5 => tile.run::<5>(xs, k, os, n),
-                    4 => tile.run::<4>(xs, k, os, n),
-                    3 => tile.run::<3>(xs, k, os, n),
-                    2 => tile.run::<2>(xs, k, os, n),
-                    _ => tile.run::<1>(xs, k, os, n),
+                if x.cs == 1 {
+                    tile.run_rows::<false>(xs, os, n);
+                } else {
+                    tile.run_rows::<true>(xs, os, n);
                 }
             }
         }
     }
 }
 
+/// `gx += dy · W`: the input gradient of `y = x · Wᵀ + b` with `W` `(out, in)` (already that
+/// product's `(k, n)` operand), `dy` `(rows, out)`, `gx` `(rows, in)`. W is packed once for all
+/// row tasks, where gemm would pack it in every one. Panics unless [`available`].
+pub fn linear_grad_input(gy: &[f32], w: &[f32], (out, inp): (usize, usize), gx: &mut [f32]) {
+    let rows = gy.len() / out.max(1);
+    assert!(
+        gy.len() == rows * out && w.len() == out * inp && gx.len() == rows * inp,
+        "linear_grad_input: sizes"
+    );
+    if rows == 0 || inp == 0 {
+        return;
+    }
+    let w_packed = PackedRhs::pack(w, out, inp);
+    let chunk = rows.div_ceil(rayon::current_num_threads()).clamp(8, 128);
+    gx.par_chunks_mut(chunk * inp)
+        .zip(gy.par_chunks(chunk * out))
+        .for_each(|(o, g)| matmul_packed(o, Lhs::rows(g, g.len() / out.max(1), out), &w_packed, None, true));
+}
+
+/// `gw += dyᵀ · x`: the weight gradient of `y = x · Wᵀ + b`, `dy` `(rows, out)`, `x` `(rows,
+/// in)`, `gw` `(out, in)`. `dyᵀ` is read in place (a step of the inner dimension reads adjacent
+/// values) and x packed once; tasks take blocks of W's rows. Panics unless [`available`].
+pub fn linear_grad_weight(gy: &[f32], x: &[f32], (out, inp): (usize, usize), gw: &mut [f32]) {
+    let rows = x.len() / inp.max(1);
+    assert!(
+        x.len() == rows * inp && gy.len() == rows * out && gw.len() == out * inp,
+        "linear_grad_weight: sizes"
+    );
+    if rows == 0 || out == 0 || inp == 0 {
+        return;
+    }
+    let x_packed = PackedRhs::pack(x, rows, inp);
+    let block = out
+        .div_ceil(2 * rayon::current_num_threads())
+        .next_multiple_of(MR);
+    gw.par_chunks_mut(block * inp).enumerate().for_each(|(i, o)| {
+        let dy_t = Lhs::transposed(&gy[i * block..], o.len() / inp, rows, out);
+        matmul_packed(o, dy_t, &x_packed, None, true);
+    });
+}
+
 /// One panel and what its outputs get: the bias, and the old output when accumulating.
 struct Tile<'a> {
     panel: &'a [f32],
-    bias: &'a [f32],
+    bias: Option<&'a [f32]>,
     c0: usize,
     cols: usize,
     accumulate: bool,
 }
 
 impl Tile<'_> {
+    /// [`Tile::run`] for the `x.rows` (1 to [`MR`]) rows of `x`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run_rows<const T: bool>(&self, x: Lhs<'_>, out: &mut [f32], ldo: usize) {
+        // SAFETY: AVX-512F (the contract); `run` asserts the sizes.
+        unsafe {
+            match x.rows {
+                MR => self.run::<MR, T>(x, out, ldo),
+                11 => self.run::<11, T>(x, out, ldo),
+                10 => self.run::<10, T>(x, out, ldo),
+                9 => self.run::<9, T>(x, out, ldo),
+                8 => self.run::<8, T>(x, out, ldo),
+                7 => self.run::<7, T>(x, out, ldo),
+                6 => self.run::<6, T>(x, out, ldo),
+                5 => self.run::<5, T>(x, out, ldo),
+                4 => self.run::<4, T>(x, out, ldo),
+                3 => self.run::<3, T>(x, out, ldo),
+                2 => self.run::<2, T>(x, out, ldo),
+                _ => self.run::<1, T>(x, out, ldo),
+            }
+        }
+    }
+
     /// `R` rows of `x` × the panel: 2R accumulators through the whole inner dimension, then the
     /// bias (and old output) added on the registers and one masked store per output vector.
+    /// `T`: `x` is transposed (row stride 1, so a step of the inner dimension reads R adjacent
+    /// values); otherwise its column stride is 1.
     ///
     /// # Safety
     /// The CPU must support AVX-512F. Sizes are asserted.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn run<const R: usize>(&self, x: &[f32], k: usize, out: &mut [f32], ldo: usize) {
+    unsafe fn run<const R: usize, const T: bool>(&self, x: Lhs<'_>, out: &mut [f32], ldo: usize) {
         use std::arch::x86_64::*;
-        assert!(x.len() == R * k && self.panel.len() == k * NR && out.len() == R * ldo);
-        assert!(self.c0 + self.cols <= ldo && self.cols <= NR && self.bias.len() == ldo);
-        // SAFETY: AVX-512F is present (the contract). Reads: x at r·k + kk < R·k, the panel at
-        // kk·NR + 32 ≤ k·NR; bias and out at c0 + lanes < c0 + cols ≤ ldo under the masks;
-        // writes: out at r·ldo + c0 + lanes, under the same masks.
+        let k = x.k;
+        let (rs, cs) = if T { (1, x.cs) } else { (x.rs, 1) };
+        assert!(x.rows == R && (x.rs, x.cs) == (rs, cs) && self.panel.len() == k * NR);
+        assert!(k == 0 || (R - 1) * rs + (k - 1) * cs < x.data.len());
+        assert!(out.len() == R * ldo && self.c0 + self.cols <= ldo && self.cols <= NR);
+        assert!(self.bias.is_none_or(|b| b.len() == ldo));
+        // SAFETY: AVX-512F is present (the contract). Reads: x at r·rs + kk·cs ≤ (R−1)·rs +
+        // (k−1)·cs (asserted inside), the panel at kk·NR + 32 ≤ k·NR; bias and out at c0 + lanes
+        // < c0 + cols ≤ ldo under the masks; writes: out at r·ldo + c0 + lanes, under the same
+        // masks.
         unsafe {
-            let (xp, bp) = (x.as_ptr(), self.panel.as_ptr());
+            let (xp, bp) = (x.data.as_ptr(), self.panel.as_ptr());
             let mut acc = [[_mm512_setzero_ps(); 2]; R];
             for kk in 0..k {
                 let b0 = _mm512_loadu_ps(bp.add(kk * NR));
                 let b1 = _mm512_loadu_ps(bp.add(kk * NR + 16));
                 for (r, a) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_set1_ps(*xp.add(r * k + kk));
+                    let xv = _mm512_set1_ps(*xp.add(r * rs + kk * cs));
                     a[0] = _mm512_fmadd_ps(xv, b0, a[0]);
                     a[1] = _mm512_fmadd_ps(xv, b1, a[1]);
                 }
@@ -166,8 +282,10 @@ impl Tile<'_> {
             let masks: [__mmask16; 2] = [lane_mask(self.cols), lane_mask(self.cols.saturating_sub(16))];
             // `wrapping_add`: with a short last panel the second half starts past the row's end;
             // its mask is then empty and nothing there is read or written.
-            let bias = [0, 1]
-                .map(|h| _mm512_maskz_loadu_ps(masks[h], self.bias.as_ptr().wrapping_add(self.c0 + 16 * h)));
+            let bias = [0, 1].map(|h| match self.bias {
+                Some(b) => _mm512_maskz_loadu_ps(masks[h], b.as_ptr().wrapping_add(self.c0 + 16 * h)),
+                None => _mm512_setzero_ps(),
+            });
             for (r, a) in acc.iter().enumerate() {
                 for h in 0..2 {
                     if masks[h] == 0 {
@@ -197,6 +315,45 @@ fn lane_mask(n: usize) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The linear layer's two gradient products against their definitions in f64, added onto
+    /// old values: 29 rows, 37 outputs (three W-row tiles, the last short) and 40 inputs (a full
+    /// panel and a partial one).
+    #[test]
+    fn gradient_products_match_the_definition() {
+        if !available() {
+            return;
+        }
+        let (rows, out, inp) = (29, 37, 40);
+        let v = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i * 7919 + seed * 104_729) % 1999) as f32 / 1999.0 - 0.5)
+                .collect()
+        };
+        let (gy, w, x) = (v(rows * out, 1), v(out * inp, 2), v(rows * inp, 3));
+        let (gx0, gw0) = (v(rows * inp, 4), v(out * inp, 5));
+        let (mut gx, mut gw) = (gx0.clone(), gw0.clone());
+        linear_grad_input(&gy, &w, (out, inp), &mut gx);
+        linear_grad_weight(&gy, &x, (out, inp), &mut gw);
+        for r in 0..rows {
+            for i in 0..inp {
+                let want = gx0[r * inp + i] as f64
+                    + (0..out)
+                        .map(|o| gy[r * out + o] as f64 * w[o * inp + i] as f64)
+                        .sum::<f64>();
+                assert!((gx[r * inp + i] as f64 - want).abs() < 1e-5, "dx ({r}, {i})");
+            }
+        }
+        for o in 0..out {
+            for i in 0..inp {
+                let want = gw0[o * inp + i] as f64
+                    + (0..rows)
+                        .map(|r| gy[r * out + o] as f64 * x[r * inp + i] as f64)
+                        .sum::<f64>();
+                assert!((gw[o * inp + i] as f64 - want).abs() < 1e-5, "dW ({o}, {i})");
+            }
+        }
+    }
 
     #[test]
     fn packed_products_match_the_definition() {
