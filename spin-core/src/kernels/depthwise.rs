@@ -148,7 +148,7 @@ unsafe fn dw_tiled_avx512(
     epi: Option<&Epilogue<'_, f32>>,
     out: &mut [f32],
 ) {
-    use crate::base::Act;
+    use super::epilogue::avx512::activate16;
     use std::arch::x86_64::*;
     let (h, w, c, k, p) = (g.h, g.w, g.c, g.k, g.p);
     let (hp, wp) = (h + k - 1, w.div_ceil(PIX) * PIX + k - 1);
@@ -197,7 +197,6 @@ unsafe fn dw_tiled_avx512(
                     Some(e) => (lanes(e.scale), lanes(e.shift)),
                     None => (_mm512_set1_ps(1.0), _mm512_setzero_ps()),
                 };
-                let mut tmp = [0.0f32; F32_LANES];
                 for hi in 0..h {
                     for p0 in (0..w).step_by(PIX) {
                         let mut acc = [init; PIX];
@@ -218,19 +217,10 @@ unsafe fn dw_tiled_avx512(
                         for (q, &a) in acc.iter().enumerate().take(w - p0) {
                             let o = dst.0.add(((b * h + hi) * w + p0 + q) * c + c0);
                             let skip = at(hi + p, p0 + q + p);
-                            let v = match epi.map(|e| e.act) {
+                            let v = match epi {
                                 None => a,
-                                Some(Act::Relu) => {
-                                    let r = _mm512_max_ps(a, _mm512_setzero_ps());
-                                    _mm512_add_ps(_mm512_fmadd_ps(r, scale, shift), _mm512_load_ps(skip))
-                                }
-                                Some(Act::Gelu) => {
-                                    _mm512_storeu_ps(tmp.as_mut_ptr(), a);
-                                    let skip = std::slice::from_raw_parts(skip, n);
-                                    let e = epi.expect("an activation implies an epilogue");
-                                    let mut y = [0.0f32; F32_LANES];
-                                    e.apply(&mut y[..n], &tmp[..n], c0, Some(skip));
-                                    _mm512_loadu_ps(y.as_ptr())
+                                Some(e) => {
+                                    _mm512_add_ps(activate16(a, e.act, scale, shift), _mm512_load_ps(skip))
                                 }
                             };
                             _mm512_mask_storeu_ps(o, mask, v);
