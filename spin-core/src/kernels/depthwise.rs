@@ -124,15 +124,18 @@ struct Lanes([f32; F32_LANES]);
 thread_local! {
     /// Each worker's slab, kept between tasks and calls: allocating and zeroing it per task
     /// cost more than its border.
-    static SLAB: std::cell::RefCell<Vec<Lanes>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each worker's slab and the (H, W, K) it was laid out for: only the interior is ever
+    /// written after it is zeroed, so while the geometry stays the same its border stays zero.
+    static SLAB: std::cell::RefCell<(Vec<Lanes>, (usize, usize, usize))> =
+        const { std::cell::RefCell::new((Vec::new(), (0, 0, 0))) };
 }
 
 /// [`forward`] for f32 with AVX-512, one task per (image, block of 16 channels). A task copies
 /// its slice of the input into a zero-padded slab `(H+K−1, W'+K−1, 16)` (a few dozen KiB, so it
-/// stays in cache and the inner loops have no edge cases), then sweeps tiles of 8 output pixels:
-/// the 8 accumulators stay in registers while the K×K taps stream past, so each multiply-add
-/// costs one load of input (the weight vector is shared by the 8 pixels) instead of the two of
-/// the per-pixel kernel ([`dw_forward_row`]). The epilogue (ReLU, scale, shift, the residual read
+/// stays in cache and the inner loops have no edge cases), then sweeps tiles of 8 output pixels
+/// in two rows: the 16 accumulators stay in registers while the K×K taps stream past, so each
+/// input load serves two multiply-adds (the weight vectors are shared by the 8 pixels), where
+/// the per-pixel kernel ([`dw_forward_row`]) needs two loads for one. The epilogue (ReLU, scale, shift, the residual read
 /// back from the slab) runs on the registers, so each output is stored once and nothing is read
 /// back from `out`.
 ///
@@ -170,20 +173,18 @@ unsafe fn dw_tiled_avx512(
             let mask: __mmask16 = if n == F32_LANES { !0 } else { (1 << n) - 1 };
             // Per-channel vectors of this block (zero in the masked-off lanes).
             let lanes = |v: &[f32]| _mm512_maskz_loadu_ps(mask, v.as_ptr().add(c0));
-            SLAB.with_borrow_mut(|slab| {
-                slab.resize(hp * wp, Lanes::default());
-                // Zero the border (the interior is overwritten below), then copy the interior.
-                for r in 0..hp {
+            SLAB.with_borrow_mut(|(slab, laid_out_for)| {
+                if *laid_out_for != (h, w, k) {
+                    slab.clear();
+                    slab.resize(hp * wp, Lanes::default());
+                    *laid_out_for = (h, w, k);
+                }
+                // The border is zero (see SLAB); copy the interior.
+                for r in p..h + p {
                     let row = &mut slab[r * wp..(r + 1) * wp];
-                    if r < p || r >= h + p {
-                        row.fill(Lanes::default());
-                    } else {
-                        row[..p].fill(Lanes::default());
-                        row[w + p..].fill(Lanes::default());
-                        for wi in 0..w {
-                            let src = x.as_ptr().add(((b * h + r - p) * w + wi) * c + c0);
-                            _mm512_store_ps(row[wi + p].0.as_mut_ptr(), _mm512_maskz_loadu_ps(mask, src));
-                        }
+                    for wi in 0..w {
+                        let src = x.as_ptr().add(((b * h + r - p) * w + wi) * c + c0);
+                        _mm512_store_ps(row[wi + p].0.as_mut_ptr(), _mm512_maskz_loadu_ps(mask, src));
                     }
                 }
                 let base = slab.as_ptr() as *const f32;
@@ -197,34 +198,63 @@ unsafe fn dw_tiled_avx512(
                     Some(e) => (lanes(e.scale), lanes(e.shift)),
                     None => (_mm512_set1_ps(1.0), _mm512_setzero_ps()),
                 };
-                for hi in 0..h {
+                // The outputs of row `hi` at p0.. through the epilogue, one masked store each.
+                let emit = |hi: usize, p0: usize, acc: &[__m512; PIX]| {
+                    for (q, &a) in acc.iter().enumerate().take(w - p0) {
+                        let o = dst.0.add(((b * h + hi) * w + p0 + q) * c + c0);
+                        let v = match epi {
+                            None => a,
+                            Some(e) => _mm512_add_ps(
+                                activate16(a, e.act, scale, shift),
+                                _mm512_load_ps(at(hi + p, p0 + q + p)),
+                            ),
+                        };
+                        _mm512_mask_storeu_ps(o, mask, v);
+                    }
+                };
+                let wrow = |ky: usize| wv.as_ptr().add(ky * k) as *const f32;
+                // acc[q] += Σ_kx x[q + kx]·w[kx] along one slab row.
+                macro_rules! taps {
+                    ($xrow:expr, $w:expr, $acc:expr) => {
+                        for kx in 0..k {
+                            let wk = _mm512_load_ps($w.add(kx * F32_LANES));
+                            for q in 0..PIX {
+                                let xv = _mm512_load_ps($xrow.add((q + kx) * F32_LANES));
+                                $acc[q] = _mm512_fmadd_ps(xv, wk, $acc[q]);
+                            }
+                        }
+                    };
+                }
+                // Two output rows at a time: slab row h0 + sr feeds row h0 through kernel row sr
+                // and row h0 + 1 through kernel row sr − 1, so each input load serves two
+                // multiply-adds (one load per multiply-add bounded the one-row loop).
+                for h0 in (0..h).step_by(2) {
                     for p0 in (0..w).step_by(PIX) {
-                        let mut acc = [init; PIX];
-                        for ky in 0..k {
-                            let xrow = at(hi + ky, p0);
-                            let wrow = wv.as_ptr().add(ky * k) as *const f32;
+                        let mut acc0 = [init; PIX];
+                        if h0 + 1 == h {
+                            for ky in 0..k {
+                                taps!(at(h0 + ky, p0), wrow(ky), acc0);
+                            }
+                            emit(h0, p0, &acc0);
+                            continue;
+                        }
+                        let mut acc1 = [init; PIX];
+                        taps!(at(h0, p0), wrow(0), acc0);
+                        for sr in 1..k {
+                            let (xrow, w0, w1) = (at(h0 + sr, p0), wrow(sr), wrow(sr - 1));
                             for kx in 0..k {
-                                let wk = _mm512_load_ps(wrow.add(kx * F32_LANES));
-                                for (q, a) in acc.iter_mut().enumerate() {
-                                    *a = _mm512_fmadd_ps(
-                                        _mm512_load_ps(xrow.add((q + kx) * F32_LANES)),
-                                        wk,
-                                        *a,
-                                    );
+                                let wk0 = _mm512_load_ps(w0.add(kx * F32_LANES));
+                                let wk1 = _mm512_load_ps(w1.add(kx * F32_LANES));
+                                for q in 0..PIX {
+                                    let xv = _mm512_load_ps(xrow.add((q + kx) * F32_LANES));
+                                    acc0[q] = _mm512_fmadd_ps(xv, wk0, acc0[q]);
+                                    acc1[q] = _mm512_fmadd_ps(xv, wk1, acc1[q]);
                                 }
                             }
                         }
-                        for (q, &a) in acc.iter().enumerate().take(w - p0) {
-                            let o = dst.0.add(((b * h + hi) * w + p0 + q) * c + c0);
-                            let skip = at(hi + p, p0 + q + p);
-                            let v = match epi {
-                                None => a,
-                                Some(e) => {
-                                    _mm512_add_ps(activate16(a, e.act, scale, shift), _mm512_load_ps(skip))
-                                }
-                            };
-                            _mm512_mask_storeu_ps(o, mask, v);
-                        }
+                        taps!(at(h0 + k, p0), wrow(k - 1), acc1);
+                        emit(h0, p0, &acc0);
+                        emit(h0 + 1, p0, &acc1);
                     }
                 }
             });
