@@ -110,7 +110,7 @@ pub mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn epilogue_rows(ys: &mut [f32], epi: &Epilogue<'_, f32>, skip: Option<&[f32]>) {
         let c = epi.bias.len();
-        assert!(epi.scale.len() == c && epi.shift.len() == c && ys.len() % c.max(1) == 0);
+        assert!(epi.scale.len() == c && epi.shift.len() == c && ys.len().is_multiple_of(c.max(1)));
         assert!(skip.is_none_or(|s| s.len() == ys.len()));
         for (r, row) in ys.chunks_mut(c).enumerate() {
             for c0 in (0..c).step_by(F32_LANES) {
