@@ -1,5 +1,6 @@
-//! The Linear op `x · Wᵀ + b`: on the CPU one op on dfdx's tape through gemm's AVX-512 kernels
-//! (forward and backward); elsewhere, and as the reference, dfdx's matmul.
+//! The Linear op `x · Wᵀ + b`: on the CPU one op on dfdx's tape, in f32 through the packed
+//! AVX-512 microkernel (forward and backward) and otherwise gemm's kernels; elsewhere, and as the
+//! reference, dfdx's matmul.
 use super::{host, transpose, with_grad};
 use crate::base::{Mat, SpinDtype};
 use crate::kernels::blocks::{linear_rows, HostLinear};
@@ -22,7 +23,8 @@ pub trait LinearKernel<E: SpinDtype>: Storage<E> + Sized {
 }
 
 impl<E: SpinDtype> LinearKernel<E> for Cpu {
-    /// Through gemm's AVX-512 kernels (dfdx's matmul stops at AVX2), forward and backward. Other
+    /// Through AVX-512 kernels (dfdx's matmul stops at AVX2), forward and backward: in f32 the
+    /// packed microkernel with the weight (and, for dW, x) packed once per call, in f64 gemm's. Other
     /// dtypes than f32 and f64 would take gemm.rs's plain loop: [`crate::nn::functional::linear`] sends
     /// them to dfdx's matmul instead.
     fn linear<T: Tape<E, Self> + Merge<T>>(
