@@ -1,6 +1,6 @@
 //! Elementwise host loops: GELU and its gradient, bias rows, gradient accumulation. Plain loops
 //! over chunks (not a per-element rayon map) so the compiler vectorises them; compiled for
-//! AVX-512 and AVX2 too and picked at run time. GELU in f32 on AVX-512 takes [`gelu16`].
+//! AVX-512 and AVX2 too and picked at run time. GELU in f32 on AVX-512 takes [`avx512::gelu16`].
 use super::{as_f32, as_f32_mut};
 use crate::base::{SpinDtype, F32_LANES};
 use multiversion::multiversion;
