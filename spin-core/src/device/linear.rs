@@ -7,10 +7,9 @@ use crate::kernels::blocks::{linear_rows, HostLinear};
 use crate::kernels::elementwise::add_into;
 use crate::kernels::gemm::{par_matmul, par_matmul_tn, MatRef};
 use crate::kernels::norm::{add_row, col_sums};
-use crate::kernels::{as_f32, as_f32_mut, packed};
+use crate::kernels::{as_f32, as_f32_mut, f32_avx512, packed};
 use dfdx::prelude::*;
 use dfdx::tensor::{Storage, Tape};
-use std::any::TypeId;
 
 /// `x · Wᵀ + b` with PyTorch's `(out, in)` weight.
 pub trait LinearKernel<E: SpinDtype>: Storage<E> + Sized {
@@ -65,7 +64,7 @@ impl<E: SpinDtype> LinearKernel<E> for Cpu {
                     let gb = col_sums(rows, out, |r, acc| add_row(acc, &gy[r * out..][..out]));
                     let gb: Vec<E> = gb.into_iter().map(E::cast).collect();
                     add_into(grads.get_or_alloc_mut(&b)?, &gb);
-                    if TypeId::of::<E>() == TypeId::of::<f32>() && packed::available() {
+                    if f32_avx512::<E>() {
                         // Both products accumulate straight into dfdx's gradient buffers.
                         let (gy, dims) = (as_f32(gy), (out, inp));
                         let gx = as_f32_mut(grads.get_or_alloc_mut(&x)?);

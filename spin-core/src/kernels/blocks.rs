@@ -17,7 +17,6 @@ use super::packed::{self, PackedRhs};
 use super::{as_f32, as_f32_mut};
 use crate::base::{Act, SpinDtype};
 use rayon::prelude::*;
-use std::any::TypeId;
 
 /// A Linear layer's weight and bias on the host, the weight as `Wᵀ` `(in, out)` row-major: then
 /// gemm packs it with contiguous copies, where PyTorch's `(out, in)` needs a strided gather on
@@ -54,7 +53,7 @@ impl<E: SpinDtype> HostLinear<E> {
     /// dropping `wt`; elsewhere leaves the layer as it is.
     pub fn pack(&mut self) {
         let has_weight = !self.wt.is_empty() && !self.b.is_empty();
-        if TypeId::of::<E>() != TypeId::of::<f32>() || !packed::available() || !has_weight {
+        if !super::f32_avx512::<E>() || !has_weight {
             return;
         }
         let n = self.b.len();

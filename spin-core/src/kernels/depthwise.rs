@@ -5,7 +5,6 @@ use super::epilogue::Epilogue;
 use crate::base::{Nhwc, SpinDtype, F32_LANES};
 use multiversion::multiversion;
 use rayon::prelude::*;
-use std::any::TypeId;
 
 /// Sizes of one depthwise convolution.
 #[derive(Clone, Copy, Debug)]
@@ -83,21 +82,25 @@ pub fn forward_into<E: SpinDtype>(
     out: &mut [E],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if TypeId::of::<E>() == TypeId::of::<f32>() && std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: E is f32 (its TypeId was just compared), so a `[E]` is a `[f32]` of the same
-        // length and layout: the casts only restate the type.
-        let cast = |v: &[E]| unsafe { std::slice::from_raw_parts(v.as_ptr() as *const f32, v.len()) };
-        let (x32, bias32) = (cast(x), cast(bias));
+    if super::f32_avx512::<E>() {
+        use super::{as_f32, as_f32_mut};
         let epi32 = epi.map(|e| Epilogue {
-            bias: cast(e.bias),
-            scale: cast(e.scale),
-            shift: cast(e.shift),
+            bias: as_f32(e.bias),
+            scale: as_f32(e.scale),
+            shift: as_f32(e.shift),
             act: e.act,
         });
-        // SAFETY: as above; `out` is borrowed mutably for as long as `out32` lives.
-        let out32 = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut f32, out.len()) };
-        // SAFETY: AVX-512F was detected above.
-        unsafe { dw_tiled_avx512(g, x32, cast(wt), bias32, epi32.as_ref(), out32) };
+        // SAFETY: `f32_avx512` detected AVX-512F.
+        unsafe {
+            dw_tiled_avx512(
+                g,
+                as_f32(x),
+                as_f32(wt),
+                as_f32(bias),
+                epi32.as_ref(),
+                as_f32_mut(out),
+            )
+        };
         return;
     }
     out.par_chunks_mut(g.w * g.c)

@@ -1,32 +1,19 @@
 //! Elementwise host loops: GELU and its gradient, bias rows, gradient accumulation. Plain loops
 //! over chunks (not a per-element rayon map) so the compiler vectorises them; compiled for
 //! AVX-512 and AVX2 too and picked at run time. GELU in f32 on AVX-512 takes [`avx512::gelu16`].
-use super::{as_f32, as_f32_mut};
+use super::{as_f32, as_f32_mut, f32_avx512};
 use crate::base::{SpinDtype, F32_LANES};
 use multiversion::multiversion;
 use rayon::prelude::*;
-use std::any::TypeId;
 
 /// Elements per rayon task of elementwise kernels.
 pub const CHUNK: usize = 16 * 1024;
-
-/// Whether the f32 values of `E` go through [`gelu16`]: E is f32 and the CPU has AVX-512F.
-fn gelu16_applies<E: 'static>() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        TypeId::of::<E>() == TypeId::of::<f32>() && std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
 
 /// GELU of a chunk into `y`.
 pub fn gelu_chunk<E: SpinDtype>(y: &mut [E], x: &[E]) {
     assert_eq!(y.len(), x.len(), "gelu: lengths differ");
     #[cfg(target_arch = "x86_64")]
-    if gelu16_applies::<E>() {
+    if f32_avx512::<E>() {
         // SAFETY: AVX-512F was detected; `y` and `x` have the same length.
         return unsafe { avx512::gelu_rows(as_f32_mut(y), Some(as_f32(x)), None) };
     }
@@ -47,7 +34,7 @@ pub fn gelu_grad_chunk<E: SpinDtype>(gx: &mut [E], x: &[E], gy: &[E]) {
         "gelu_grad: lengths differ"
     );
     #[cfg(target_arch = "x86_64")]
-    if gelu16_applies::<E>() {
+    if f32_avx512::<E>() {
         // SAFETY: AVX-512F was detected; the three slices have the same length.
         return unsafe { avx512::gelu_rows(as_f32_mut(gx), Some(as_f32(x)), Some(as_f32(gy))) };
     }
@@ -104,7 +91,7 @@ pub fn add_bias_rows<E: SpinDtype>(out: &mut [E], b: &[E]) {
 /// GELU of every value, in place.
 pub fn gelu_inplace<E: SpinDtype>(h: &mut [E]) {
     #[cfg(target_arch = "x86_64")]
-    if gelu16_applies::<E>() {
+    if f32_avx512::<E>() {
         // SAFETY: AVX-512F was detected.
         return unsafe { avx512::gelu_rows(as_f32_mut(h), None, None) };
     }

@@ -2,7 +2,6 @@
 use super::{as_f32, as_f32_mut};
 use crate::base::{Act, SpinDtype, F32_LANES};
 use multiversion::multiversion;
-use std::any::TypeId;
 
 /// What a fused inference kernel applies to each raw convolution output `a` of channel j:
 /// `act(a + bias[j])·scale[j] + shift[j]`.
@@ -49,7 +48,7 @@ impl<E: SpinDtype> Epilogue<'_, E> {
 /// AVX-512 lanes ([`avx512::activate16`]), otherwise a loop compiled for AVX-512/AVX2.
 pub fn epilogue_rows<E: SpinDtype>(ys: &mut [E], epi: &Epilogue<'_, E>, skip: Option<&[E]>) {
     #[cfg(target_arch = "x86_64")]
-    if TypeId::of::<E>() == TypeId::of::<f32>() && std::arch::is_x86_feature_detected!("avx512f") {
+    if super::f32_avx512::<E>() {
         let epi32 = Epilogue {
             bias: as_f32(epi.bias),
             scale: as_f32(epi.scale),

@@ -14,6 +14,11 @@ pub mod peak;
 
 use std::any::TypeId;
 
+/// Whether `E` is f32 and the CPU has AVX-512F: the condition of every f32 AVX-512 path.
+pub(crate) fn f32_avx512<E: 'static>() -> bool {
+    TypeId::of::<E>() == TypeId::of::<f32>() && packed::available()
+}
+
 /// `v` as f32 values; callers have checked that E is f32.
 pub(crate) fn as_f32<E: 'static>(v: &[E]) -> &[f32] {
     assert_eq!(TypeId::of::<E>(), TypeId::of::<f32>());

@@ -316,6 +316,13 @@ fn lane_mask(n: usize) -> u16 {
 mod tests {
     use super::*;
 
+    /// `len` deterministic values in [−0.5, 0.5), different for each seed.
+    fn v(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7919 + seed * 104_729) % 1999) as f32 / 1999.0 - 0.5)
+            .collect()
+    }
+
     /// The linear layer's two gradient products against their definitions in f64, added onto
     /// old values: 29 rows, 37 outputs (three W-row tiles, the last short) and 40 inputs (a full
     /// panel and a partial one).
@@ -325,11 +332,6 @@ mod tests {
             return;
         }
         let (rows, out, inp) = (29, 37, 40);
-        let v = |len: usize, seed: usize| -> Vec<f32> {
-            (0..len)
-                .map(|i| ((i * 7919 + seed * 104_729) % 1999) as f32 / 1999.0 - 0.5)
-                .collect()
-        };
         let (gy, w, x) = (v(rows * out, 1), v(out * inp, 2), v(rows * inp, 3));
         let (gx0, gw0) = (v(rows * inp, 4), v(out * inp, 5));
         let (mut gx, mut gw) = (gx0.clone(), gw0.clone());
@@ -363,11 +365,6 @@ mod tests {
         // 29 rows (two full tiles and a partial one), 40 outputs (a full panel and a partial
         // one), with and without accumulation.
         let (rows, k, n) = (29, 37, 40);
-        let v = |len: usize, seed: usize| -> Vec<f32> {
-            (0..len)
-                .map(|i| ((i * 7919 + seed * 104_729) % 1999) as f32 / 1999.0 - 0.5)
-                .collect()
-        };
         let (x, wt, bias, old) = (v(rows * k, 1), v(k * n, 2), v(n, 3), v(rows * n, 4));
         let packed = PackedRhs::pack(&wt, k, n);
         for accumulate in [false, true] {
