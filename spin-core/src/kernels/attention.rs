@@ -7,15 +7,21 @@ use rayon::prelude::*;
 
 /// `softmax(q·kᵀ/√head_dim)·v` for every head, on timm's qkv layout: `qkv` `(B·N, 3·D)` with
 /// columns (3, heads, head_dim), into `out` `(B·N, D)`. q, k and v are read in place (strided).
+/// In f32 on AVX-512 with heads of whole vectors, the fused tiles of [`super::attention_tile`].
 pub fn attention_core<E: SpinDtype>(qkv: &[E], out: &mut [E], batch: usize, heads: usize, d: usize) {
     assert_eq!(
         qkv.len(),
         3 * out.len(),
         "attention: qkv must be three times the output"
     );
+    let hd = d / heads;
+    #[cfg(target_arch = "x86_64")]
+    if super::f32_avx512::<E>() && super::attention_tile::applies(hd) {
+        let out = super::as_f32_mut(out);
+        return super::attention_tile::attention_core_f32(super::as_f32(qkv), out, batch, heads, d);
+    }
     let rows = out.len() / d;
     let n = rows / batch;
-    let hd = d / heads;
     let scale = E::cast((hd as f64).powf(-0.5));
     // Blocks of query rows per image: enough tasks to keep every thread busy at batch 1.
     let per_image = (2 * rayon::current_num_threads()).div_ceil(batch).max(1);

@@ -119,7 +119,7 @@ pub mod avx512 {
     /// # Safety
     /// The CPU must support AVX-512F.
     #[target_feature(enable = "avx512f")]
-    unsafe fn exp_nonpos(x: __m512) -> __m512 {
+    pub unsafe fn exp_nonpos(x: __m512) -> __m512 {
         const SHIFTER: f32 = 12_583_039.0; // 1.5·2^23 + 127, see `fast_exp`
         let c = _mm512_set1_ps;
         let x = _mm512_max_ps(x, c(-87.0));

@@ -2,6 +2,8 @@
 //! compiled for AVX-512/AVX2 where it pays. They know nothing of dfdx or of models; the device
 //! layer ([`crate::device`]) puts them on dfdx's tape.
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+pub mod attention_tile;
 pub mod blocks;
 pub mod depthwise;
 pub mod elementwise;
