@@ -9,7 +9,6 @@ use super::elementwise::avx512::exp_nonpos;
 use crate::base::F32_LANES;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
-use std::cell::RefCell;
 
 /// Query rows per tile.
 const R: usize = 6;
@@ -20,12 +19,6 @@ const C: usize = 4;
 /// 16-lane vectors per head.
 pub fn applies(head_dim: usize) -> bool {
     super::packed::available() && head_dim > 0 && head_dim.is_multiple_of(F32_LANES)
-}
-
-thread_local! {
-    /// The packed keys of the last call, kept so that their memory is not requested and zeroed
-    /// again for every block.
-    static KEYS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// [`super::attention::attention_core`] for f32: `qkv` `(B·N, 3·D)` with columns (3, heads,
@@ -45,64 +38,68 @@ pub fn attention_core_f32(qkv: &[f32], out: &mut [f32], batch: usize, heads: usi
     }
     let n = out.len() / (batch * d);
     let panels = n.div_ceil(F32_LANES);
-    let per_head = panels * hd * F32_LANES;
-    KEYS.with(|keys| {
-        let mut keys = keys.borrow_mut();
-        keys.resize(batch * heads * per_head, 0.0);
-        keys.par_chunks_mut(per_head).enumerate().for_each(|(bh, kp)| {
+    let keys: Vec<Vec<f32>> = (0..batch * heads)
+        .into_par_iter()
+        .map(|bh| {
             let (b, h) = (bh / heads, bh % heads);
-            pack_keys(&qkv[(b * n * 3 + 1) * d + h * hd..], n, hd, 3 * d, kp);
-        });
-        // Tiles of query rows per task: enough tasks for every thread at batch 1.
-        let per_image = (4 * rayon::current_num_threads()).div_ceil(batch).max(1);
-        let block = n.div_ceil(per_image).next_multiple_of(R);
-        let tasks: Vec<(usize, usize)> = (0..batch)
-            .flat_map(|b| (0..n).step_by(block).map(move |q0| (b, q0)))
-            .collect();
-        let mut slices = Vec::with_capacity(tasks.len());
-        let mut rest = &mut out[..];
-        for &(_, q0) in &tasks {
-            let (head, tail) = rest.split_at_mut(block.min(n - q0) * d);
-            slices.push(head);
-            rest = tail;
-        }
-        let keys = &keys[..];
-        tasks.into_par_iter().zip(slices).for_each(|((b, q0), o)| {
-            let img = &qkv[b * n * 3 * d..][..n * 3 * d];
-            let mut scores = vec![0.0f32; R * panels * F32_LANES];
-            let task_rows = o.len() / d;
-            for r0 in (0..task_rows).step_by(R) {
-                let rows = R.min(task_rows - r0);
-                for h in 0..heads {
-                    let task = Task {
-                        q: &img[(q0 + r0) * 3 * d + h * hd..],
-                        v: &img[2 * d + h * hd..],
-                        ld: 3 * d,
-                        keys: &keys[(b * heads + h) * per_head..][..per_head],
-                        n,
-                        hd,
-                    };
-                    let tile = &mut o[r0 * d + h * hd..];
-                    // SAFETY: AVX-512F (`applies`); `tile` starts at row r0 of this task's rows and
-                    // has `rows` rows of `d` values from column h·hd (the last one ending at hd).
-                    unsafe { task.run(rows, &mut scores, tile, d) };
-                }
+            pack_keys(&qkv[(b * n * 3 + 1) * d + h * hd..], n, hd, 3 * d)
+        })
+        .collect();
+    // Tiles of query rows per task: enough tasks for every thread at batch 1.
+    let per_image = (4 * rayon::current_num_threads()).div_ceil(batch).max(1);
+    let block = n.div_ceil(per_image).next_multiple_of(R);
+    let tasks: Vec<(usize, usize)> = (0..batch)
+        .flat_map(|b| (0..n).step_by(block).map(move |q0| (b, q0)))
+        .collect();
+    let mut slices = Vec::with_capacity(tasks.len());
+    let mut rest = &mut out[..];
+    for &(_, q0) in &tasks {
+        let (head, tail) = rest.split_at_mut(block.min(n - q0) * d);
+        slices.push(head);
+        rest = tail;
+    }
+    tasks.into_par_iter().zip(slices).for_each(|((b, q0), o)| {
+        let img = &qkv[b * n * 3 * d..][..n * 3 * d];
+        let mut scores = vec![0.0f32; R * panels * F32_LANES];
+        let task_rows = o.len() / d;
+        for r0 in (0..task_rows).step_by(R) {
+            let rows = R.min(task_rows - r0);
+            for h in 0..heads {
+                let task = Task {
+                    q: &img[(q0 + r0) * 3 * d + h * hd..],
+                    v: &img[2 * d + h * hd..],
+                    ld: 3 * d,
+                    keys: &keys[b * heads + h],
+                    n,
+                    hd,
+                };
+                let tile = &mut o[r0 * d + h * hd..];
+                // SAFETY: AVX-512F (`applies`); `tile` starts at row r0 of this task's rows and
+                // has `rows` rows of `d` values from column h·hd (the last one ending at hd).
+                unsafe { task.run(rows, &mut scores, tile, d) };
             }
-        });
+        }
     });
 }
 
-/// Packs the `n` keys `k` (row stride `ld`, `hd` values each) as panels of 16 keys, `(hd, 16)`
-/// each; lanes past the last key are zero.
-fn pack_keys(k: &[f32], n: usize, hd: usize, ld: usize, kp: &mut [f32]) {
-    for (p, panel) in kp.chunks_mut(hd * F32_LANES).enumerate() {
-        for lane in 0..F32_LANES {
-            let j = p * F32_LANES + lane;
-            for kk in 0..hd {
-                panel[kk * F32_LANES + lane] = if j < n { k[j * ld + kk] } else { 0.0 };
-            }
+/// The `n` keys `k` (row stride `ld`, `hd` values each) as panels of 16 keys, `(hd, 16)` each;
+/// lanes past the last key are zero. Built in order, so nothing is zero-filled first.
+fn pack_keys(k: &[f32], n: usize, hd: usize, ld: usize) -> Vec<f32> {
+    let panels = n.div_ceil(F32_LANES);
+    let mut kp = Vec::with_capacity(panels * hd * F32_LANES);
+    for p in 0..panels {
+        for kk in 0..hd {
+            kp.extend((0..F32_LANES).map(|lane| {
+                let j = p * F32_LANES + lane;
+                if j < n {
+                    k[j * ld + kk]
+                } else {
+                    0.0
+                }
+            }));
         }
     }
+    kp
 }
 
 /// One (image, head): the queries from the tile's first row, v from key 0 (both rows of stride

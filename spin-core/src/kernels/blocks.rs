@@ -89,7 +89,7 @@ impl<E: SpinDtype> VitBlockHost<E> {
 }
 
 /// Buffers reused from block to block: a block's zero-filled temporaries would otherwise be
-/// requested and cleared again in every block (1–2 % of DeiT-Tiny's forward pass in `memset`).
+/// requested and cleared again in every block (about 1 % of DeiT-Tiny's forward pass).
 #[derive(Default)]
 pub struct VitScratch<E> {
     qkv: Vec<E>,
