@@ -125,9 +125,8 @@ unsafe impl Sync for SharedOut {}
 struct Lanes([f32; F32_LANES]);
 
 thread_local! {
-    /// Each worker's slab, kept between tasks and calls: allocating and zeroing it per task
-    /// cost more than its border.
-    /// Each worker's slab and the (H, W, K) it was laid out for: only the interior is ever
+    /// Each worker's slab, kept between tasks and calls (allocating and zeroing it per task cost
+    /// more than its border), and the (H, W, K) it was laid out for: only the interior is ever
     /// written after it is zeroed, so while the geometry stays the same its border stays zero.
     static SLAB: std::cell::RefCell<(Vec<Lanes>, (usize, usize, usize))> =
         const { std::cell::RefCell::new((Vec::new(), (0, 0, 0))) };
@@ -138,9 +137,9 @@ thread_local! {
 /// stays in cache and the inner loops have no edge cases), then sweeps tiles of 8 output pixels
 /// in two rows: the 16 accumulators stay in registers while the K×K taps stream past, so each
 /// input load serves two multiply-adds (the weight vectors are shared by the 8 pixels), where
-/// the per-pixel kernel ([`dw_forward_row`]) needs two loads for one. The epilogue (ReLU, scale, shift, the residual read
-/// back from the slab) runs on the registers, so each output is stored once and nothing is read
-/// back from `out`.
+/// the per-pixel kernel ([`dw_forward_row`]) needs two loads for one. The epilogue (ReLU,
+/// scale, shift, the residual read back from the slab) runs on the registers, so each output is
+/// stored once and nothing is read back from `out`.
 ///
 /// # Safety
 /// The CPU must support AVX-512F. Buffer sizes are asserted, so slices of any size are safe.
