@@ -45,20 +45,29 @@ pub fn attention_core_f32(qkv: &[f32], out: &mut [f32], batch: usize, heads: usi
             pack_keys(&qkv[(b * n * 3 + 1) * d + h * hd..], n, hd, 3 * d)
         })
         .collect();
-    // Tiles of query rows per task: enough tasks for every thread at batch 1.
-    let per_image = (4 * rayon::current_num_threads()).div_ceil(batch).max(1);
-    let block = n.div_ceil(per_image).next_multiple_of(R);
-    let tasks: Vec<(usize, usize)> = (0..batch)
-        .flat_map(|b| (0..n).step_by(block).map(move |q0| (b, q0)))
+    // Enough tasks for every thread at batch 1, each a run of whole tiles, the runs as even as
+    // the tile count allows (runs of a fixed length left DeiT's 197 query rows split 107 : 90).
+    let tiles = n.div_ceil(R);
+    let per_image = (4 * rayon::current_num_threads()).div_ceil(batch).clamp(1, tiles);
+    let tasks: Vec<(usize, std::ops::Range<usize>)> = (0..batch)
+        .flat_map(|b| {
+            (0..per_image).map(move |i| {
+                (
+                    b,
+                    (i * tiles / per_image * R)..((i + 1) * tiles / per_image * R).min(n),
+                )
+            })
+        })
         .collect();
     let mut slices = Vec::with_capacity(tasks.len());
     let mut rest = &mut out[..];
-    for &(_, q0) in &tasks {
-        let (head, tail) = rest.split_at_mut(block.min(n - q0) * d);
+    for (_, span) in &tasks {
+        let (head, tail) = rest.split_at_mut(span.len() * d);
         slices.push(head);
         rest = tail;
     }
-    tasks.into_par_iter().zip(slices).for_each(|((b, q0), o)| {
+    tasks.into_par_iter().zip(slices).for_each(|((b, span), o)| {
+        let q0 = span.start;
         let img = &qkv[b * n * 3 * d..][..n * 3 * d];
         let mut scores = vec![0.0f32; R * panels * F32_LANES];
         let task_rows = o.len() / d;
@@ -83,20 +92,19 @@ pub fn attention_core_f32(qkv: &[f32], out: &mut [f32], batch: usize, heads: usi
 }
 
 /// The `n` keys `k` (row stride `ld`, `hd` values each) as panels of 16 keys, `(hd, 16)` each;
-/// lanes past the last key are zero. Built in order, so nothing is zero-filled first.
+/// lanes past the last key are zero. Each key's row is read once, in order, and scattered into
+/// its panel (4 KiB for a head of 64, so it stays in L1): gathering a panel row instead reads 16
+/// keys' rows per 16 values, and the gather cost 3 % of DeiT-Tiny's batch-1 pass.
 fn pack_keys(k: &[f32], n: usize, hd: usize, ld: usize) -> Vec<f32> {
-    let panels = n.div_ceil(F32_LANES);
-    let mut kp = Vec::with_capacity(panels * hd * F32_LANES);
-    for p in 0..panels {
-        for kk in 0..hd {
-            kp.extend((0..F32_LANES).map(|lane| {
-                let j = p * F32_LANES + lane;
-                if j < n {
-                    k[j * ld + kk]
-                } else {
-                    0.0
-                }
-            }));
+    let panel_len = hd * F32_LANES;
+    let mut kp = vec![0.0; n.div_ceil(F32_LANES) * panel_len];
+    for (p, panel) in kp.chunks_exact_mut(panel_len).enumerate() {
+        let keys = F32_LANES.min(n - p * F32_LANES);
+        for lane in 0..keys {
+            let row = &k[(p * F32_LANES + lane) * ld..][..hd];
+            for (slot, &value) in panel[lane..].iter_mut().step_by(F32_LANES).zip(row) {
+                *slot = value;
+            }
         }
     }
     kp
