@@ -303,8 +303,9 @@ pub fn layer_norm_rows<E: SpinDtype>(out: &mut [E], x: &[E], g: &[E], b: &[E]) {
         let var = (sq + acc.iter().sum::<f64>()) / c as f64;
         let inv = 1.0 / (var + LN_EPS).sqrt();
         let (m, s) = (E::cast(mean), E::cast(inv));
-        for j in 0..c {
-            o[j] = (xr[j] - m) * s * g[j] + b[j];
+        // Zipped rather than indexed: four bounds checks per value kept this loop scalar.
+        for (((o, &v), &g), &b) in o.iter_mut().zip(xr).zip(g).zip(b) {
+            *o = (v - m) * s * g + b;
         }
     }
 }
