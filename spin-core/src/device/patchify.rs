@@ -1,11 +1,10 @@
-//! The patchify op (a P×P stride-P convolution's input as a matrix): a gather on the CPU, dfdx's
+//! The patchify op (a P×P stride-P convolution's input as a matrix): run copies on the CPU, dfdx's
 //! reshape and permute elsewhere and as the reference.
 use super::{host, with_grad};
 use crate::base::{Nchw, SpinDtype};
-use crate::kernels::patchify::patch_index;
+use crate::kernels::patchify::{patchify_into, unpatchify_add, PatchGeometry};
 use dfdx::prelude::*;
 use dfdx::tensor::{Storage, Tape};
-use rayon::prelude::*;
 
 /// Patch extraction on a device.
 pub trait PatchifyKernel<E: SpinDtype>: Storage<E> + Sized {
@@ -29,20 +28,17 @@ impl<E: SpinDtype> PatchifyKernel<E> for Cpu {
             h % p == 0 && w % p == 0,
             "patchify: {h}×{w} is not divisible by {p}"
         );
-        let idx = patch_index(bn, cin, h, w, p);
-        let xs = host(&x);
-        let out: Vec<E> = idx.par_iter().map(|&i| xs[i]).collect();
-        let shape = (bn * (h / p) * (w / p), cin * p * p);
-        let y = x.device().tensor_from_vec(out, shape);
+        let g = PatchGeometry { b: bn, cin, h, w, p };
+        let mut out = vec![E::zero(); x.shape().num_elements()];
+        patchify_into(&g, &host(&x), &mut out);
+        let y = x
+            .device()
+            .tensor_from_vec(out, (bn * (h / p) * (w / p), g.patch_len()));
         if T::OWNS_TAPE {
             let y_keep = y.clone();
             tape.add_backward_op(move |grads| {
                 with_grad(grads, &y_keep, |grads, gy| {
-                    let gx = grads.get_or_alloc_mut(&x)?;
-                    // Patches do not overlap: every input element has exactly one output slot.
-                    for (o, &i) in idx.iter().enumerate() {
-                        gx[i] += gy[o];
-                    }
+                    unpatchify_add(&g, gy, grads.get_or_alloc_mut(&x)?);
                     Ok(())
                 })
             });
