@@ -1,8 +1,8 @@
-//! The cache of a ViT's blocks' host weights between inference calls, keyed by the identity of
-//! the model's tensor buffers.
+//! Host weights kept between inference calls (a ViT's blocks, the last few Linear layers), keyed
+//! by the identity of the tensor buffers they were made from.
 use super::SpinDevice;
 use crate::base::SpinDtype;
-use crate::kernels::blocks::VitBlockHost;
+use crate::kernels::blocks::{HostLinear, VitBlockHost};
 use dfdx::nn::tensor_collection::{RecursiveWalker, TensorVisitor, ViewTensorRef};
 use dfdx::prelude::*;
 use std::marker::PhantomData;
@@ -108,5 +108,71 @@ impl<E: SpinDtype, D: SpinDevice<E>> TensorVisitor<E, D> for BufferKeys<E, D> {
             _ => self.out = None,
         }
         Ok(None)
+    }
+}
+
+/// Linear layers run without a tape (a model's patch embedding and head), laid out and packed
+/// once and kept for the next call: re-laying DeiT's 1000-class head and its patch embedding out
+/// on every call cost more than their products at batch 1.
+///
+/// An entry is keyed by the weight's and bias's buffers ([`super::InferKernels::buffer_key`]) and
+/// shape, and holds clones of both tensors, so for the reason given at [`BlockCache`] its key
+/// stays valid while it lives. The oldest entry makes room for a new one.
+pub(crate) struct KeptLinears {
+    entries: Mutex<Vec<KeptLinear>>,
+}
+
+struct KeptLinear {
+    key: [[usize; 2]; 3],
+    /// The weight and bias tensors the entry was made from.
+    _sources: Box<dyn std::any::Any + Send>,
+    layer: Arc<dyn std::any::Any + Send + Sync>,
+}
+
+/// How many layers [`KeptLinears`] keeps: a few models' stems and heads.
+const KEPT_LINEARS: usize = 8;
+
+impl KeptLinears {
+    pub(crate) const fn new() -> Self {
+        Self {
+            entries: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The layer made from `w` and `b` by `make`: the kept one while their buffers are the same.
+    pub(crate) fn get<E: SpinDtype, D: super::InferKernels<E>>(
+        &self,
+        w: &Tensor<(usize, usize), E, D>,
+        b: &Tensor<(usize,), E, D>,
+        make: impl FnOnce() -> HostLinear<E>,
+    ) -> Arc<HostLinear<E>>
+    where
+        Tensor<(usize, usize), E, D>: Send,
+        Tensor<(usize,), E, D>: Send,
+    {
+        let (Some(wk), Some(bk)) = (D::buffer_key(w), D::buffer_key(b)) else {
+            return Arc::new(make());
+        };
+        let (rows, cols) = *w.shape();
+        let key = [wk, bk, [rows, cols]];
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = entries.iter().position(|e| e.key == key) {
+            if let Ok(layer) = entries[i].layer.clone().downcast::<HostLinear<E>>() {
+                let hit = entries.remove(i);
+                entries.push(hit); // most recently used last
+                return layer;
+            }
+            entries.remove(i);
+        }
+        let layer = Arc::new(make());
+        if entries.len() == KEPT_LINEARS {
+            entries.remove(0);
+        }
+        entries.push(KeptLinear {
+            key,
+            _sources: Box::new((w.clone(), b.clone())),
+            layer: layer.clone(),
+        });
+        layer
     }
 }

@@ -1,6 +1,7 @@
 //! The Linear op `x · Wᵀ + b`: on the CPU one op on dfdx's tape, in f32 through the packed
 //! AVX-512 microkernel (forward and backward) and otherwise gemm's kernels; elsewhere, and as the
 //! reference, dfdx's matmul.
+use super::cache::KeptLinears;
 use super::{host, transpose, with_grad};
 use crate::base::{Mat, SpinDtype};
 use crate::kernels::blocks::{linear_rows, HostLinear};
@@ -20,6 +21,9 @@ pub trait LinearKernel<E: SpinDtype>: Storage<E> + Sized {
         b: Tensor<(usize,), E, Self, T>,
     ) -> Tensor<(usize, usize), E, Self, T>;
 }
+
+/// The Linear layers run without a tape, kept packed between calls.
+static KEPT: KeptLinears = KeptLinears::new();
 
 impl<E: SpinDtype> LinearKernel<E> for Cpu {
     /// Through AVX-512 kernels (dfdx's matmul stops at AVX2), forward and backward: in f32 the
@@ -45,15 +49,23 @@ impl<E: SpinDtype> LinearKernel<E> for Cpu {
             out,
             "linear: bias size differs from the weight's outputs"
         );
-        let ws = host(&w);
-        let mut l = HostLinear {
-            wt: transpose(&ws, out, inp),
-            b: host(&b),
-            ..Default::default()
+        let make = || {
+            let mut l = HostLinear {
+                wt: transpose(&host(&w), out, inp),
+                b: host(&b),
+                ..Default::default()
+            };
+            // Packed once here, the weight is read in place by every row task (gemm would pack it
+            // again in each).
+            l.pack();
+            l
         };
-        // Packed once here, the weight is read in place by every row task (gemm would pack it
-        // again in each).
-        l.pack();
+        // Without a tape the weights are not about to change: keep the layer for the next call.
+        let l = if T::OWNS_TAPE {
+            std::sync::Arc::new(make())
+        } else {
+            KEPT.get(&w, &b, make)
+        };
         let mut y = vec![E::zero(); rows * out];
         linear_rows(&host(&x), &l, &mut y);
         let y = x.device().tensor_from_vec(y, (rows, out));
@@ -63,6 +75,7 @@ impl<E: SpinDtype> LinearKernel<E> for Cpu {
                 with_grad(grads, &y_keep, |grads, gy| {
                     let gb = col_sums(rows, out, |r, acc| add_row(acc, &gy[r * out..][..out]));
                     let gb: Vec<E> = gb.into_iter().map(E::cast).collect();
+                    let ws = host(&w);
                     add_into(grads.get_or_alloc_mut(&b)?, &gb);
                     if f32_avx512::<E>() {
                         // Both products accumulate straight into dfdx's gradient buffers.
