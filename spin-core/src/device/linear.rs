@@ -166,4 +166,23 @@ mod tests {
         assert!(close(&got.2, &want.2), "dL/dW differs");
         assert!(close(&got.3, &want.3), "dL/db differs");
     }
+
+    /// A layer run without a tape is kept, and an in-place write to its weight is seen: the
+    /// next call matches dfdx's matmul on the new values (f32, 1e-5), not the kept layer.
+    #[test]
+    fn kept_layer_follows_weight_writes() {
+        let dev = Cpu::seed_from_u64(11);
+        let x: Tensor<Mat, f32, Cpu> = dev.sample_normal_like(&(5, 40));
+        let mut w: Tensor<Mat, f32, Cpu> = dev.sample_normal_like(&(37, 40));
+        let b: Tensor<(usize,), f32, Cpu> = dev.sample_normal_like(&(37,));
+        let close = |a: Vec<f32>, b: Vec<f32>| a.iter().zip(&b).all(|(a, b)| (a - b).abs() < 1e-5);
+        let first = Cpu::linear(x.clone(), w.clone(), b.clone()).as_vec();
+        assert!(close(first.clone(), linear_composed(x.clone(), w.clone(), b.clone()).as_vec()));
+        assert_eq!(Cpu::linear(x.clone(), w.clone(), b.clone()).as_vec(), first);
+        let doubled: Vec<f32> = w.as_vec().iter().map(|v| 2.0 * v).collect();
+        w.copy_from(&doubled);
+        let updated = Cpu::linear(x.clone(), w.clone(), b.clone()).as_vec();
+        assert!(close(updated.clone(), linear_composed(x, w, b).as_vec()));
+        assert!(!close(updated, first), "the write changed nothing");
+    }
 }
