@@ -177,7 +177,10 @@ mod tests {
         let b: Tensor<(usize,), f32, Cpu> = dev.sample_normal_like(&(37,));
         let close = |a: Vec<f32>, b: Vec<f32>| a.iter().zip(&b).all(|(a, b)| (a - b).abs() < 1e-5);
         let first = Cpu::linear(x.clone(), w.clone(), b.clone()).as_vec();
-        assert!(close(first.clone(), linear_composed(x.clone(), w.clone(), b.clone()).as_vec()));
+        assert!(close(
+            first.clone(),
+            linear_composed(x.clone(), w.clone(), b.clone()).as_vec()
+        ));
         assert_eq!(Cpu::linear(x.clone(), w.clone(), b.clone()).as_vec(), first);
         let doubled: Vec<f32> = w.as_vec().iter().map(|v| 2.0 * v).collect();
         w.copy_from(&doubled);
