@@ -23,16 +23,32 @@ pub struct PackedRhs {
 }
 
 impl PackedRhs {
-    /// Packs a `(k, n)` row-major `Wᵀ`, panels in parallel.
+    /// Packs a `(k, n)` row-major `Wᵀ`, panels in parallel. Every value is written once (the
+    /// padding too), into memory that was not zero-filled first: the fill took as long as the
+    /// copy, in every training step's weight-gradient product.
     pub fn pack(wt: &[f32], k: usize, n: usize) -> Self {
+        use std::mem::MaybeUninit;
         assert_eq!(wt.len(), n * k, "pack: weight is not k × n");
-        let mut data = vec![0.0; n.div_ceil(NR) * k * NR];
-        data.par_chunks_mut(k * NR).enumerate().for_each(|(p, panel)| {
-            let cols = NR.min(n - p * NR);
-            for (kk, row) in panel.chunks_mut(NR).enumerate() {
-                row[..cols].copy_from_slice(&wt[kk * n + p * NR..][..cols]);
-            }
-        });
+        let len = n.div_ceil(NR) * k * NR;
+        let mut data: Vec<f32> = Vec::with_capacity(len);
+        if len > 0 {
+            data.spare_capacity_mut()[..len]
+                .par_chunks_mut(k * NR)
+                .enumerate()
+                .for_each(|(p, panel)| {
+                    let cols = NR.min(n - p * NR);
+                    for (kk, row) in panel.chunks_mut(NR).enumerate() {
+                        let (values, padding) = row.split_at_mut(cols);
+                        for (slot, &v) in values.iter_mut().zip(&wt[kk * n + p * NR..][..cols]) {
+                            slot.write(v);
+                        }
+                        padding.fill(MaybeUninit::new(0.0));
+                    }
+                });
+        }
+        // SAFETY: the panels above cover all `len` slots (n.div_ceil(NR) panels of k rows of NR),
+        // and each row's `cols` values and its padding were written.
+        unsafe { data.set_len(len) };
         Self { data, k, n }
     }
 
