@@ -117,7 +117,9 @@ impl<E: SpinDtype, D: SpinDevice<E>> TensorVisitor<E, D> for BufferKeys<E, D> {
 ///
 /// An entry is keyed by the weight's and bias's buffers ([`super::InferKernels::buffer_key`]) and
 /// shape, and holds clones of both tensors, so for the reason given at [`BlockCache`] its key
-/// stays valid while it lives. The oldest entry makes room for a new one.
+/// stays valid while it lives. The oldest entry makes room for a new one; until then an entry
+/// keeps its tensors alive after their model is dropped (for ViT-Base's stem and head, about
+/// 11 MB with the packed copies).
 pub(crate) struct KeptLinears {
     entries: Mutex<Vec<KeptLinear>>,
 }

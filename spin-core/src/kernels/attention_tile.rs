@@ -137,8 +137,6 @@ unsafe fn pack_keys(k: &[f32], n: usize, hd: usize, ld: usize) -> Vec<f32> {
 /// The CPU must support AVX-512F.
 #[target_feature(enable = "avx512f")]
 unsafe fn transpose16(r: [__m512; F32_LANES]) -> [__m512; F32_LANES] {
-    // Plain loops over arrays rather than closures: a closure would not carry this function's
-    // target feature, and each shuffle would become a call.
     let zero = _mm512_setzero_ps();
     // t: per 128-bit lane, elements (0, 1) or (2, 3) of rows 2i and 2i + 1 interleaved.
     let mut t = [zero; 16];
