@@ -49,9 +49,9 @@ impl<E: SpinDtype> LinearKernel<E> for Cpu {
             out,
             "linear: bias size differs from the weight's outputs"
         );
-        let make = || {
+        let make = |ws: &[E]| {
             let mut l = HostLinear {
-                wt: transpose(&host(&w), out, inp),
+                wt: transpose(ws, out, inp),
                 b: host(&b),
                 ..Default::default()
             };
@@ -61,10 +61,12 @@ impl<E: SpinDtype> LinearKernel<E> for Cpu {
             l
         };
         // Without a tape the weights are not about to change: keep the layer for the next call.
-        let l = if T::OWNS_TAPE {
-            std::sync::Arc::new(make())
+        // With one, the backward needs W as it is: copied out once, for both.
+        let (l, ws) = if T::OWNS_TAPE {
+            let ws = host(&w);
+            (std::sync::Arc::new(make(&ws)), ws)
         } else {
-            KEPT.get(&w, &b, make)
+            (KEPT.get(&w, &b, || make(&host(&w))), Vec::new())
         };
         let mut y = vec![E::zero(); rows * out];
         linear_rows(&host(&x), &l, &mut y);
@@ -75,7 +77,6 @@ impl<E: SpinDtype> LinearKernel<E> for Cpu {
                 with_grad(grads, &y_keep, |grads, gy| {
                     let gb = col_sums(rows, out, |r, acc| add_row(acc, &gy[r * out..][..out]));
                     let gb: Vec<E> = gb.into_iter().map(E::cast).collect();
-                    let ws = host(&w);
                     add_into(grads.get_or_alloc_mut(&b)?, &gb);
                     if f32_avx512::<E>() {
                         // Both products accumulate straight into dfdx's gradient buffers.
