@@ -147,8 +147,20 @@ pub fn matmul_packed(out: &mut [f32], x: Lhs<'_>, w: &PackedRhs, bias: Option<&[
     }
 }
 
-/// Every panel over every MR-row tile of `x`; the rows of a task stay in L2 while the panels
-/// pass over them.
+/// Inner-dimension block: a panel's slice of it (24 KB) and a packed row tile's (9 KB) stay in
+/// L1 while the tiles of a task pass over the slice.
+const KC: usize = 192;
+
+thread_local! {
+    /// A task's rows, packed per [`KC`] block as tiles of `(kc, MR)` (reused between calls: a
+    /// fresh buffer of this size would be mapped and faulted in on every call).
+    static PACKED_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Per [`KC`] block of the inner dimension, every panel's slice over every MR-row tile of the
+/// task; blocks after the first add onto the outputs. A transposed `x` (a weight gradient's
+/// `dyᵀ`, whose inner steps are whole rows apart) is first packed per block as tiles of `(kc,
+/// MR)`, so that the microkernel reads it from one stream; a row-major `x` is read in place.
 ///
 /// # Safety
 /// The CPU must support AVX-512F.
@@ -157,32 +169,53 @@ pub fn matmul_packed(out: &mut [f32], x: Lhs<'_>, w: &PackedRhs, bias: Option<&[
 unsafe fn rows_avx512(out: &mut [f32], x: Lhs<'_>, w: &PackedRhs, bias: Option<&[f32]>, accumulate: bool) {
     let (k, n, rows) = (w.k, w.n, x.rows);
     assert!(out.len() == rows * n && w.data.len() == n.div_ceil(NR) * k * NR);
-    for p in 0..n.div_ceil(NR) {
-        let tile = Tile {
-            panel: &w.data[p * k * NR..][..k * NR],
-            bias,
-            c0: p * NR,
-            cols: NR.min(n - p * NR),
-            accumulate,
-        };
-        for r0 in (0..rows).step_by(MR) {
-            let mr = MR.min(rows - r0);
-            let xs = Lhs {
-                data: &x.data[r0 * x.rs..],
-                rows: mr,
-                ..x
-            };
-            let os = &mut out[r0 * n..(r0 + mr) * n];
-            // SAFETY: AVX-512F (this function's contract); `xs` and `os` hold mr rows.
-            unsafe {
-                if x.cs == 1 {
-                    tile.run_rows::<false>(xs, os, n);
-                } else {
-                    tile.run_rows::<true>(xs, os, n);
+    let tiles = rows.div_ceil(MR);
+    let transposed = x.cs != 1;
+    PACKED_ROWS.with_borrow_mut(|packed| {
+        if transposed {
+            packed.resize(tiles * MR * KC, 0.0);
+        }
+        // One pass even for k = 0, which writes the bias (or leaves accumulated outputs).
+        for k0 in (0..k.max(1)).step_by(KC) {
+            let kc = KC.min(k - k0.min(k));
+            if transposed {
+                for t in 0..tiles {
+                    let mr = MR.min(rows - t * MR);
+                    for (kk, d) in packed[t * MR * KC..][..kc * MR].chunks_exact_mut(MR).enumerate() {
+                        let at = t * MR + (k0 + kk) * x.cs;
+                        d[..mr].copy_from_slice(&x.data[at..at + mr]);
+                    }
+                }
+            }
+            for p in 0..n.div_ceil(NR) {
+                let tile = Tile {
+                    panel: &w.data[(p * k + k0) * NR..][..kc * NR],
+                    bias: if k0 == 0 { bias } else { None },
+                    c0: p * NR,
+                    cols: NR.min(n - p * NR),
+                    accumulate: accumulate || k0 > 0,
+                };
+                for t in 0..tiles {
+                    let (r0, mr) = (t * MR, MR.min(rows - t * MR));
+                    let xs = if transposed {
+                        // Rows past mr in a short tile are stale and never read (R = mr).
+                        Lhs::strided(&packed[t * MR * KC..][..kc * MR], mr, kc, 1, MR)
+                    } else {
+                        Lhs::strided(&x.data[r0 * x.rs + k0..], mr, kc, x.rs, 1)
+                    };
+                    let os = &mut out[r0 * n..(r0 + mr) * n];
+                    // SAFETY: AVX-512F (this function's contract); `xs` and `os` hold mr rows.
+                    unsafe {
+                        if transposed {
+                            tile.run_rows::<true>(xs, os, n);
+                        } else {
+                            tile.run_rows::<false>(xs, os, n);
+                        }
+                    }
                 }
             }
         }
-    }
+    });
 }
 
 /// `gx += dy · W`: the input gradient of `y = x · Wᵀ + b` with `W` `(out, in)` (already that
@@ -217,9 +250,7 @@ pub fn linear_grad_weight(gy: &[f32], x: &[f32], (out, inp): (usize, usize), gw:
         return;
     }
     let x_packed = PackedRhs::pack(x, rows, inp);
-    let block = out
-        .div_ceil(2 * rayon::current_num_threads())
-        .next_multiple_of(MR);
+    let block = out.div_ceil(rayon::current_num_threads()).next_multiple_of(MR);
     gw.par_chunks_mut(block * inp).enumerate().for_each(|(i, o)| {
         let dy_t = Lhs::transposed(&gy[i * block..], o.len() / inp, rows, out);
         matmul_packed(o, dy_t, &x_packed, None, true);
@@ -262,10 +293,10 @@ impl Tile<'_> {
         }
     }
 
-    /// `R` rows of `x` × the panel: 2R accumulators through the whole inner dimension, then the
-    /// bias (and old output) added on the registers and one masked store per output vector.
-    /// `T`: `x` is transposed (row stride 1, so a step of the inner dimension reads R adjacent
-    /// values); otherwise its column stride is 1.
+    /// `R` rows of `x` × the panel slice: 2R accumulators through the block, then the bias (and
+    /// old output) added on the registers and one masked store per output vector. `T`: `x` is
+    /// transposed (row stride 1, so a step of the inner dimension reads R adjacent values);
+    /// otherwise its column stride is 1.
     ///
     /// # Safety
     /// The CPU must support AVX-512F. Sizes are asserted.
@@ -280,7 +311,7 @@ impl Tile<'_> {
         assert!(out.len() == R * ldo && self.c0 + self.cols <= ldo && self.cols <= NR);
         assert!(self.bias.is_none_or(|b| b.len() == ldo));
         // SAFETY: AVX-512F is present (the contract). Reads: x at r·rs + kk·cs ≤ (R−1)·rs +
-        // (k−1)·cs (asserted inside), the panel at kk·NR + 32 ≤ k·NR; bias and out at c0 + lanes
+        // (k−1)·cs (asserted above), the panel at kk·NR + 32 ≤ k·NR; bias and out at c0 + lanes
         // < c0 + cols ≤ ldo under the masks; writes: out at r·ldo + c0 + lanes, under the same
         // masks.
         unsafe {
@@ -340,14 +371,15 @@ mod tests {
     }
 
     /// The linear layer's two gradient products against their definitions in f64, added onto
-    /// old values: 29 rows, 37 outputs (three W-row tiles, the last short) and 40 inputs (a full
-    /// panel and a partial one).
+    /// old values: KC + 29 rows (the weight gradient's inner dimension: a full block and a
+    /// partial one), 37 outputs (three W-row tiles, the last short) and 40 inputs (a full panel
+    /// and a partial one).
     #[test]
     fn gradient_products_match_the_definition() {
         if !available() {
             return;
         }
-        let (rows, out, inp) = (29, 37, 40);
+        let (rows, out, inp) = (KC + 29, 37, 40);
         let (gy, w, x) = (v(rows * out, 1), v(out * inp, 2), v(rows * inp, 3));
         let (gx0, gw0) = (v(rows * inp, 4), v(out * inp, 5));
         let (mut gx, mut gw) = (gx0.clone(), gw0.clone());
@@ -379,11 +411,12 @@ mod tests {
             return;
         }
         // 29 rows (two full tiles and a partial one), 40 outputs (a full panel and a partial
-        // one), with and without accumulation.
-        let (rows, k, n) = (29, 37, 40);
-        let (x, wt, bias, old) = (v(rows * k, 1), v(k * n, 2), v(n, 3), v(rows * n, 4));
-        let packed = PackedRhs::pack(&wt, k, n);
-        for accumulate in [false, true] {
+        // one), an inner dimension within one block and across three, with and without
+        // accumulation.
+        for (k, accumulate) in [(37, false), (37, true), (2 * KC + 37, false), (2 * KC + 37, true)] {
+            let (rows, n) = (29, 40);
+            let (x, wt, bias, old) = (v(rows * k, 1), v(k * n, 2), v(n, 3), v(rows * n, 4));
+            let packed = PackedRhs::pack(&wt, k, n);
             let mut got = if accumulate {
                 old.clone()
             } else {
