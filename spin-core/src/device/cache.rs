@@ -2,31 +2,34 @@
 //! by the identity of the tensor buffers they were made from.
 use super::SpinDevice;
 use crate::base::SpinDtype;
-use crate::kernels::blocks::{HostLinear, VitBlockHost};
+use crate::kernels::blocks::HostLinear;
+#[cfg(doc)]
+use crate::kernels::blocks::VitBlockHost;
 use dfdx::nn::tensor_collection::{RecursiveWalker, TensorVisitor, ViewTensorRef};
 use dfdx::prelude::*;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
 
-/// Every block's host weights, kept between inference calls: copying and re-laying out the
-/// weights took a quarter of DeiT-Tiny's forward pass.
+/// A model's blocks' host weights (`T`: a ViT's [`VitBlockHost`]s, a ConvMixer's
+/// [`crate::kernels::blocks::MixerTrunkHost`]), kept between inference calls: copying and
+/// re-laying out the weights took a quarter of DeiT-Tiny's forward pass.
 ///
 /// The entry is valid while every tensor of the model still uses the buffer it had when the entry
 /// was made. It holds a clone of the model (shared buffers, no copy), so those buffers stay alive
 /// and unchanged: dfdx writes to a shared buffer by copying it first (`Arc::make_mut`), so an
 /// update moves the written tensor to a new buffer, and the next call sees a different key and
 /// refills. A traced (training) forward drops the entry.
-pub struct BlockCache<E, M> {
-    slot: Mutex<Option<Box<CacheEntry<E, M>>>>,
+pub struct BlockCache<T, M> {
+    slot: Mutex<Option<Box<CacheEntry<T, M>>>>,
 }
 
-struct CacheEntry<E, M> {
+struct CacheEntry<T, M> {
     keys: Vec<[usize; 2]>,
     _source: M,
-    blocks: Arc<Vec<VitBlockHost<E>>>,
+    blocks: Arc<T>,
 }
 
-impl<E, M> Default for BlockCache<E, M> {
+impl<T, M> Default for BlockCache<T, M> {
     fn default() -> Self {
         Self {
             slot: Mutex::new(None),
@@ -34,13 +37,13 @@ impl<E, M> Default for BlockCache<E, M> {
     }
 }
 
-impl<E, M> std::fmt::Debug for BlockCache<E, M> {
+impl<T, M> std::fmt::Debug for BlockCache<T, M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("BlockCache")
     }
 }
 
-impl<E, M> BlockCache<E, M> {
+impl<T, M> BlockCache<T, M> {
     /// The blocks of a model whose tensors have buffer `keys` (see [`buffer_keys`]): the cached
     /// ones while the keys match, else `make()`'s, cached with `source()` (a clone of the model).
     /// Without keys (a device without host buffers) nothing is cached.
@@ -48,8 +51,8 @@ impl<E, M> BlockCache<E, M> {
         &self,
         keys: Option<Vec<[usize; 2]>>,
         source: impl FnOnce() -> M,
-        make: impl FnOnce() -> Vec<VitBlockHost<E>>,
-    ) -> Arc<Vec<VitBlockHost<E>>> {
+        make: impl FnOnce() -> T,
+    ) -> Arc<T> {
         let Some(keys) = keys else {
             return Arc::new(make());
         };

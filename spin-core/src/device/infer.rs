@@ -4,7 +4,7 @@
 //! the models fall back to the composed ops.
 use super::host;
 use crate::base::SpinDtype;
-use crate::kernels::blocks::{mixer_trunk, vit_block, MixerBlockHost, VitBlockHost, VitScratch};
+use crate::kernels::blocks::{mixer_trunk, vit_block, MixerTrunkHost, VitBlockHost, VitScratch};
 use crate::kernels::gemm::has_kernels;
 use dfdx::prelude::*;
 use dfdx::tensor::Storage;
@@ -24,16 +24,15 @@ pub trait InferKernels<E: SpinDtype>: Storage<E> + Sized {
         None
     }
 
-    /// Inference only: a ConvMixer trunk's `depth` blocks on `x` `(B·G·G, C)`, block i's weights
-    /// from `fill(i, w)`: each block as two fused passes (depthwise + bias + act + folded BN +
+    /// Inference only: a ConvMixer trunk on `x` `(B·G·G, C)`, its weights from `trunk()` (only
+    /// called when the device and dtype have the kernels): each block as two fused passes (depthwise + bias + act + folded BN +
     /// residual, then [`crate::kernels::blocks::pointwise_into`]), on host buffers from the first block to the
     /// last. `None` where the device or dtype has no such kernels.
     fn mixer_blocks_infer(
         _x: &Tensor<(usize, usize), E, Self>,
         _geometry: (usize, usize, usize),
-        _depth: usize,
         _pw_residual: bool,
-        _fill: &mut dyn FnMut(usize, &mut MixerBlockHost<E>),
+        _trunk: &dyn Fn() -> Arc<MixerTrunkHost<E>>,
     ) -> Option<Tensor<(usize, usize), E, Self>> {
         None
     }
@@ -67,15 +66,14 @@ impl<E: SpinDtype> InferKernels<E> for Cpu {
     fn mixer_blocks_infer(
         x: &Tensor<(usize, usize), E, Self>,
         geometry: (usize, usize, usize),
-        depth: usize,
         pw_residual: bool,
-        fill: &mut dyn FnMut(usize, &mut MixerBlockHost<E>),
+        trunk: &dyn Fn() -> Arc<MixerTrunkHost<E>>,
     ) -> Option<Tensor<(usize, usize), E, Self>> {
         if !has_kernels::<E>() {
             return None;
         }
         let mut xs = host(x);
-        mixer_trunk(&mut xs, geometry, depth, pw_residual, fill);
+        mixer_trunk(&mut xs, geometry, &trunk(), pw_residual);
         Some(x.device().tensor_from_vec(xs, *x.shape()))
     }
 

@@ -176,20 +176,19 @@ pub fn linear_into<E: SpinDtype>(out: &mut [E], x: &[E], r: usize, l: &HostLinea
     add_bias_rows(out, &l.b);
 }
 
-/// One ConvMixer block's inference weights on the host: the depthwise kernel as `(K·K, C)`, the
-/// pointwise weight as `Wᵀ`, both BatchNorms folded into a scale and shift.
+/// A ConvMixer trunk's inference weights on the host, each parameter group once (a shared
+/// pointwise weight is kept, and packed, one time for all its blocks), and the groups each block
+/// uses.
 #[derive(Clone, Debug, Default)]
-pub struct MixerBlockHost<E> {
-    /// The depthwise kernel, `(K·K, C)`.
-    pub dw_wt: Vec<E>,
-    /// The depthwise bias.
-    pub dw_bias: Vec<E>,
-    /// The first BatchNorm folded into a scale and shift.
-    pub bn1: (Vec<E>, Vec<E>),
-    /// The pointwise conv.
-    pub pw: HostLinear<E>,
-    /// The second BatchNorm folded into a scale and shift.
-    pub bn2: (Vec<E>, Vec<E>),
+pub struct MixerTrunkHost<E> {
+    /// Per depthwise group: the kernel as `(K·K, C)` and the bias.
+    pub dw: Vec<(Vec<E>, Vec<E>)>,
+    /// Per norm group: both BatchNorms, each folded into a scale and shift.
+    pub norms: Vec<[(Vec<E>, Vec<E>); 2]>,
+    /// Per pointwise group: the pointwise conv (packed where [`HostLinear::pack`] runs).
+    pub pw: Vec<HostLinear<E>>,
+    /// Block i's (depthwise, norm, pointwise) groups.
+    pub slots: Vec<[usize; 3]>,
     /// The activation.
     pub act: Act,
 }
@@ -208,6 +207,17 @@ pub fn pointwise_into<E: SpinDtype>(
 ) {
     let c = l.b.len();
     let rows = x.len() / c;
+    if l.packed.is_packed() {
+        // The weight is packed once for all tasks: small tasks cost nothing extra.
+        out.par_chunks_mut(row_chunk(rows) * c)
+            .zip(x.par_chunks(row_chunk(rows) * c))
+            .for_each(|(ys, xs)| {
+                let lhs = packed::Lhs::rows(as_f32(xs), xs.len() / c, c);
+                packed::matmul_packed(as_f32_mut(ys), lhs, &l.packed, None, false);
+                epilogue_rows(ys, epi, residual.then_some(xs));
+            });
+        return;
+    }
     // Every task packs all of W for gemm: while W fits in L2, small tasks keep their rows there
     // too; a larger W (ConvMixer-768's is 2.4 MB) is packed once per thread instead.
     let chunk = if l.wt.len() * std::mem::size_of::<E>() <= PACK_IN_L2_BYTES {
@@ -224,36 +234,34 @@ pub fn pointwise_into<E: SpinDtype>(
         });
 }
 
-/// A ConvMixer trunk's `depth` blocks at inference, in place on `x` `(B·G·G, C)` with
-/// `(b, g, k)` = (images, grid side, kernel size); block i's weights come from `fill(i, w)`. Each
-/// block is two fused passes: depthwise + bias + act + folded BN + residual, then
-/// [`pointwise_into`] (with a residual for SPIN's variant).
+/// A ConvMixer trunk at inference, in place on `x` `(B·G·G, C)` with `(b, g, k)` = (images,
+/// grid side, kernel size), one block per entry of `w.slots`. Each block is two fused passes:
+/// depthwise + bias + act + folded BN + residual, then [`pointwise_into`] (with a residual for
+/// SPIN's variant).
 pub fn mixer_trunk<E: SpinDtype>(
     x: &mut [E],
     (b, g, k): (usize, usize, usize),
-    depth: usize,
+    w: &MixerTrunkHost<E>,
     pw_residual: bool,
-    fill: &mut dyn FnMut(usize, &mut MixerBlockHost<E>),
 ) {
     let c = x.len() / (b * g * g).max(1);
     let geo = DwGeometry::new((b, g, g, c), k);
     let mut ys = vec![E::zero(); x.len()];
-    let mut w = MixerBlockHost::default();
-    for i in 0..depth {
-        fill(i, &mut w);
+    for &[jd, jn, jp] in &w.slots {
+        let ((dw_wt, dw_bias), [bn1, bn2], pw) = (&w.dw[jd], &w.norms[jn], &w.pw[jp]);
         let epi = Epilogue {
-            bias: &w.dw_bias,
-            scale: &w.bn1.0,
-            shift: &w.bn1.1,
+            bias: dw_bias,
+            scale: &bn1.0,
+            shift: &bn1.1,
             act: w.act,
         };
-        forward_into(&geo, x, &w.dw_wt, &w.dw_bias, Some(&epi), &mut ys);
+        forward_into(&geo, x, dw_wt, dw_bias, Some(&epi), &mut ys);
         let epi = Epilogue {
-            bias: &w.pw.b,
-            scale: &w.bn2.0,
-            shift: &w.bn2.1,
+            bias: &pw.b,
+            scale: &bn2.0,
+            shift: &bn2.1,
             act: w.act,
         };
-        pointwise_into(&ys, &w.pw, &epi, pw_residual, x);
+        pointwise_into(&ys, pw, &epi, pw_residual, x);
     }
 }

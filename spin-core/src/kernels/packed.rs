@@ -282,19 +282,37 @@ impl Tile<'_> {
         // SAFETY: AVX-512F (the contract); `run` asserts the sizes.
         unsafe {
             match x.rows {
-                MR => self.run::<MR, T>(x, out, ldo),
-                7 => self.run::<7, T>(x, out, ldo),
-                6 => self.run::<6, T>(x, out, ldo),
-                5 => self.run::<5, T>(x, out, ldo),
-                4 => self.run::<4, T>(x, out, ldo),
-                3 => self.run::<3, T>(x, out, ldo),
-                2 => self.run::<2, T>(x, out, ldo),
-                _ => self.run::<1, T>(x, out, ldo),
+                MR => self.run_v::<MR, T>(x, out, ldo),
+                7 => self.run_v::<7, T>(x, out, ldo),
+                6 => self.run_v::<6, T>(x, out, ldo),
+                5 => self.run_v::<5, T>(x, out, ldo),
+                4 => self.run_v::<4, T>(x, out, ldo),
+                3 => self.run_v::<3, T>(x, out, ldo),
+                2 => self.run_v::<2, T>(x, out, ldo),
+                _ => self.run_v::<1, T>(x, out, ldo),
             }
         }
     }
 
-    /// `R` rows of `x` × the panel slice: 3R accumulators through the block, then the bias (and
+    /// [`Tile::run`] with as many vectors as the panel has columns: a short last panel (256
+    /// outputs leave 16 of 48) costs no multiplies by its zero padding.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run_v<const R: usize, const T: bool>(&self, x: Lhs<'_>, out: &mut [f32], ldo: usize) {
+        // SAFETY: AVX-512F (the contract); `run` asserts the sizes.
+        unsafe {
+            match self.cols.div_ceil(16) {
+                NV => self.run::<R, T, NV>(x, out, ldo),
+                2 => self.run::<R, T, 2>(x, out, ldo),
+                _ => self.run::<R, T, 1>(x, out, ldo),
+            }
+        }
+    }
+
+    /// `R` rows of `x` × the first `V` vectors of the panel slice: R·V accumulators through the block, then the bias (and
     /// old output) added on the registers and one masked store per output vector. `T`: `x` is
     /// transposed (row stride 1, so a step of the inner dimension reads R adjacent values);
     /// otherwise its column stride is 1.
@@ -303,13 +321,18 @@ impl Tile<'_> {
     /// The CPU must support AVX-512F. Sizes are asserted.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn run<const R: usize, const T: bool>(&self, x: Lhs<'_>, out: &mut [f32], ldo: usize) {
+    unsafe fn run<const R: usize, const T: bool, const V: usize>(
+        &self,
+        x: Lhs<'_>,
+        out: &mut [f32],
+        ldo: usize,
+    ) {
         use std::arch::x86_64::*;
         let k = x.k;
         let (rs, cs) = if T { (1, x.cs) } else { (x.rs, 1) };
         assert!(x.rows == R && (x.rs, x.cs) == (rs, cs) && self.panel.len() == k * NR);
         assert!(k == 0 || (R - 1) * rs + (k - 1) * cs < x.data.len());
-        assert!(out.len() == R * ldo && self.c0 + self.cols <= ldo && self.cols <= NR);
+        assert!(out.len() == R * ldo && self.c0 + self.cols <= ldo && self.cols <= 16 * V && V <= NV);
         assert!(self.bias.is_none_or(|b| b.len() == ldo));
         // SAFETY: AVX-512F is present (the contract). Reads: x at r·rs + kk·cs ≤ (R−1)·rs +
         // (k−1)·cs (asserted above), the panel at kk·NR + NR ≤ k·NR; bias and out at c0 + lanes
@@ -317,25 +340,25 @@ impl Tile<'_> {
         // masks.
         unsafe {
             let (xp, bp) = (x.data.as_ptr(), self.panel.as_ptr());
-            let mut acc = [[_mm512_setzero_ps(); NV]; R];
+            let mut acc = [[_mm512_setzero_ps(); V]; R];
             for kk in 0..k {
-                let b: [__m512; NV] = std::array::from_fn(|h| _mm512_loadu_ps(bp.add(kk * NR + 16 * h)));
+                let b: [__m512; V] = std::array::from_fn(|h| _mm512_loadu_ps(bp.add(kk * NR + 16 * h)));
                 for (r, a) in acc.iter_mut().enumerate() {
                     let xv = _mm512_set1_ps(*xp.add(r * rs + kk * cs));
-                    for h in 0..NV {
+                    for h in 0..V {
                         a[h] = _mm512_fmadd_ps(xv, b[h], a[h]);
                     }
                 }
             }
-            let masks: [__mmask16; NV] = std::array::from_fn(|h| lane_mask(self.cols.saturating_sub(16 * h)));
-            // `wrapping_add`: with a short last panel the second half starts past the row's end;
-            // its mask is then empty and nothing there is read or written.
-            let bias: [__m512; NV] = std::array::from_fn(|h| match self.bias {
+            let masks: [__mmask16; V] = std::array::from_fn(|h| lane_mask(self.cols.saturating_sub(16 * h)));
+            // `wrapping_add`: a vector wholly past the panel's columns (V larger than `run_v`
+            // picks) starts past the row's end; its mask is empty and nothing there is touched.
+            let bias: [__m512; V] = std::array::from_fn(|h| match self.bias {
                 Some(b) => _mm512_maskz_loadu_ps(masks[h], b.as_ptr().wrapping_add(self.c0 + 16 * h)),
                 None => _mm512_setzero_ps(),
             });
             for (r, a) in acc.iter().enumerate() {
-                for h in 0..NV {
+                for h in 0..V {
                     if masks[h] == 0 {
                         continue;
                     }
@@ -411,11 +434,16 @@ mod tests {
         if !available() {
             return;
         }
-        // 29 rows (three full tiles and a partial one), 60 outputs (a full panel and a partial
-        // one), an inner dimension within one block and across three, with and without
-        // accumulation.
-        for (k, accumulate) in [(37, false), (37, true), (2 * KC + 37, false), (2 * KC + 37, true)] {
-            let (rows, n) = (29, 60);
+        // 29 rows (three full tiles and a partial one); a full panel of outputs and a partial
+        // one of one vector (60) or two (80); an inner dimension within one block and across
+        // three; with and without accumulation.
+        for (k, n, accumulate) in [
+            (37, 60, false),
+            (37, 80, true),
+            (2 * KC + 37, 80, false),
+            (2 * KC + 37, 60, true),
+        ] {
+            let rows = 29;
             let (x, wt, bias, old) = (v(rows * k, 1), v(k * n, 2), v(n, 3), v(rows * n, 4));
             let packed = PackedRhs::pack(&wt, k, n);
             let mut got = if accumulate {

@@ -155,7 +155,7 @@ pub struct Vit<C: VitConfig, E: Dtype, D: Storage<E>, M = DenseMlps<C, E, D>> {
     /// The classifier (`head`).
     pub head: VitLinear<C::Dim, C::Classes, E, D>,
     /// The blocks' weights laid out for the fused inference kernels, kept between calls.
-    infer: BlockCache<E, Vit<C, E, D, M>>,
+    infer: BlockCache<Vec<VitBlockHost<E>>, Vit<C, E, D, M>>,
     _config: PhantomData<C>,
 }
 
