@@ -208,13 +208,20 @@ pub fn pointwise_into<E: SpinDtype>(
     let c = l.b.len();
     let rows = x.len() / c;
     if l.packed.is_packed() {
-        // The weight is packed once for all tasks: small tasks cost nothing extra.
+        // The weight is packed once for all tasks (small tasks cost nothing extra), and the
+        // epilogue runs on the microkernel's registers.
+        let epi = Epilogue {
+            bias: as_f32(epi.bias),
+            scale: as_f32(epi.scale),
+            shift: as_f32(epi.shift),
+            act: epi.act,
+        };
         out.par_chunks_mut(row_chunk(rows) * c)
             .zip(x.par_chunks(row_chunk(rows) * c))
             .for_each(|(ys, xs)| {
-                let lhs = packed::Lhs::rows(as_f32(xs), xs.len() / c, c);
-                packed::matmul_packed(as_f32_mut(ys), lhs, &l.packed, None, false);
-                epilogue_rows(ys, epi, residual.then_some(xs));
+                let xs = as_f32(xs);
+                let lhs = packed::Lhs::rows(xs, xs.len() / c, c);
+                packed::matmul_packed_epilogue(as_f32_mut(ys), lhs, &l.packed, &epi, residual.then_some(xs));
             });
         return;
     }

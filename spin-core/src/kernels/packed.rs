@@ -9,6 +9,7 @@
 //! weight vectors and broadcasts eight inputs: on Intel's cores a 12 × 32 tile's fourteen loads
 //! per 24 FMAs held the kernel to about two thirds of the FMA peak on ViT shapes, this one to
 //! about four fifths.
+use super::epilogue::Epilogue;
 use rayon::prelude::*;
 
 /// AVX-512 registers per panel row.
@@ -148,7 +149,36 @@ pub fn matmul_packed(out: &mut [f32], x: Lhs<'_>, w: &PackedRhs, bias: Option<&[
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX-512F is present (asserted above); sizes are checked above and inside.
     unsafe {
-        rows_avx512(out, x, w, bias, accumulate)
+        rows_avx512(out, x, w, bias, accumulate, (None, None))
+    }
+}
+
+/// `out = act(x · W + epi.bias)·epi.scale + epi.shift (+ skip)`: a ConvMixer pointwise conv with
+/// its activation and folded BatchNorm (and SPIN's residual) applied on the registers, for `out`
+/// and `skip` `(x.rows, n)` row-major, on this thread. Panics unless [`available`] and `w` is
+/// packed.
+pub fn matmul_packed_epilogue(
+    out: &mut [f32],
+    x: Lhs<'_>,
+    w: &PackedRhs,
+    epi: &Epilogue<'_, f32>,
+    skip: Option<&[f32]>,
+) {
+    assert!(
+        available() && w.is_packed(),
+        "matmul_packed_epilogue needs AVX-512F and a packed weight"
+    );
+    assert!(
+        x.k == w.k
+            && out.len() == x.rows * w.n
+            && [epi.bias, epi.scale, epi.shift].iter().all(|v| v.len() == w.n)
+            && skip.is_none_or(|s| s.len() == out.len()),
+        "matmul_packed_epilogue: sizes"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512F is present (asserted above); sizes are checked above and inside.
+    unsafe {
+        rows_avx512(out, x, w, Some(epi.bias), false, (Some(epi), skip))
     }
 }
 
@@ -171,7 +201,14 @@ thread_local! {
 /// The CPU must support AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn rows_avx512(out: &mut [f32], x: Lhs<'_>, w: &PackedRhs, bias: Option<&[f32]>, accumulate: bool) {
+unsafe fn rows_avx512(
+    out: &mut [f32],
+    x: Lhs<'_>,
+    w: &PackedRhs,
+    bias: Option<&[f32]>,
+    accumulate: bool,
+    (post, skip): (Option<&Epilogue<'_, f32>>, Option<&[f32]>),
+) {
     let (k, n, rows) = (w.k, w.n, x.rows);
     assert!(out.len() == rows * n && w.data.len() == n.div_ceil(NR) * k * NR);
     let tiles = rows.div_ceil(MR);
@@ -199,6 +236,7 @@ unsafe fn rows_avx512(out: &mut [f32], x: Lhs<'_>, w: &PackedRhs, bias: Option<&
                     c0: p * NR,
                     cols: NR.min(n - p * NR),
                     accumulate: accumulate || k0 > 0,
+                    post: if k0 + kc == k { post } else { None },
                 };
                 for t in 0..tiles {
                     let (r0, mr) = (t * MR, MR.min(rows - t * MR));
@@ -209,12 +247,13 @@ unsafe fn rows_avx512(out: &mut [f32], x: Lhs<'_>, w: &PackedRhs, bias: Option<&
                         Lhs::strided(&x.data[r0 * x.rs + k0..], mr, kc, x.rs, 1)
                     };
                     let os = &mut out[r0 * n..(r0 + mr) * n];
+                    let skip = tile.post.and(skip).map(|s| &s[r0 * n..(r0 + mr) * n]);
                     // SAFETY: AVX-512F (this function's contract); `xs` and `os` hold mr rows.
                     unsafe {
                         if transposed {
-                            tile.run_rows::<true>(xs, os, n);
+                            tile.run_rows::<true>(xs, os, skip, n);
                         } else {
-                            tile.run_rows::<false>(xs, os, n);
+                            tile.run_rows::<false>(xs, os, skip, n);
                         }
                     }
                 }
@@ -262,13 +301,16 @@ pub fn linear_grad_weight(gy: &[f32], x: &[f32], (out, inp): (usize, usize), gw:
     });
 }
 
-/// One panel and what its outputs get: the bias, and the old output when accumulating.
+/// One panel and what its outputs get: the bias, the old output when accumulating, and at the
+/// end of the inner dimension an epilogue (its scale, shift and activation; its bias is `bias`)
+/// with the skip rows added after it.
 struct Tile<'a> {
     panel: &'a [f32],
     bias: Option<&'a [f32]>,
     c0: usize,
     cols: usize,
     accumulate: bool,
+    post: Option<&'a Epilogue<'a, f32>>,
 }
 
 impl Tile<'_> {
@@ -278,18 +320,18 @@ impl Tile<'_> {
     /// The CPU must support AVX-512F.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn run_rows<const T: bool>(&self, x: Lhs<'_>, out: &mut [f32], ldo: usize) {
+    unsafe fn run_rows<const T: bool>(&self, x: Lhs<'_>, out: &mut [f32], skip: Option<&[f32]>, ldo: usize) {
         // SAFETY: AVX-512F (the contract); `run` asserts the sizes.
         unsafe {
             match x.rows {
-                MR => self.run_v::<MR, T>(x, out, ldo),
-                7 => self.run_v::<7, T>(x, out, ldo),
-                6 => self.run_v::<6, T>(x, out, ldo),
-                5 => self.run_v::<5, T>(x, out, ldo),
-                4 => self.run_v::<4, T>(x, out, ldo),
-                3 => self.run_v::<3, T>(x, out, ldo),
-                2 => self.run_v::<2, T>(x, out, ldo),
-                _ => self.run_v::<1, T>(x, out, ldo),
+                MR => self.run_v::<MR, T>(x, out, skip, ldo),
+                7 => self.run_v::<7, T>(x, out, skip, ldo),
+                6 => self.run_v::<6, T>(x, out, skip, ldo),
+                5 => self.run_v::<5, T>(x, out, skip, ldo),
+                4 => self.run_v::<4, T>(x, out, skip, ldo),
+                3 => self.run_v::<3, T>(x, out, skip, ldo),
+                2 => self.run_v::<2, T>(x, out, skip, ldo),
+                _ => self.run_v::<1, T>(x, out, skip, ldo),
             }
         }
     }
@@ -301,13 +343,19 @@ impl Tile<'_> {
     /// The CPU must support AVX-512F.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn run_v<const R: usize, const T: bool>(&self, x: Lhs<'_>, out: &mut [f32], ldo: usize) {
+    unsafe fn run_v<const R: usize, const T: bool>(
+        &self,
+        x: Lhs<'_>,
+        out: &mut [f32],
+        skip: Option<&[f32]>,
+        ldo: usize,
+    ) {
         // SAFETY: AVX-512F (the contract); `run` asserts the sizes.
         unsafe {
             match self.cols.div_ceil(16) {
-                NV => self.run::<R, T, NV>(x, out, ldo),
-                2 => self.run::<R, T, 2>(x, out, ldo),
-                _ => self.run::<R, T, 1>(x, out, ldo),
+                NV => self.run::<R, T, NV>(x, out, skip, ldo),
+                2 => self.run::<R, T, 2>(x, out, skip, ldo),
+                _ => self.run::<R, T, 1>(x, out, skip, ldo),
             }
         }
     }
@@ -325,8 +373,10 @@ impl Tile<'_> {
         &self,
         x: Lhs<'_>,
         out: &mut [f32],
+        skip: Option<&[f32]>,
         ldo: usize,
     ) {
+        use super::epilogue::avx512::activate16;
         use std::arch::x86_64::*;
         let k = x.k;
         let (rs, cs) = if T { (1, x.cs) } else { (x.rs, 1) };
@@ -334,10 +384,14 @@ impl Tile<'_> {
         assert!(k == 0 || (R - 1) * rs + (k - 1) * cs < x.data.len());
         assert!(out.len() == R * ldo && self.c0 + self.cols <= ldo && self.cols <= 16 * V && V <= NV);
         assert!(self.bias.is_none_or(|b| b.len() == ldo));
+        assert!(self
+            .post
+            .is_none_or(|e| e.scale.len() == ldo && e.shift.len() == ldo));
+        assert!(skip.is_none_or(|s| s.len() == out.len()));
         // SAFETY: AVX-512F is present (the contract). Reads: x at r·rs + kk·cs ≤ (R−1)·rs +
-        // (k−1)·cs (asserted above), the panel at kk·NR + NR ≤ k·NR; bias and out at c0 + lanes
-        // < c0 + cols ≤ ldo under the masks; writes: out at r·ldo + c0 + lanes, under the same
-        // masks.
+        // (k−1)·cs (asserted above), the panel at kk·NR + NR ≤ k·NR; bias, scale, shift, out and
+        // skip at c0 + lanes < c0 + cols ≤ ldo (in row r < R of out and skip) under the masks;
+        // writes: out at r·ldo + c0 + lanes, under the same masks.
         unsafe {
             let (xp, bp) = (x.data.as_ptr(), self.panel.as_ptr());
             let mut acc = [[_mm512_setzero_ps(); V]; R];
@@ -362,10 +416,19 @@ impl Tile<'_> {
                     if masks[h] == 0 {
                         continue;
                     }
-                    let o = out.as_mut_ptr().add(r * ldo + self.c0 + 16 * h);
+                    let at = r * ldo + self.c0 + 16 * h;
+                    let o = out.as_mut_ptr().add(at);
                     let mut v = _mm512_add_ps(a[h], bias[h]);
                     if self.accumulate {
                         v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(masks[h], o));
+                    }
+                    if let Some(e) = self.post {
+                        let lanes =
+                            |p: &[f32]| _mm512_maskz_loadu_ps(masks[h], p.as_ptr().add(self.c0 + 16 * h));
+                        v = activate16(v, e.act, lanes(e.scale), lanes(e.shift));
+                        if let Some(s) = skip {
+                            v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(masks[h], s.as_ptr().add(at)));
+                        }
                     }
                     _mm512_mask_storeu_ps(o, masks[h], v);
                 }
@@ -462,6 +525,45 @@ mod tests {
                         "accumulate {accumulate} ({i}, {j}): {} vs {want}",
                         got[i * n + j]
                     );
+                }
+            }
+        }
+    }
+
+    /// The fused epilogue against its definition in f64: `act(x·W + b)·s + t + skip`, for GELU
+    /// and ReLU, with an inner dimension across two blocks (the epilogue only after the last).
+    #[test]
+    fn epilogue_products_match_the_definition() {
+        use crate::base::{Act, SpinDtype};
+        if !available() {
+            return;
+        }
+        let (rows, k, n) = (11, KC + 21, 60);
+        let (x, wt, skip) = (v(rows * k, 1), v(k * n, 2), v(rows * n, 3));
+        let (bias, scale, shift) = (v(n, 4), v(n, 5), v(n, 6));
+        let packed = PackedRhs::pack(&wt, k, n);
+        for act in [Act::Gelu, Act::Relu] {
+            let epi = Epilogue {
+                bias: &bias,
+                scale: &scale,
+                shift: &shift,
+                act,
+            };
+            let mut got = vec![f32::NAN; rows * n];
+            matmul_packed_epilogue(&mut got, Lhs::rows(&x, rows, k), &packed, &epi, Some(&skip));
+            for i in 0..rows {
+                for j in 0..n {
+                    let a = bias[j] as f64
+                        + (0..k)
+                            .map(|l| x[i * k + l] as f64 * wt[l * n + j] as f64)
+                            .sum::<f64>();
+                    let y = match act {
+                        Act::Gelu => a.gelu_and_grad().0,
+                        Act::Relu => a.max(0.0),
+                    };
+                    let want = y * scale[j] as f64 + shift[j] as f64 + skip[i * n + j] as f64;
+                    let e = (got[i * n + j] as f64 - want).abs();
+                    assert!(e < 1e-5, "{act:?} ({i}, {j}): {} vs {want}", got[i * n + j]);
                 }
             }
         }
