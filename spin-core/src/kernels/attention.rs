@@ -72,6 +72,42 @@ pub fn attention_core<E: SpinDtype>(qkv: &[E], out: &mut [E], batch: usize, head
     });
 }
 
+/// The keys of every (image, head) packed for [`attention_rows`], where the fused f32 kernel
+/// ([`super::attention_tile`]) takes this dtype and head size; `None` elsewhere (then
+/// [`attention_core`] is the way).
+pub fn packed_keys<E: SpinDtype>(qkv: &[E], batch: usize, heads: usize, d: usize) -> Option<Vec<Vec<f32>>> {
+    #[cfg(target_arch = "x86_64")]
+    if super::f32_avx512::<E>() && super::attention_tile::applies(d / heads) {
+        return Some(super::attention_tile::pack_all_keys(
+            super::as_f32(qkv),
+            batch,
+            heads,
+            d,
+        ));
+    }
+    let _ = (qkv, batch, heads, d);
+    None
+}
+
+/// Attention output rows `rows` of `B·N` (images of `n` tokens) into `out` (`rows.len() × d`),
+/// on this thread, with keys from [`packed_keys`]: a pass over row chunks can run its attention
+/// and what follows without a barrier in between.
+pub fn attention_rows<E: SpinDtype>(
+    qkv: &[E],
+    keys: &[Vec<f32>],
+    shape: (usize, usize, usize),
+    rows: std::ops::Range<usize>,
+    out: &mut [E],
+) {
+    #[cfg(target_arch = "x86_64")]
+    super::attention_tile::attention_rows_f32(super::as_f32(qkv), keys, shape, rows, super::as_f32_mut(out));
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (qkv, keys, shape, rows, out);
+        unreachable!("attention_rows: `packed_keys` makes no keys on this CPU");
+    }
+}
+
 /// Tokens per image, head size and the scores' scale for `outputs` values of `batch` images of `d`
 /// features, checking the kept softmax's size `probs`.
 fn shapes<E: SpinDtype>(

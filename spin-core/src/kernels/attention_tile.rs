@@ -37,43 +37,88 @@ pub fn attention_core_f32(qkv: &[f32], out: &mut [f32], batch: usize, heads: usi
         return;
     }
     let n = out.len() / (batch * d);
-    let panels = n.div_ceil(F32_LANES);
-    let keys: Vec<Vec<f32>> = (0..batch * heads)
+    let keys = pack_all_keys(qkv, batch, heads, d);
+    // Enough tasks for every thread at batch 1, each a run of whole tiles, the runs as even as
+    // the tile count allows (runs of a fixed length left DeiT's 197 query rows split 107 : 90).
+    let tiles = n.div_ceil(R);
+    let per_image = (4 * rayon::current_num_threads()).div_ceil(batch).clamp(1, tiles);
+    let tasks: Vec<std::ops::Range<usize>> = (0..batch)
+        .flat_map(|b| {
+            (0..per_image).map(move |i| {
+                b * n + i * tiles / per_image * R..b * n + ((i + 1) * tiles / per_image * R).min(n)
+            })
+        })
+        .collect();
+    let mut slices = Vec::with_capacity(tasks.len());
+    let mut rest = &mut out[..];
+    for span in &tasks {
+        let (head, tail) = rest.split_at_mut(span.len() * d);
+        slices.push(head);
+        rest = tail;
+    }
+    tasks
+        .into_par_iter()
+        .zip(slices)
+        .for_each(|(span, o)| attention_rows_f32(qkv, &keys, (n, heads, d), span, o));
+}
+
+/// The keys of every (image, head) of `qkv` `(B·N, 3·D)`, packed for [`attention_rows_f32`]
+/// (one task each). Panics unless [`applies`] to `D / heads`.
+pub fn pack_all_keys(qkv: &[f32], batch: usize, heads: usize, d: usize) -> Vec<Vec<f32>> {
+    let hd = d / heads;
+    assert!(applies(hd) && d == heads * hd, "pack_all_keys: head size {hd}");
+    assert!(
+        batch > 0 && qkv.len().is_multiple_of(batch * 3 * d),
+        "pack_all_keys: qkv"
+    );
+    let n = qkv.len() / (batch * 3 * d);
+    (0..batch * heads)
         .into_par_iter()
         .map(|bh| {
             let (b, h) = (bh / heads, bh % heads);
             // SAFETY: AVX-512F, asserted above (`applies`).
             unsafe { pack_keys(&qkv[(b * n * 3 + 1) * d + h * hd..], n, hd, 3 * d) }
         })
-        .collect();
-    // Enough tasks for every thread at batch 1, each a run of whole tiles, the runs as even as
-    // the tile count allows (runs of a fixed length left DeiT's 197 query rows split 107 : 90).
-    let tiles = n.div_ceil(R);
-    let per_image = (4 * rayon::current_num_threads()).div_ceil(batch).clamp(1, tiles);
-    let tasks: Vec<(usize, std::ops::Range<usize>)> = (0..batch)
-        .flat_map(|b| {
-            (0..per_image).map(move |i| {
-                (
-                    b,
-                    (i * tiles / per_image * R)..((i + 1) * tiles / per_image * R).min(n),
-                )
-            })
-        })
-        .collect();
-    let mut slices = Vec::with_capacity(tasks.len());
-    let mut rest = &mut out[..];
-    for (_, span) in &tasks {
-        let (head, tail) = rest.split_at_mut(span.len() * d);
-        slices.push(head);
-        rest = tail;
-    }
-    tasks.into_par_iter().zip(slices).for_each(|((b, span), o)| {
-        let q0 = span.start;
+        .collect()
+}
+
+/// Attention output rows `rows` (indices into the `B·N` rows of `qkv`, images of `n` tokens)
+/// into `out` (`rows.len() × d`), on this thread, with the keys [`pack_all_keys`] made: a pass
+/// over row chunks can run its attention and what follows it without a barrier in between.
+/// Panics unless [`applies`] to `d / heads`.
+pub fn attention_rows_f32(
+    qkv: &[f32],
+    keys: &[Vec<f32>],
+    (n, heads, d): (usize, usize, usize),
+    rows: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    let hd = d / heads;
+    assert!(
+        applies(hd) && d == heads * hd,
+        "attention_rows_f32: head size {hd}"
+    );
+    assert!(
+        n > 0 && qkv.len() == keys.len() / heads * n * 3 * d && out.len() == rows.len() * d,
+        "attention_rows_f32: sizes"
+    );
+    assert!(
+        rows.end * 3 * d <= qkv.len(),
+        "attention_rows_f32: rows past the end"
+    );
+    let panels = n.div_ceil(F32_LANES);
+    let mut scores = vec![0.0f32; R * panels * F32_LANES];
+    let mut r = rows.start;
+    let mut o = out;
+    while r < rows.end {
+        let b = r / n;
+        let q0 = r - b * n;
+        let (span, rest) = std::mem::take(&mut o).split_at_mut((rows.end.min((b + 1) * n) - r) * d);
+        o = rest;
         let img = &qkv[b * n * 3 * d..][..n * 3 * d];
-        let mut scores = vec![0.0f32; R * panels * F32_LANES];
-        let task_rows = o.len() / d;
-        for r0 in (0..task_rows).step_by(R) {
-            let rows = R.min(task_rows - r0);
+        let span_rows = span.len() / d;
+        for r0 in (0..span_rows).step_by(R) {
+            let tile_rows = R.min(span_rows - r0);
             for h in 0..heads {
                 let task = Task {
                     q: &img[(q0 + r0) * 3 * d + h * hd..],
@@ -83,13 +128,14 @@ pub fn attention_core_f32(qkv: &[f32], out: &mut [f32], batch: usize, heads: usi
                     n,
                     hd,
                 };
-                let tile = &mut o[r0 * d + h * hd..];
-                // SAFETY: AVX-512F (`applies`); `tile` starts at row r0 of this task's rows and
-                // has `rows` rows of `d` values from column h·hd (the last one ending at hd).
-                unsafe { task.run(rows, &mut scores, tile, d) };
+                let tile = &mut span[r0 * d + h * hd..];
+                // SAFETY: AVX-512F (`applies`); `tile` starts at row r0 of this span's rows and
+                // has `tile_rows` rows of `d` values from column h·hd (the last one ending at hd).
+                unsafe { task.run(tile_rows, &mut scores, tile, d) };
             }
         }
-    });
+        r += span_rows;
+    }
 }
 
 /// The `n` keys `k` (row stride `ld`, `hd` values each, a multiple of 16) as panels of 16 keys,
