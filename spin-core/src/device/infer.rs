@@ -25,8 +25,9 @@ pub trait InferKernels<E: SpinDtype>: Storage<E> + Sized {
     }
 
     /// Inference only: a ConvMixer trunk on `x` `(B·G·G, C)`, its weights from `trunk()` (only
-    /// called when the device and dtype have the kernels): each block as two fused passes (depthwise + bias + act + folded BN +
-    /// residual, then [`crate::kernels::blocks::pointwise_into`]), on host buffers from the first block to the
+    /// called when the device and dtype have the kernels): each block as two fused passes
+    /// (depthwise + bias + act + folded BN + residual, then
+    /// [`crate::kernels::blocks::pointwise_into`]), on host buffers from the first block to the
     /// last. `None` where the device or dtype has no such kernels.
     fn mixer_blocks_infer(
         _x: &Tensor<(usize, usize), E, Self>,

@@ -182,13 +182,13 @@ pub fn matmul_packed_epilogue(
     }
 }
 
-/// Inner-dimension block: a panel's slice of it (24 KB) and a packed row tile's (9 KB) stay in
-/// L1 while the tiles of a task pass over the slice.
+/// Inner-dimension block: a panel's slice of it (36 KB) and a row tile's (6 KB) stay in L1 while
+/// the tiles of a task pass over the slice.
 const KC: usize = 192;
 
 thread_local! {
-    /// A task's rows, packed per [`KC`] block as tiles of `(kc, MR)` (reused between calls: a
-    /// fresh buffer of this size would be mapped and faulted in on every call).
+    /// A task's transposed rows, packed per [`KC`] block as tiles of `(kc, MR)`; kept per worker
+    /// and reused between calls.
     static PACKED_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -360,10 +360,10 @@ impl Tile<'_> {
         }
     }
 
-    /// `R` rows of `x` × the first `V` vectors of the panel slice: R·V accumulators through the block, then the bias (and
-    /// old output) added on the registers and one masked store per output vector. `T`: `x` is
-    /// transposed (row stride 1, so a step of the inner dimension reads R adjacent values);
-    /// otherwise its column stride is 1.
+    /// `R` rows of `x` × the first `V` vectors of the panel slice: R·V accumulators through the
+    /// block, then the bias (and old output, then the epilogue and skip) added on the registers
+    /// and one masked store per output vector. `T`: `x` is transposed (row stride 1, so a step of
+    /// the inner dimension reads R adjacent values); otherwise its column stride is 1.
     ///
     /// # Safety
     /// The CPU must support AVX-512F. Sizes are asserted.
