@@ -6,9 +6,8 @@
 //! of the forward pass. Kept weights ([`crate::device::BlockCache`]) are packed once instead, as
 //! panels of [`NR`] output columns, `(k, NR)` each (the last one zero-padded); an 8 × 48 tile of
 //! outputs stays in 24 registers through a block of the inner dimension. Per step it loads three
-//! weight vectors and broadcasts eight inputs: on Intel's cores a 12 × 32 tile's fourteen loads
-//! per 24 FMAs held the kernel to about two thirds of the FMA peak on ViT shapes, this one to
-//! about four fifths.
+//! weight vectors and broadcasts eight inputs (eleven loads per 24 FMAs, where a 12 × 32 tile's
+//! fourteen held DeiT-Small's forward about 4 % slower on an Intel machine).
 use super::epilogue::Epilogue;
 use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
