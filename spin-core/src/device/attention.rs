@@ -2,7 +2,7 @@
 //! the CPU one op on dfdx's tape (host kernels through gemm's AVX-512 products, every head of an
 //! image in one task, the softmax kept for the backward); elsewhere, and as the reference, dfdx's
 //! reshapes, slices, batched matmuls and softmax.
-use super::{host, with_grad};
+use super::{values, with_grad};
 use crate::base::{Mat, SpinDtype};
 use crate::kernels::attention::{attention_core, attention_core_backward, attention_core_keep};
 use crate::kernels::elementwise::add_into;
@@ -38,7 +38,7 @@ impl<E: SpinDtype> AttentionKernel<E> for Cpu {
             "attention: qkv {rows} × {three_d} does not split into {batch} images and {heads} heads"
         );
         let n = rows / batch;
-        let xs = host(&qkv);
+        let xs = values(&qkv);
         let mut out = vec![E::zero(); rows * d];
         if !T::OWNS_TAPE {
             attention_core(&xs, &mut out, batch, heads, d);

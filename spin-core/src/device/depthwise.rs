@@ -1,6 +1,6 @@
 //! The depthwise K×K convolution op: the CPU kernel ([`crate::kernels::depthwise`]) on dfdx's
 //! tape, and a fallback from dfdx's own ops for other devices (also the reference in tests).
-use super::{host, transpose, with_grad};
+use super::{transpose, values, with_grad};
 use crate::base::{Nhwc, SpinDtype};
 use crate::kernels::depthwise::{backward, forward, DwGeometry};
 use crate::kernels::elementwise::add_into;
@@ -39,9 +39,9 @@ impl<E: SpinDtype> DepthwiseKernel<E> for Cpu {
             geo.c
         );
         assert_eq!(w.shape().1, k * k, "dwconv: weight is not K·K per channel");
-        let xs = host(&x);
-        let wt = transpose(&host(&w), geo.c, k * k);
-        let out = forward(&geo, &xs, &wt, &host(&b), None);
+        let xs = values(&x);
+        let wt = transpose(&values(&w), geo.c, k * k);
+        let out = forward(&geo, &xs, &wt, &values(&b), None);
         let y = x.device().tensor_from_vec(out, *x.shape());
         if T::OWNS_TAPE {
             let y_keep = y.clone();

@@ -1,6 +1,6 @@
 //! Exact (erf) GELU as an op: vectorised host loops on the CPU, a value-and-slope formulation in
 //! dfdx's ops elsewhere.
-use super::{host, with_grad};
+use super::{values, with_grad};
 use crate::base::SpinDtype;
 use crate::kernels::elementwise;
 use dfdx::prelude::*;
@@ -15,7 +15,7 @@ pub trait GeluKernel<E: SpinDtype>: Storage<E> + Sized {
 impl<E: SpinDtype> GeluKernel<E> for Cpu {
     fn gelu<S: Shape, T: Tape<E, Self>>(x: Tensor<S, E, Self, T>) -> Tensor<S, E, Self, T> {
         let (x, mut tape) = x.split_tape();
-        let xs = host(&x);
+        let xs = values(&x);
         let mut y = vec![E::zero(); xs.len()];
         elementwise::gelu(&mut y, &xs);
         let y = x.device().tensor_from_vec(y, *x.shape());

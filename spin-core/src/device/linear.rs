@@ -2,7 +2,7 @@
 //! AVX-512 microkernel (forward and backward) and otherwise gemm's kernels; elsewhere, and as the
 //! reference, dfdx's matmul.
 use super::cache::KeptLinears;
-use super::{host, transpose, with_grad};
+use super::{host, transpose, values, with_grad};
 use crate::base::{Mat, SpinDtype};
 use crate::kernels::blocks::{linear_rows, HostLinear};
 use crate::kernels::elementwise::add_into;
@@ -63,13 +63,13 @@ impl<E: SpinDtype> LinearKernel<E> for Cpu {
         // Without a tape the weights are not about to change: keep the layer for the next call.
         // With one, the backward needs W as it is: copied out once, for both.
         let (l, ws) = if T::OWNS_TAPE {
-            let ws = host(&w);
-            (std::sync::Arc::new(make(&ws)), ws)
+            let ws = values(&w);
+            (std::sync::Arc::new(make(&ws)), Some(ws))
         } else {
-            (KEPT.get(&w, &b, || make(&host(&w))), Vec::new())
+            (KEPT.get(&w, &b, || make(&values(&w))), None)
         };
         let mut y = vec![E::zero(); rows * out];
-        linear_rows(&host(&x), &l, &mut y);
+        linear_rows(&values(&x), &l, &mut y);
         let y = x.device().tensor_from_vec(y, (rows, out));
         if T::OWNS_TAPE {
             let y_keep = y.clone();
@@ -82,15 +82,17 @@ impl<E: SpinDtype> LinearKernel<E> for Cpu {
                         // Both products accumulate straight into dfdx's gradient buffers.
                         let (gy, dims) = (as_f32(gy), (out, inp));
                         let gx = as_f32_mut(grads.get_or_alloc_mut(&x)?);
-                        packed::linear_grad_input(gy, as_f32(&ws), dims, gx);
+                        let ws = ws.as_deref().unwrap_or_default();
+                        packed::linear_grad_input(gy, as_f32(ws), dims, gx);
                         let gw = as_f32_mut(grads.get_or_alloc_mut(&w)?);
-                        packed::linear_grad_weight(gy, as_f32(&host(&x)), dims, gw);
+                        packed::linear_grad_weight(gy, as_f32(&values(&x)), dims, gw);
                         return Ok(());
                     }
                     // dx = dy · W, dW = dyᵀ · x, db = Σ_rows dy.
                     let mut gx = vec![E::zero(); rows * inp];
-                    par_matmul(gy, MatRef::row_major(&ws, out, inp), &mut gx);
-                    let gw = par_matmul_tn(gy, out, &host(&x), inp);
+                    let ws = ws.as_deref().unwrap_or_default();
+                    par_matmul(gy, MatRef::row_major(ws, out, inp), &mut gx);
+                    let gw = par_matmul_tn(gy, out, &values(&x), inp);
                     add_into(grads.get_or_alloc_mut(&x)?, &gx);
                     add_into(grads.get_or_alloc_mut(&w)?, &gw);
                     Ok(())

@@ -1,7 +1,7 @@
 //! The normalisation ops on channels-last matrices `(rows, C)`: a per-channel affine map
 //! (BatchNorm at inference), BatchNorm with batch statistics, LayerNorm. On the CPU each is one
 //! fused op on dfdx's tape ([`crate::kernels::norm`]); elsewhere, and as the reference, dfdx's ops.
-use super::{host, with_grad};
+use super::{values, with_grad};
 use crate::base::{Mat, SpinDtype, BN_EPS, LN_EPS};
 use crate::kernels::elementwise::add_into;
 use crate::kernels::norm;
@@ -127,8 +127,8 @@ where
     let (g, tg) = g.split_tape();
     let (b, tb) = b.split_tape();
     let mut tape = tx.merge(tg).merge(tb);
-    let (xs, gs) = (host(&x), host(&g));
-    let (y, cache) = fwd(&xs, &gs, &host(&b));
+    let (xs, gs) = (values(&x), values(&g));
+    let (y, cache) = fwd(&xs, &gs, &values(&b));
     let cache = std::sync::Arc::new(cache);
     let y = x.device().tensor_from_vec(y, *x.shape());
     if T::OWNS_TAPE {

@@ -1,6 +1,6 @@
 //! The patchify op (a P×P stride-P convolution's input as a matrix): run copies on the CPU, dfdx's
 //! reshape and permute elsewhere and as the reference.
-use super::{host, with_grad};
+use super::{values, with_grad};
 use crate::base::{Nchw, SpinDtype};
 use crate::kernels::patchify::{patchify_into, unpatchify_add, PatchGeometry};
 use dfdx::prelude::*;
@@ -30,7 +30,7 @@ impl<E: SpinDtype> PatchifyKernel<E> for Cpu {
         );
         let g = PatchGeometry { b: bn, cin, h, w, p };
         let mut out = vec![E::zero(); x.shape().num_elements()];
-        patchify_into(&g, &host(&x), &mut out);
+        patchify_into(&g, &values(&x), &mut out);
         let y = x
             .device()
             .tensor_from_vec(out, (bn * (h / p) * (w / p), g.patch_len()));
