@@ -30,7 +30,7 @@ impl<E: SpinDtype> AttentionKernel<E> for Cpu {
         batch: usize,
         heads: usize,
     ) -> Tensor<Mat, E, Self, T> {
-        let (qkv, mut tape) = qkv.split_tape();
+        let (qkv, mut tape) = qkv.contiguous().split_tape();
         let (rows, three_d) = *qkv.shape();
         let d = three_d / 3;
         assert!(

@@ -26,9 +26,9 @@ impl<E: SpinDtype> DepthwiseKernel<E> for Cpu {
         b: Tensor<(usize,), E, Self, T>,
         k: usize,
     ) -> Result<Tensor<Nhwc, E, Self, T>, Self::Err> {
-        let (x, tx) = x.split_tape();
-        let (w, tw) = w.split_tape();
-        let (b, tb) = b.split_tape();
+        let (x, tx) = x.contiguous().split_tape();
+        let (w, tw) = w.contiguous().split_tape();
+        let (b, tb) = b.contiguous().split_tape();
         let mut tape = tx.merge(tw).merge(tb);
         let geo = DwGeometry::new(*x.shape(), k);
         assert_eq!(

@@ -14,7 +14,7 @@ pub trait GeluKernel<E: SpinDtype>: Storage<E> + Sized {
 
 impl<E: SpinDtype> GeluKernel<E> for Cpu {
     fn gelu<S: Shape, T: Tape<E, Self>>(x: Tensor<S, E, Self, T>) -> Tensor<S, E, Self, T> {
-        let (x, mut tape) = x.split_tape();
+        let (x, mut tape) = x.contiguous().split_tape();
         let xs = values(&x);
         let mut y = vec![E::zero(); xs.len()];
         elementwise::gelu(&mut y, &xs);

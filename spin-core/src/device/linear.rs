@@ -35,9 +35,9 @@ impl<E: SpinDtype> LinearKernel<E> for Cpu {
         w: Tensor<(usize, usize), E, Self, T>,
         b: Tensor<(usize,), E, Self, T>,
     ) -> Tensor<(usize, usize), E, Self, T> {
-        let (x, tx) = x.split_tape();
-        let (w, tw) = w.split_tape();
-        let (b, tb) = b.split_tape();
+        let (x, tx) = x.contiguous().split_tape();
+        let (w, tw) = w.contiguous().split_tape();
+        let (b, tb) = b.contiguous().split_tape();
         let mut tape = tx.merge(tw).merge(tb);
         let ((rows, inp), (out, w_in)) = (*x.shape(), *w.shape());
         assert_eq!(

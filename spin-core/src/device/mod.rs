@@ -1,7 +1,9 @@
 //! The device layer: spin's ops on dfdx devices, one trait per op in dfdx's style. Each op file
 //! holds the trait, the CPU impl (a host kernel from [`crate::kernels`] registered on dfdx's tape
 //! with `Tape::add_backward_op`), the fallback for other devices (built from dfdx's own ops, and
-//! the reference the tests check the CPU kernel against), and its tests.
+//! the reference the tests check the CPU kernel against), and its tests. A CPU op first makes
+//! its taped inputs contiguous: free for dense ones, and for a broadcast or permuted one dfdx
+//! records the copy, so the op's gradient (in logical order) reaches it in its own layout.
 //!
 //! [`SpinDevice`] is every op together: the bound every model is generic over.
 mod attention;
@@ -12,6 +14,7 @@ mod infer;
 mod linear;
 mod norm;
 mod patchify;
+mod residual;
 
 pub use attention::{attention_core_composed, AttentionKernel};
 pub use cache::{buffer_keys, BlockCache};
@@ -21,6 +24,7 @@ pub use infer::InferKernels;
 pub use linear::{linear_composed, LinearKernel};
 pub use norm::{affine_composed, batch_norm_train_composed, layer_norm_composed, NormKernels};
 pub use patchify::{patchify_fallback, PatchifyKernel};
+pub use residual::ResidualKernel;
 
 use crate::base::SpinDtype;
 use crate::kernels::blocks::HostLinear;
@@ -45,6 +49,7 @@ pub trait SpinDevice<E: SpinDtype>:
     + GeluKernel<E>
     + NormKernels<E>
     + InferKernels<E>
+    + ResidualKernel<E>
 {
 }
 
@@ -57,6 +62,7 @@ impl<E: SpinDtype, D> SpinDevice<E> for D where
         + GeluKernel<E>
         + NormKernels<E>
         + InferKernels<E>
+        + ResidualKernel<E>
 {
 }
 

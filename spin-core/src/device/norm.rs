@@ -123,9 +123,9 @@ where
     T: dfdx::tensor::Tape<E, Cpu> + Merge<T>,
     C: Send + Sync + 'static,
 {
-    let (x, tx) = x.split_tape();
-    let (g, tg) = g.split_tape();
-    let (b, tb) = b.split_tape();
+    let (x, tx) = x.contiguous().split_tape();
+    let (g, tg) = g.contiguous().split_tape();
+    let (b, tb) = b.contiguous().split_tape();
     let mut tape = tx.merge(tg).merge(tb);
     let (xs, gs) = (values(&x), values(&g));
     let (y, cache) = fwd(&xs, &gs, &values(&b));

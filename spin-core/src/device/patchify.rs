@@ -22,7 +22,7 @@ impl<E: SpinDtype> PatchifyKernel<E> for Cpu {
         x: Tensor<Nchw, E, Self, T>,
         p: usize,
     ) -> Result<Tensor<(usize, usize), E, Self, T>, Self::Err> {
-        let (x, mut tape) = x.split_tape();
+        let (x, mut tape) = x.contiguous().split_tape();
         let (bn, cin, h, w) = *x.shape();
         assert!(
             h % p == 0 && w % p == 0,

@@ -78,6 +78,25 @@ pub fn add_into<E: SpinDtype>(dst: &mut [E], src: &[E]) {
         .for_each(|(d, s)| add_chunk(d, s));
 }
 
+/// `out = a + b` over a chunk.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn sum_chunk<E: SpinDtype>(out: &mut [E], a: &[E], b: &[E]) {
+    for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+        *o = x + y;
+    }
+}
+
+/// `out = a + b`, split across threads.
+pub fn sum_into<E: SpinDtype>(out: &mut [E], a: &[E], b: &[E]) {
+    assert!(
+        a.len() == out.len() && b.len() == out.len(),
+        "sum_into: lengths differ"
+    );
+    out.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+        .for_each(|(o, (x, y))| sum_chunk(o, x, y));
+}
+
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 /// Adds the bias `b` to every row of `out`.
 pub fn add_bias_rows<E: SpinDtype>(out: &mut [E], b: &[E]) {

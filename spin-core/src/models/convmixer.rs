@@ -8,7 +8,7 @@ use crate::base::{Act, Mat, Nchw, SpinDtype, Variant};
 use crate::device::{buffer_keys, fill_linear, to_host, BlockCache, SpinDevice};
 use crate::kernels::blocks::{HostLinear, MixerTrunkHost};
 use crate::kernels::gemm::transpose_into;
-use crate::nn::functional::{activation, depthwise, linear};
+use crate::nn::functional::{activation, depthwise, linear, residual};
 use crate::nn::layers::{BatchNorm, BatchStats, DwConv, Linear, PatchConv, Pointwise};
 use crate::nn::param::{push_slots, Slot, TimmKeys};
 use crate::nn::storage::{names, vec_fields};
@@ -282,7 +282,7 @@ impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>> ConvMixer<C, E, D> {
                 None => self.dw[jd].forward(x, (b, g, g)),
             };
             let y = activation(C::ACT, y);
-            x = self.norm(Bn::One(jn), y, &mut stats) + skip;
+            x = residual(self.norm(Bn::One(jn), y, &mut stats), skip);
             let skip = x.with_empty_tape();
             let y = match pw {
                 Some(f) => linear(x, f[i].0.with_empty_tape(), f[i].1.with_empty_tape()),
@@ -292,7 +292,7 @@ impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>> ConvMixer<C, E, D> {
             let y = self.norm(Bn::Two(jn), y, &mut stats);
             x = match C::VARIANT {
                 Variant::Timm => y,
-                Variant::Spin => y + skip,
+                Variant::Spin => residual(y, skip),
             };
             if let Some(f) = observe.as_mut() {
                 f(i, &x.retaped::<NoneTape>());

@@ -7,7 +7,7 @@ use super::ModelInfo;
 use crate::base::{Mat, Nchw, SpinDtype};
 use crate::device::{buffer_keys, fill_linear, to_host, BlockCache, SpinDevice};
 use crate::kernels::blocks::{HostLinear, VitBlockHost};
-use crate::nn::functional::{attention, gelu, linear};
+use crate::nn::functional::{attention, gelu, linear, residual};
 use crate::nn::init::reset_trunc_normal;
 use crate::nn::layers::{Attention, LayerNorm, Mlp, PatchConv, VitLinear};
 use crate::nn::param::{param2, push_slots, PackedSlot, ParamSlot, Slot, TimmKeys};
@@ -328,13 +328,14 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> Vit<C, E
             let xn = self.norm1[jn].forward(x);
             let fused_i = fused.map(|f| &f[i]);
             let t = |p: &FusedLinear<E, D, T>| (p.0.with_empty_tape(), p.1.with_empty_tape());
-            x = match fused_i.and_then(|f| f.attn.as_ref()) {
+            let a = match fused_i.and_then(|f| f.attn.as_ref()) {
                 Some((qkv, proj)) => {
                     let ((qw, qb), (pw, pb)) = (t(qkv), t(proj));
                     attention(xn, b, C::HEADS, qw, qb, pw, pb)
                 }
                 None => self.attn[ja].forward(xn, b, C::HEADS),
-            } + skip;
+            };
+            x = residual(a, skip);
             let skip = x.with_empty_tape();
             let z = self.norm2[jn].forward(x);
             let z_seen = observe.as_ref().map(|_| z.retaped::<NoneTape>());
@@ -346,7 +347,7 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> Vit<C, E
                 None => self.mlp.forward(i, z),
             };
             let y_seen = observe.as_ref().map(|_| y.retaped::<NoneTape>());
-            x = y + skip;
+            x = residual(y, skip);
             if let (Some(f), Some(z), Some(y)) = (observe.as_mut(), z_seen, y_seen) {
                 f(i, &z, &y, &x.retaped::<NoneTape>());
             }

@@ -28,6 +28,14 @@ pub fn gelu<S: Shape, E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D>>(
     D::gelu(x)
 }
 
+/// The residual sum `y + skip` of two tensors of one shape (a block's output and its input).
+pub fn residual<S: Shape, E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
+    y: Tensor<S, E, D, T>,
+    skip: Tensor<S, E, D, T>,
+) -> Tensor<S, E, D, T> {
+    D::residual(y, skip)
+}
+
 /// Depthwise K×K 'same' convolution of `(B·H·W, C)` features with weight `(C, K·K)`, bias `(C,)`.
 pub fn depthwise<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
     x: Tensor<Mat, E, D, T>,
@@ -176,6 +184,14 @@ mod tests {
         let b: Tensor<(usize,), f64, Cpu> = dev.sample_normal_like(&(4,));
         check_grad("gelu", (3, 4), gelu);
         check_grad("gelu_fallback", (3, 4), gelu_fallback);
+        // Strided inputs: the gradient must reach each value in its own layout.
+        check_grad("gelu of a transpose", (3, 4), |x| {
+            gelu(x.permute::<_, Axes2<1, 0>>())
+        });
+        check_grad("residual with a transpose", (4, 4), |x| {
+            let skip = x.with_empty_tape().permute::<_, Axes2<1, 0>>();
+            residual(gelu(x), skip)
+        });
         check_grad("layer_norm", (3, 4), |x| layer_norm(x, g.retaped(), b.retaped()));
         check_grad("batch_norm_train", (5, 4), |x| {
             batch_norm_train(x, g.retaped(), b.retaped()).0
