@@ -4,7 +4,7 @@
 //! the models fall back to the composed ops.
 use super::host;
 use crate::base::SpinDtype;
-use crate::kernels::blocks::{mixer_trunk, vit_block, MixerTrunkHost, VitBlockHost, VitScratch};
+use crate::kernels::blocks::{mixer_trunk, vit_blocks, MixerTrunkHost, VitBlockHost};
 use crate::kernels::gemm::has_kernels;
 use dfdx::prelude::*;
 use dfdx::tensor::Storage;
@@ -13,7 +13,7 @@ use std::sync::Arc;
 /// The fused inference kernels of a device.
 pub trait InferKernels<E: SpinDtype>: Storage<E> + Sized {
     /// Inference only: timm encoder blocks on tokens `x` `(B·N, D)`, one per entry of what
-    /// `blocks()` returns ([`vit_block`](crate::kernels::blocks::vit_block)); `blocks` is only called when the device
+    /// `blocks()` returns ([`vit_blocks`](crate::kernels::blocks::vit_blocks)); `blocks` is only called when the device
     /// and dtype have the kernel. `None` where they do not.
     fn vit_blocks_infer(
         _x: &Tensor<(usize, usize), E, Self>,
@@ -57,10 +57,7 @@ impl<E: SpinDtype> InferKernels<E> for Cpu {
             return None;
         }
         let mut xs = host(x);
-        let mut scratch = VitScratch::default();
-        for w in blocks().iter() {
-            vit_block(&mut xs, w, batch, heads, &mut scratch);
-        }
+        vit_blocks(&mut xs, &blocks(), batch, heads);
         Some(x.device().tensor_from_vec(xs, *x.shape()))
     }
 

@@ -91,8 +91,11 @@ impl<E: SpinDtype> VitBlockHost<E> {
 /// Buffers reused from block to block: a block's zero-filled temporaries would otherwise be
 /// requested and cleared again in every block (about 1 % of DeiT-Tiny's forward pass).
 #[derive(Default)]
-pub struct VitScratch<E> {
+struct VitScratch<E> {
+    /// This block's q, k and v, `(rows, 3·d)`.
     qkv: Vec<E>,
+    /// The next block's, written while other chunks still read this block's.
+    next_qkv: Vec<E>,
     attn: Vec<E>,
     /// Normalised rows, `(rows, d)`.
     normed: Vec<E>,
@@ -100,65 +103,77 @@ pub struct VitScratch<E> {
     hidden: Vec<E>,
 }
 
-/// One timm encoder block at inference, in place on `x` `(batch·n, d)`:
+/// timm encoder blocks at inference, one after the other, in place on `x` `(batch·n, d)`: each
 /// `x += proj(attn(LN1(x)))`, then `x += fc2(GELU(fc1(LN2(x))))`.
-pub fn vit_block<E: SpinDtype>(
-    x: &mut [E],
-    w: &VitBlockHost<E>,
-    batch: usize,
-    heads: usize,
-    scratch: &mut VitScratch<E>,
-) {
-    let d = w.norm1.0.len();
+///
+/// One pass over row chunks per block: a chunk runs its attention rows, the projection, the MLP
+/// and then the next block's LN1 and qkv, all row-local, so the only barrier between blocks is
+/// the packing of the next keys (at batch 1 each barrier's waits and wake-ups cost the threads
+/// about 1 % of DeiT-Tiny's pass). Panics unless every block has the first one's sizes.
+pub fn vit_blocks<E: SpinDtype>(x: &mut [E], blocks: &[VitBlockHost<E>], batch: usize, heads: usize) {
+    let Some(first) = blocks.first() else {
+        return;
+    };
+    let (d, hidden) = (first.norm1.0.len(), first.fc1.b.len());
+    assert!(
+        blocks
+            .iter()
+            .all(|w| w.norm1.0.len() == d && w.fc1.b.len() == hidden),
+        "vit_blocks: blocks of different sizes"
+    );
     let rows = x.len() / d;
-    let hidden = w.fc1.b.len();
     let chunk = row_chunk(rows);
-    let s = scratch;
+    let mut s = VitScratch::default();
     s.qkv.resize(rows * 3 * d, E::zero());
+    s.next_qkv.resize(rows * 3 * d, E::zero());
     s.attn.resize(rows * d, E::zero());
     s.normed.resize(rows * d, E::zero());
     s.hidden.resize(rows * hidden, E::zero());
 
-    // LN1 and qkv.
+    // The first block's LN1 and qkv.
     s.qkv
         .par_chunks_mut(chunk * 3 * d)
         .zip(x.par_chunks(chunk * d))
         .zip(s.normed.par_chunks_mut(chunk * d))
         .for_each(|((qkv, xs), z)| {
-            let r = xs.len() / d;
-            layer_norm_rows(z, xs, &w.norm1.0, &w.norm1.1);
-            linear_into(qkv, z, r, &w.qkv, false);
+            layer_norm_rows(z, xs, &first.norm1.0, &first.norm1.1);
+            linear_into(qkv, z, xs.len() / d, &first.qkv, false);
         });
 
-    // The fused attention kernel runs per chunk of query rows in the pass below, which saves a
-    // barrier per block (at batch 1 the threads' waits and wake-ups were ~7 % of the pass);
-    // elsewhere the attention is a pass of its own.
-    let keys = packed_keys(&s.qkv, batch, heads, d);
-    if keys.is_none() {
-        attention_core(&s.qkv, &mut s.attn, batch, heads, d);
+    for (i, w) in blocks.iter().enumerate() {
+        let next = blocks.get(i + 1);
+        // The fused attention kernel runs per chunk of query rows in the pass below; elsewhere
+        // the attention is a pass of its own.
+        let keys = packed_keys(&s.qkv, batch, heads, d);
+        if keys.is_none() {
+            attention_core(&s.qkv, &mut s.attn, batch, heads, d);
+        }
+        let qkv = &s.qkv;
+        x.par_chunks_mut(chunk * d)
+            .zip(s.attn.par_chunks_mut(chunk * d))
+            .zip(s.normed.par_chunks_mut(chunk * d))
+            .zip(s.hidden.par_chunks_mut(chunk * hidden))
+            .zip(s.next_qkv.par_chunks_mut(chunk * 3 * d))
+            .enumerate()
+            .for_each(|(i, ((((xs, a), z), h), next_qkv))| {
+                let r = xs.len() / d;
+                if let Some(keys) = &keys {
+                    let span = i * chunk..i * chunk + r;
+                    let shape = (rows / batch, heads, d);
+                    attention_rows(qkv, keys, shape, span, a);
+                }
+                linear_into(xs, a, r, &w.proj, true);
+                layer_norm_rows(z, xs, &w.norm2.0, &w.norm2.1);
+                linear_into(h, z, r, &w.fc1, false);
+                gelu_inplace(h);
+                linear_into(xs, h, r, &w.fc2, true);
+                if let Some(n) = next {
+                    layer_norm_rows(z, xs, &n.norm1.0, &n.norm1.1);
+                    linear_into(next_qkv, z, r, &n.qkv, false);
+                }
+            });
+        std::mem::swap(&mut s.qkv, &mut s.next_qkv);
     }
-    let qkv = &s.qkv;
-
-    // Attention (where fused), projection and residual, LN2, MLP and residual: row-local once
-    // the keys are packed.
-    x.par_chunks_mut(chunk * d)
-        .zip(s.attn.par_chunks_mut(chunk * d))
-        .zip(s.normed.par_chunks_mut(chunk * d))
-        .zip(s.hidden.par_chunks_mut(chunk * hidden))
-        .enumerate()
-        .for_each(|(i, (((xs, a), z), h))| {
-            let r = xs.len() / d;
-            if let Some(keys) = &keys {
-                let span = i * chunk..i * chunk + r;
-                let shape = (rows / batch, heads, d);
-                attention_rows(qkv, keys, shape, span, a);
-            }
-            linear_into(xs, a, r, &w.proj, true);
-            layer_norm_rows(z, xs, &w.norm2.0, &w.norm2.1);
-            linear_into(h, z, r, &w.fc1, false);
-            gelu_inplace(h);
-            linear_into(xs, h, r, &w.fc2, true);
-        });
 }
 
 /// `out = x · Wᵀ + b` over all rows of `x`, split across threads.
@@ -307,42 +322,39 @@ mod tests {
         }
     }
 
-    fn block<E: SpinDtype>(d: usize) -> VitBlockHost<E> {
+    fn block<E: SpinDtype>(d: usize, seed: usize) -> VitBlockHost<E> {
         let cast = |v: Vec<f64>| v.into_iter().map(E::cast).collect::<Vec<E>>();
         VitBlockHost {
-            norm1: (cast(v(d, 1)), cast(v(d, 2))),
-            qkv: linear(d, 3 * d, 3),
-            proj: linear(d, d, 5),
-            norm2: (cast(v(d, 7)), cast(v(d, 8))),
-            fc1: linear(d, 4 * d, 9),
-            fc2: linear(4 * d, d, 11),
+            norm1: (cast(v(d, seed + 1)), cast(v(d, seed + 2))),
+            qkv: linear(d, 3 * d, seed + 3),
+            proj: linear(d, d, seed + 5),
+            norm2: (cast(v(d, seed + 7)), cast(v(d, seed + 8))),
+            fc1: linear(d, 4 * d, seed + 9),
+            fc2: linear(4 * d, d, seed + 11),
         }
     }
 
-    /// An f32 encoder block (packed weights; on AVX-512 the attention tiles run inside the row
-    /// pass, on row chunks that start inside an image) against the same block in f64 (gemm and
-    /// the portable attention): 3 images of 26 tokens, 2 heads of 16, every output within 1e-5
-    /// of the largest.
+    /// Two f32 encoder blocks in one call (packed weights; on AVX-512 the attention tiles run
+    /// inside the row pass, on row chunks that start inside an image, and the second block's LN1
+    /// and qkv run in the first block's pass) against the same blocks in f64 (gemm and the
+    /// portable attention), one call per block: 3 images of 26 tokens, 2 heads of 16, every
+    /// output within 1e-5 of the largest.
     #[test]
-    fn f32_block_matches_the_f64_block() {
+    fn f32_blocks_match_the_f64_blocks() {
         let (batch, n, d, heads) = (3, 26, 32, 2);
         let x = v(batch * n * d, 13).iter().map(|a| a * 4.0).collect::<Vec<f64>>();
         let mut want = x.clone();
-        vit_block(
-            &mut want,
-            &block::<f64>(d),
-            batch,
-            heads,
-            &mut VitScratch::default(),
-        );
-        let mut w32 = block::<f32>(d);
-        for l in [&mut w32.qkv, &mut w32.proj, &mut w32.fc1, &mut w32.fc2] {
-            l.pack();
+        for seed in [0, 20] {
+            vit_blocks(&mut want, &[block::<f64>(d, seed)], batch, heads);
+        }
+        let mut w32 = [block::<f32>(d, 0), block::<f32>(d, 20)];
+        for w in &mut w32 {
+            w.pack();
         }
         let mut got: Vec<f32> = x.iter().map(|&a| a as f32).collect();
         // Two threads whatever the machine: chunks of 39 rows, the second starting at token 13.
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        pool.install(|| vit_block(&mut got, &w32, batch, heads, &mut VitScratch::default()));
+        pool.install(|| vit_blocks(&mut got, &w32, batch, heads));
         let scale = want.iter().fold(0.0f64, |m, a| m.max(a.abs()));
         for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
             assert!((g as f64 - w).abs() < 1e-5 * scale, "value {i}: {g} vs {w}");
