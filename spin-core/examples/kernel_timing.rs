@@ -1,6 +1,6 @@
 //! Times spin's CPU kernels on ConvMixer-256/8's shapes (batch 8, 16×16, 256 channels, k9), then
 //! the two fused inference passes of a ConvMixer-768/32 block and DeiT-Tiny's fc1 backward (gemm
-//! against the packed kernel) on two threads:
+//! against the packed kernel) on two threads, and DeiT-Tiny's batch-1 attention core on one:
 //! `cargo run --release -p spin-core --example kernel_timing`.
 use spin_core::device::{DepthwiseKernel, GeluKernel, NormKernels};
 use spin_core::dfdx::prelude::*;
@@ -135,4 +135,24 @@ fn vit_linear_backward() {
         "fc1 dW packed {:.3} ms",
         ms(|| packed::linear_grad_weight(&gy, &x, (out, inp), &mut gw.borrow_mut()))
     );
+    vit_attention();
+}
+
+/// DeiT-Tiny's attention core at batch 1 (197 tokens, 3 heads of 64) on one thread: the fused
+/// AVX-512 tiles with their key packing (skipped where the CPU lacks AVX-512F).
+fn vit_attention() {
+    use spin_core::kernels::attention_tile::{applies, attention_core_f32};
+    let (n, heads, d) = (197, 3, 192);
+    if !applies(d / heads) {
+        return;
+    }
+    let qkv: Vec<f32> = (0..n * 3 * d)
+        .map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5)
+        .collect();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let t = pool.install(|| {
+        let out = std::cell::RefCell::new(vec![0.0f32; n * d]);
+        ms(|| attention_core_f32(&qkv, &mut out.borrow_mut(), 1, heads, d))
+    });
+    println!("DeiT-Tiny b1 attention, 1 thread  {:.1} µs", t * 1000.0);
 }

@@ -6,8 +6,8 @@
 //! is packed once per (image, head) as panels of 16 keys, `(head_dim, 16)` each (the last
 //! zero-padded), v is read in place, and both products keep a 6 × 64 tile on 24 registers.
 //! Four tiles take each group of key panels in turn, their six softmax rows run side by side,
-//! and v's rows are prefetched: single-threaded, DeiT-Tiny's batch-1 attention (with the key
-//! packing) 213 → 187 µs in a throwaway probe.
+//! and v's rows are prefetched: DeiT-Tiny's batch-1 attention with its key packing, on one
+//! thread, 201–208 → 181–196 µs (two runs each of the `kernel_timing` example's last line).
 use super::elementwise::avx512::exp_nonpos;
 use crate::base::F32_LANES;
 use rayon::prelude::*;
