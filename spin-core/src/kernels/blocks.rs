@@ -106,10 +106,10 @@ struct VitScratch<E> {
 /// timm encoder blocks at inference, one after the other, in place on `x` `(batch·n, d)`: each
 /// `x += proj(attn(LN1(x)))`, then `x += fc2(GELU(fc1(LN2(x))))`.
 ///
-/// One pass over row chunks per block: a chunk runs its attention rows, the projection, the MLP
-/// and then the next block's LN1 and qkv, all row-local, so the only barrier between blocks is
-/// the packing of the next keys (at batch 1 each barrier's waits and wake-ups cost the threads
-/// about 1 % of DeiT-Tiny's pass). Panics unless every block has the first one's sizes.
+/// At small batches, one pass over row chunks per block: a chunk runs its attention rows, the
+/// projection, the MLP and then the next block's LN1 and qkv, all row-local, so the only barrier
+/// between blocks is the packing of the next keys (DeiT-Tiny b1 about 1 % faster than with a
+/// separate LN1 + qkv pass). Panics unless every block has the first one's sizes.
 pub fn vit_blocks<E: SpinDtype>(x: &mut [E], blocks: &[VitBlockHost<E>], batch: usize, heads: usize) {
     let Some(first) = blocks.first() else {
         return;
@@ -130,15 +130,21 @@ pub fn vit_blocks<E: SpinDtype>(x: &mut [E], blocks: &[VitBlockHost<E>], batch: 
     s.normed.resize(rows * d, E::zero());
     s.hidden.resize(rows * hidden, E::zero());
 
-    // The first block's LN1 and qkv.
-    s.qkv
-        .par_chunks_mut(chunk * 3 * d)
-        .zip(x.par_chunks(chunk * d))
-        .zip(s.normed.par_chunks_mut(chunk * d))
-        .for_each(|((qkv, xs), z)| {
-            layer_norm_rows(z, xs, &first.norm1.0, &first.norm1.1);
-            linear_into(qkv, z, xs.len() / d, &first.qkv, false);
-        });
+    // LN1 and qkv of block `w` over all rows, into `out`.
+    let qkv_pass = |x: &[E], w: &VitBlockHost<E>, out: &mut [E], normed: &mut [E]| {
+        out.par_chunks_mut(chunk * 3 * d)
+            .zip(x.par_chunks(chunk * d))
+            .zip(normed.par_chunks_mut(chunk * d))
+            .for_each(|((qkv, xs), z)| {
+                layer_norm_rows(z, xs, &w.norm1.0, &w.norm1.1);
+                linear_into(qkv, z, xs.len() / d, &w.qkv, false);
+            });
+    };
+    qkv_pass(x, first, &mut s.qkv, &mut s.normed);
+    // With one chunk per thread (small batches) the next block's LN1 and qkv join the row pass;
+    // with more, each chunk would cycle through all four weights (1.8 MB at DeiT-Small) and
+    // evict them from L2 (DeiT-Small b8 4–5 % slower), so they keep a pass of their own.
+    let fuse_next = rows.div_ceil(chunk) <= rayon::current_num_threads();
 
     for (i, w) in blocks.iter().enumerate() {
         let next = blocks.get(i + 1);
@@ -167,11 +173,14 @@ pub fn vit_blocks<E: SpinDtype>(x: &mut [E], blocks: &[VitBlockHost<E>], batch: 
                 linear_into(h, z, r, &w.fc1, false);
                 gelu_inplace(h);
                 linear_into(xs, h, r, &w.fc2, true);
-                if let Some(n) = next {
+                if let Some(n) = next.filter(|_| fuse_next) {
                     layer_norm_rows(z, xs, &n.norm1.0, &n.norm1.1);
                     linear_into(next_qkv, z, r, &n.qkv, false);
                 }
             });
+        if let Some(n) = next.filter(|_| !fuse_next) {
+            qkv_pass(x, n, &mut s.next_qkv, &mut s.normed);
+        }
         std::mem::swap(&mut s.qkv, &mut s.next_qkv);
     }
 }
@@ -335,29 +344,37 @@ mod tests {
     }
 
     /// Two f32 encoder blocks in one call (packed weights; on AVX-512 the attention tiles run
-    /// inside the row pass, on row chunks that start inside an image, and the second block's LN1
-    /// and qkv run in the first block's pass) against the same blocks in f64 (gemm and the
-    /// portable attention), one call per block: 3 images of 26 tokens, 2 heads of 16, every
-    /// output within 1e-5 of the largest.
+    /// inside the row pass, on row chunks that start inside an image) against the same blocks in
+    /// f64 (gemm and the portable attention), one call per block, every output within 1e-5 of
+    /// the largest; 2 heads of 16. Three images of 26 tokens on two threads (two chunks of 39
+    /// rows: the second block's LN1 and qkv run in the first block's pass), then six on one
+    /// thread (chunks of 128 and 28 rows: they get a pass of their own).
     #[test]
     fn f32_blocks_match_the_f64_blocks() {
-        let (batch, n, d, heads) = (3, 26, 32, 2);
-        let x = v(batch * n * d, 13).iter().map(|a| a * 4.0).collect::<Vec<f64>>();
-        let mut want = x.clone();
-        for seed in [0, 20] {
-            vit_blocks(&mut want, &[block::<f64>(d, seed)], batch, heads);
-        }
-        let mut w32 = [block::<f32>(d, 0), block::<f32>(d, 20)];
-        for w in &mut w32 {
-            w.pack();
-        }
-        let mut got: Vec<f32> = x.iter().map(|&a| a as f32).collect();
-        // Two threads whatever the machine: chunks of 39 rows, the second starting at token 13.
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-        pool.install(|| vit_blocks(&mut got, &w32, batch, heads));
-        let scale = want.iter().fold(0.0f64, |m, a| m.max(a.abs()));
-        for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-            assert!((g as f64 - w).abs() < 1e-5 * scale, "value {i}: {g} vs {w}");
+        let (n, d, heads) = (26, 32, 2);
+        for (batch, threads) in [(3, 2), (6, 1)] {
+            let x = v(batch * n * d, 13).iter().map(|a| a * 4.0).collect::<Vec<f64>>();
+            let mut want = x.clone();
+            for seed in [0, 20] {
+                vit_blocks(&mut want, &[block::<f64>(d, seed)], batch, heads);
+            }
+            let mut w32 = [block::<f32>(d, 0), block::<f32>(d, 20)];
+            for w in &mut w32 {
+                w.pack();
+            }
+            let mut got: Vec<f32> = x.iter().map(|&a| a as f32).collect();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| vit_blocks(&mut got, &w32, batch, heads));
+            let scale = want.iter().fold(0.0f64, |m, a| m.max(a.abs()));
+            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g as f64 - w).abs() < 1e-5 * scale,
+                    "batch {batch}, value {i}: {g} vs {w}"
+                );
+            }
         }
     }
 }
