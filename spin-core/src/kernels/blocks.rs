@@ -94,7 +94,8 @@ impl<E: SpinDtype> VitBlockHost<E> {
 struct VitScratch<E> {
     /// This block's q, k and v, `(rows, 3·d)`.
     qkv: Vec<E>,
-    /// The next block's, written while other chunks still read this block's.
+    /// The next block's, where its LN1 and qkv run in this block's pass (written while other
+    /// chunks still read this block's); otherwise empty.
     next_qkv: Vec<E>,
     attn: Vec<E>,
     /// Normalised rows, `(rows, d)`.
@@ -125,7 +126,6 @@ pub fn vit_blocks<E: SpinDtype>(x: &mut [E], blocks: &[VitBlockHost<E>], batch: 
     let chunk = row_chunk(rows);
     let mut s = VitScratch::default();
     s.qkv.resize(rows * 3 * d, E::zero());
-    s.next_qkv.resize(rows * 3 * d, E::zero());
     s.attn.resize(rows * d, E::zero());
     s.normed.resize(rows * d, E::zero());
     s.hidden.resize(rows * hidden, E::zero());
@@ -144,7 +144,12 @@ pub fn vit_blocks<E: SpinDtype>(x: &mut [E], blocks: &[VitBlockHost<E>], batch: 
     // With one chunk per thread (small batches) the next block's LN1 and qkv join the row pass;
     // with more, each chunk would cycle through all four weights (1.8 MB at DeiT-Small) and
     // evict them from L2 (DeiT-Small b8 4–5 % slower), so they keep a pass of their own.
-    let fuse_next = rows.div_ceil(chunk) <= rayon::current_num_threads();
+    // (Unfused, qkv is rewritten in place: alternating two buffers was also slower there.)
+    let chunks = rows.div_ceil(chunk);
+    let fuse_next = blocks.len() > 1 && chunks <= rayon::current_num_threads();
+    if fuse_next {
+        s.next_qkv.resize(rows * 3 * d, E::zero());
+    }
 
     for (i, w) in blocks.iter().enumerate() {
         let next = blocks.get(i + 1);
@@ -155,11 +160,15 @@ pub fn vit_blocks<E: SpinDtype>(x: &mut [E], blocks: &[VitBlockHost<E>], batch: 
             attention_core(&s.qkv, &mut s.attn, batch, heads, d);
         }
         let qkv = &s.qkv;
+        let next_qkv: Vec<&mut [E]> = match fuse_next {
+            true => s.next_qkv.chunks_mut(chunk * 3 * d).collect(),
+            false => (0..chunks).map(|_| Default::default()).collect(),
+        };
         x.par_chunks_mut(chunk * d)
             .zip(s.attn.par_chunks_mut(chunk * d))
             .zip(s.normed.par_chunks_mut(chunk * d))
             .zip(s.hidden.par_chunks_mut(chunk * hidden))
-            .zip(s.next_qkv.par_chunks_mut(chunk * 3 * d))
+            .zip(next_qkv)
             .enumerate()
             .for_each(|(i, ((((xs, a), z), h), next_qkv))| {
                 let r = xs.len() / d;
@@ -178,10 +187,11 @@ pub fn vit_blocks<E: SpinDtype>(x: &mut [E], blocks: &[VitBlockHost<E>], batch: 
                     linear_into(next_qkv, z, r, &n.qkv, false);
                 }
             });
-        if let Some(n) = next.filter(|_| !fuse_next) {
-            qkv_pass(x, n, &mut s.next_qkv, &mut s.normed);
+        match next {
+            Some(_) if fuse_next => std::mem::swap(&mut s.qkv, &mut s.next_qkv),
+            Some(n) => qkv_pass(x, n, &mut s.qkv, &mut s.normed),
+            None => {}
         }
-        std::mem::swap(&mut s.qkv, &mut s.next_qkv);
     }
 }
 
