@@ -61,7 +61,8 @@ impl<E: SpinDtype> LinearKernel<E> for Cpu {
             l
         };
         // Without a tape the weights are not about to change: keep the layer for the next call.
-        // With one, the backward needs W as it is: copied out once, for both.
+        // With one, the backward needs W as it is: read in place (`values` holds its buffer,
+        // which dfdx copies before any write while it is shared).
         let (l, ws) = if T::OWNS_TAPE {
             let ws = values(&w);
             (std::sync::Arc::new(make(&ws)), Some(ws))
