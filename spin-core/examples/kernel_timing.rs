@@ -1,6 +1,7 @@
 //! Times spin's CPU kernels on ConvMixer-256/8's shapes (batch 8, 16×16, 256 channels, k9), then
 //! the two fused inference passes of a ConvMixer-768/32 block and DeiT-Tiny's fc1 backward (gemm
-//! against the packed kernel) on two threads, and DeiT-Tiny's batch-1 attention core on one:
+//! against the packed kernel) on two threads, DeiT-Tiny's batch-1 attention core on one, and one
+//! thread's packed products on the AVX-512 kernel and on AMX tiles where the CPU has them:
 //! `cargo run --release -p spin-core --example kernel_timing`.
 use spin_core::device::{DepthwiseKernel, GeluKernel, NormKernels};
 use spin_core::dfdx::prelude::*;
@@ -155,4 +156,34 @@ fn vit_attention() {
         ms(|| attention_core_f32(&qkv, &mut out.borrow_mut(), 1, heads, d))
     });
     println!("DeiT-Tiny b1 attention, 1 thread  {:.1} µs", t * 1000.0);
+    packed_products();
+}
+
+/// One thread's share of a ViT linear layer at inference, `(rows, in) → out`, with the weight
+/// packed for the AVX-512 kernel and kept for inference (split for AMX tiles where available):
+/// DeiT-Tiny b1's qkv (99 of 197 rows) and DeiT-Small b8's qkv and fc2 (128-row tasks).
+fn packed_products() {
+    use spin_core::kernels::packed::{amx, linear_packed, PackedRhs};
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    for (rows, k, n) in [(99, 192, 576), (128, 384, 1152), (128, 1536, 384)] {
+        let v = |len: usize| {
+            (0..len)
+                .map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5)
+                .collect::<Vec<f32>>()
+        };
+        let (x, wt, bias) = (v(rows * k), v(k * n), v(n));
+        let mut line = format!("linear {rows}×{k}→{n}, 1 thread:");
+        let kinds = [
+            ("AVX-512", PackedRhs::pack(&wt, k, n)),
+            ("AMX", PackedRhs::pack_kept(&wt, k, n)),
+        ];
+        for (name, w) in kinds.iter().take(if amx::available() { 2 } else { 1 }) {
+            let t = pool.install(|| {
+                let out = std::cell::RefCell::new(vec![0.0f32; rows * n]);
+                ms(|| linear_packed(&mut out.borrow_mut(), &x, w, &bias, false))
+            });
+            line += &format!("  {name} {:.0} GFLOP/s", 2.0 * (rows * k * n) as f64 / t / 1e6);
+        }
+        println!("{line}");
+    }
 }

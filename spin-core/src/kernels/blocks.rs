@@ -57,7 +57,7 @@ impl<E: SpinDtype> HostLinear<E> {
             return;
         }
         let n = self.b.len();
-        self.packed = PackedRhs::pack(as_f32(&self.wt), self.wt.len() / n, n);
+        self.packed = PackedRhs::pack_kept(as_f32(&self.wt), self.wt.len() / n, n);
         self.wt = Vec::new();
     }
 }

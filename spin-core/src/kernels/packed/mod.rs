@@ -14,6 +14,8 @@ use rayon::prelude::*;
 use tile::Tile;
 
 #[cfg(target_arch = "x86_64")]
+pub mod amx;
+#[cfg(target_arch = "x86_64")]
 mod tile;
 
 /// AVX-512 registers per panel row.
@@ -24,10 +26,13 @@ pub const NR: usize = 16 * NV;
 const MR: usize = 8;
 
 /// A `(k, n)` right-hand matrix as panels of [`NR`] columns, each `(k, NR)` row-major, the last
-/// one zero-padded. Empty until packed.
+/// one zero-padded; or, where [`amx::available`], split for the AMX kernel instead. Empty until
+/// packed.
 #[derive(Clone, Debug, Default)]
 pub struct PackedRhs {
     data: Vec<f32>,
+    #[cfg(target_arch = "x86_64")]
+    amx: Option<amx::AmxRhs>,
     k: usize,
     n: usize,
 }
@@ -59,11 +64,37 @@ impl PackedRhs {
         // SAFETY: the panels above cover all `len` slots (n.div_ceil(NR) panels of k rows of NR),
         // and each row's `cols` values and its padding were written.
         unsafe { data.set_len(len) };
-        Self { data, k, n }
+        Self {
+            data,
+            k,
+            n,
+            ..Self::default()
+        }
+    }
+
+    /// [`PackedRhs::pack`], or where [`amx::available`] the split for the AMX kernel: for a
+    /// weight kept between calls (splitting costs more than packing; a training step's per-call
+    /// packs stay on the AVX-512 kernel).
+    pub fn pack_kept(wt: &[f32], k: usize, n: usize) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if amx::available() {
+            let amx = Some(amx::AmxRhs::pack(wt, k, n));
+            return Self {
+                amx,
+                k,
+                n,
+                ..Self::default()
+            };
+        }
+        Self::pack(wt, k, n)
     }
 
     /// Whether a weight has been packed.
     pub fn is_packed(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self.amx.is_some() {
+            return true;
+        }
         !self.data.is_empty()
     }
 
@@ -151,9 +182,13 @@ pub fn matmul_packed(out: &mut [f32], x: Lhs<'_>, w: &PackedRhs, bias: Option<&[
         "matmul_packed: sizes"
     );
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX-512F is present (asserted above); sizes are checked above and inside.
+    // SAFETY: AVX-512F is present (asserted above), and AMX where `w` was split for it; sizes
+    // are checked above and inside.
     unsafe {
-        rows_avx512(out, x, w, bias, accumulate, (None, None))
+        match &w.amx {
+            Some(a) => amx::matmul(out, x, a, w.n, bias, accumulate, (None, None)),
+            None => rows_avx512(out, x, w, bias, accumulate, (None, None)),
+        }
     }
 }
 
@@ -180,9 +215,12 @@ pub fn matmul_packed_epilogue(
         "matmul_packed_epilogue: sizes"
     );
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX-512F is present (asserted above); sizes are checked above and inside.
+    // SAFETY: as in `matmul_packed`.
     unsafe {
-        rows_avx512(out, x, w, Some(epi.bias), false, (Some(epi), skip))
+        match &w.amx {
+            Some(a) => amx::matmul(out, x, a, w.n, Some(epi.bias), false, (Some(epi), skip)),
+            None => rows_avx512(out, x, w, Some(epi.bias), false, (Some(epi), skip)),
+        }
     }
 }
 
