@@ -12,7 +12,9 @@ struct Tiny;
 fn valid_checkpoint() -> Vec<u8> {
     let dev = Cpu::seed_from_u64(0);
     let m = dev.build_module::<Tiny, f32>();
-    let path = spin_tests::scratch("robust-ckpt").join("m.safetensors");
+    // One folder per thread: two tests call this at once, and `scratch` empties its folder.
+    let folder = format!("robust-ckpt-{:?}", std::thread::current().id());
+    let path = spin_tests::scratch(&folder).join("m.safetensors");
     m.save_timm(&path).unwrap();
     std::fs::read(path).unwrap()
 }
