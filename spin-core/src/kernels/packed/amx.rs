@@ -123,7 +123,8 @@ thread_local! {
     static LHS_PARTS: RefCell<Vec<u16>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `x` split into bf16 parts in the tile layout of [`LHS_PARTS`], padding zeroed.
+/// `x` split into bf16 parts in the tile layout of [`LHS_PARTS`], the inner dimension's padding
+/// zeroed.
 ///
 /// # Safety
 /// The CPU must support AVX-512F and BW.
@@ -136,11 +137,13 @@ unsafe fn split_lhs(dst: &mut Vec<u16>, x: Lhs<'_>) {
     }
     let mut values = [0f32; KT];
     for (b, block) in dst[..len].chunks_exact_mut(steps * STEP).enumerate() {
-        for r in 0..KT {
+        // Rows past the last are left as they are: a short block's tiles are configured with
+        // fewer rows and never read them.
+        for r in 0..KT.min(x.rows - b * KT) {
             let (h, rr) = (r / TR, r % TR);
             let row = b * KT + r;
             for (s, step) in block.chunks_exact_mut(STEP).enumerate() {
-                let depth = if row < x.rows { KT.min(x.k - s * KT) } else { 0 };
+                let depth = KT.min(x.k - s * KT);
                 let src = if x.cs == 1 && depth == KT {
                     &x.data[row * x.rs + s * KT..][..KT]
                 } else {
