@@ -8,7 +8,7 @@
 //! give about 2.6 times the FMA units' f32 rate; the tests hold the results to the f32 kernel's
 //! tolerance against f64. Set `SPIN_AMX=0` to use the AVX-512 kernel instead.
 use super::Lhs;
-use crate::kernels::epilogue::{avx512::epilogue_rows, Epilogue};
+use crate::kernels::epilogue::{avx512::activate16, Epilogue};
 use rayon::prelude::*;
 use std::arch::asm;
 use std::arch::x86_64::*;
@@ -322,8 +322,6 @@ pub(super) unsafe fn matmul(
         TileConfig::new(TR, TR),
         TileConfig::new(last_rows.min(TR), last_rows.saturating_sub(TR)),
     );
-    // The epilogue adds its own bias.
-    let added_bias = if post.is_some() { None } else { bias };
     let mut products = Products([0.0; KT * KT]);
     LHS_PARTS.with_borrow_mut(|lhs| {
         // SAFETY: AVX-512F and BW come with `available`.
@@ -351,17 +349,22 @@ pub(super) unsafe fn matmul(
                     asm!("tilerelease", options(nostack, nomem));
                 }
                 for (r, p) in products.0.chunks_exact(KT).take(block_rows).enumerate() {
-                    let o = &mut out[(rb * KT + r) * n + c0..][..cols];
+                    let at = (rb * KT + r) * n + c0;
+                    let o = &mut out[at..at + cols];
                     let p = &p[..cols];
-                    match (accumulate, added_bias) {
-                        (false, None) => o.copy_from_slice(p),
-                        (true, None) => o.iter_mut().zip(p).for_each(|(o, p)| *o += p),
-                        (false, Some(b)) => o
+                    match (post, accumulate, bias) {
+                        (Some(epi), _, _) => {
+                            // SAFETY: AVX-512F (the contract); `finish` checks the sizes.
+                            unsafe { finish(o, p, epi, c0, skip.map(|s| &s[at..at + cols])) }
+                        }
+                        (None, false, None) => o.copy_from_slice(p),
+                        (None, true, None) => o.iter_mut().zip(p).for_each(|(o, p)| *o += p),
+                        (None, false, Some(b)) => o
                             .iter_mut()
                             .zip(p)
                             .zip(&b[c0..])
                             .for_each(|((o, p), b)| *o = p + b),
-                        (true, Some(b)) => o
+                        (None, true, Some(b)) => o
                             .iter_mut()
                             .zip(p)
                             .zip(&b[c0..])
@@ -371,9 +374,37 @@ pub(super) unsafe fn matmul(
             }
         }
     });
-    if let Some(epi) = post {
-        // SAFETY: AVX-512F (the contract); sizes are asserted inside.
-        unsafe { epilogue_rows(out, epi, skip) };
+}
+
+/// One row of a tile's products through the epilogue (channels `c0..c0 + p.len()`, at most 32)
+/// into `out`, while they are in L1: `act(p + bias)·scale + shift (+ skip)`.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn finish(out: &mut [f32], p: &[f32], epi: &Epilogue<'_, f32>, c0: usize, skip: Option<&[f32]>) {
+    let cols = p.len();
+    assert!(
+        out.len() == cols
+            && cols <= KT
+            && epi.bias.len().min(epi.scale.len()).min(epi.shift.len()) >= c0 + cols
+    );
+    assert!(skip.is_none_or(|s| s.len() == cols));
+    for v0 in (0..cols).step_by(TR) {
+        let left = cols - v0;
+        let m: __mmask16 = if left >= TR { !0 } else { (1 << left) - 1 };
+        // SAFETY: AVX-512F (the contract); every lane read or written is below `cols` in `out`,
+        // `p` and `skip`, and below c0 + cols in the epilogue's vectors (asserted above).
+        unsafe {
+            let at = |v: &[f32], from: usize| _mm512_maskz_loadu_ps(m, v.as_ptr().add(from));
+            let a = _mm512_add_ps(at(p, v0), at(epi.bias, c0 + v0));
+            let mut y = activate16(a, epi.act, at(epi.scale, c0 + v0), at(epi.shift, c0 + v0));
+            if let Some(s) = skip {
+                y = _mm512_add_ps(y, at(s, v0));
+            }
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(v0), m, y);
+        }
     }
 }
 
