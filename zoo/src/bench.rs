@@ -19,6 +19,24 @@ pub struct BenchResult {
     pub min_ms: f64,
     pub images_per_s: f64,
     pub peak_rss_mb: f64,
+    /// What ran the matrix products: `amx` (tiles, f32 accuracy), `avx512` (spin's packed
+    /// kernel) or `gemm`.
+    pub matmul: String,
+}
+
+/// The kernel behind a run's matrix products: kept inference weights go to AMX tiles where
+/// available, training products to the AVX-512 kernel, f16 and CPUs without AVX-512 to gemm.
+fn matmul_kernel(train: bool, dtype: &str) -> &'static str {
+    use spin_core::kernels::packed;
+    #[cfg(target_arch = "x86_64")]
+    if !train && dtype == "f32" && packed::amx::available() {
+        return "amx";
+    }
+    if dtype == "f32" && packed::available() {
+        "avx512"
+    } else {
+        "gemm"
+    }
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), in MB; 0 where unavailable.
@@ -97,6 +115,7 @@ fn result(name: &str, batch: usize, train: bool, dtype: &str, median: f64, min: 
         min_ms: min,
         images_per_s: batch as f64 / (median / 1e3),
         peak_rss_mb: peak_rss_mb(),
+        matmul: matmul_kernel(train, dtype).into(),
     }
 }
 

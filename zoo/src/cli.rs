@@ -303,8 +303,8 @@ pub fn bench(a: &BenchArgs, out: &mut dyn Write) -> Result<(), Error> {
     } else {
         writeln!(
             out,
-            "{} batch {} {} {} on {} threads: median {:.2} ms, min {:.2} ms, {:.1} images/s, peak RSS {:.0} MB",
-            r.model, r.batch, r.mode, r.dtype, r.threads, r.median_ms, r.min_ms, r.images_per_s, r.peak_rss_mb
+            "{} batch {} {} {} on {} threads: median {:.2} ms, min {:.2} ms, {:.1} images/s, peak RSS {:.0} MB, matmul on {}",
+            r.model, r.batch, r.mode, r.dtype, r.threads, r.median_ms, r.min_ms, r.images_per_s, r.peak_rss_mb, r.matmul
         )
         .map_err(io)
     }
