@@ -56,8 +56,12 @@ impl<E: SpinDtype> LinearKernel<E> for Cpu {
                 ..Default::default()
             };
             // Packed once here, the weight is read in place by every row task (gemm would pack it
-            // again in each).
-            l.pack();
+            // again in each); a training step's for that one call.
+            if T::OWNS_TAPE {
+                l.pack_for_one_call();
+            } else {
+                l.pack();
+            }
             l
         };
         // Without a tape the weights are not about to change: keep the layer for the next call.
