@@ -2,8 +2,10 @@
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let trains = matches!(args.get(1).map(String::as_str), Some("train" | "compare" | "fips"))
-        || args.iter().any(|a| a == "--train");
+    let trains = matches!(
+        args.get(1).map(String::as_str),
+        Some("train" | "compare" | "fips")
+    ) || args.iter().any(|a| a == "--train");
     keep_freed_memory(trains);
     std::process::exit(zoo::cli::main());
 }

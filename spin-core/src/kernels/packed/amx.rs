@@ -70,8 +70,9 @@ pub struct AmxRhs {
 }
 
 /// The three bf16 parts of `v` (bit patterns), whose sum is `v` exactly: each the top 16 bits of
-/// what the parts before it leave, which has at most 16, then 8, significant bits.
-#[inline(always)]
+/// what the parts before it leave, which has at most 16, then 8, significant bits. (The kernels
+/// split 32 values at a time, [`split32`]; the tests check both against this.)
+#[cfg(test)]
 fn parts(v: f32) -> [u16; 3] {
     let hi = v.to_bits() & 0xffff_0000;
     let rest = v - f32::from_bits(hi);
@@ -84,39 +85,77 @@ impl AmxRhs {
     /// Splits and lays out a `(k, n)` row-major `Wᵀ`, column blocks in parallel. Panics unless
     /// [`available`].
     pub fn pack(wt: &[f32], k: usize, n: usize) -> Self {
+        use std::mem::MaybeUninit;
         assert!(
             available() && wt.len() == k * n,
             "AmxRhs::pack: AMX and a k × n weight"
         );
         let steps = k.div_ceil(KT);
-        let mut data = vec![0u16; n.div_ceil(KT) * steps * STEP];
-        if !data.is_empty() {
-            data.par_chunks_mut(steps * STEP)
+        let len = n.div_ceil(KT) * steps * STEP;
+        let mut data: Vec<u16> = Vec::with_capacity(len);
+        if len > 0 {
+            data.spare_capacity_mut()[..len]
+                .par_chunks_mut(steps * STEP)
                 .enumerate()
                 .for_each(|(cb, block)| {
-                    // SAFETY: AVX-512 is present (`available`).
-                    unsafe { pack_columns(block, wt, k, n, cb * KT) }
+                    // SAFETY: AVX-512 is present (`available`); `MaybeUninit<u16>` has u16's
+                    // layout, and the block is written, not read.
+                    unsafe {
+                        let block = &mut *(block as *mut [MaybeUninit<u16>] as *mut [u16]);
+                        pack_columns(block, wt, k, n, cb * KT)
+                    }
                 });
         }
+        // SAFETY: `pack_columns` writes every value of every block (padding included), and the
+        // blocks cover all `len`.
+        unsafe { data.set_len(len) };
         Self { data }
     }
 }
 
-/// One 32-column block of [`AmxRhs`] from columns `c0..` of `wt`.
+/// One 32-column block of [`AmxRhs`] from columns `c0..` of `wt`, every value written (zeros past
+/// the matrix): per step and pair of rows, each part's two tile rows interleave the pair.
 ///
 /// # Safety
-/// The CPU must support AVX-512F and BW.
+/// The CPU must support AVX-512F and BW; `block` holds `k.div_ceil(KT)` steps.
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn pack_columns(block: &mut [u16], wt: &[f32], k: usize, n: usize, c0: usize) {
     let cols = KT.min(n - c0);
+    let lanes = |from: usize| -> __mmask16 {
+        let left = cols.saturating_sub(from).min(TR);
+        ((1u32 << left) - 1) as __mmask16
+    };
+    // Lane 2c + e of a tile row takes column c (of this half) of row e of the pair.
+    let pick = |half: i16| {
+        let idx: [i16; 32] = std::array::from_fn(|l| (l / 2) as i16 + half * TR as i16 + (l % 2) as i16 * 32);
+        // SAFETY: AVX-512F (the contract); 32 i16 read from a local array.
+        unsafe { _mm512_loadu_si512(idx.as_ptr() as *const __m512i) }
+    };
+    let (lo_half, hi_half) = (pick(0), pick(1));
     for (s, step) in block.chunks_exact_mut(STEP).enumerate() {
-        for kk in 0..KT.min(k - s * KT) {
-            let row = &wt[(s * KT + kk) * n + c0..][..cols];
-            let (p, e) = (kk / 2, kk % 2);
-            for (c, &v) in row.iter().enumerate() {
-                let (h, cc) = (c / TR, c % TR);
-                for (j, part) in parts(v).into_iter().enumerate() {
-                    step[(2 * j + h) * TILE + p * KT + 2 * cc + e] = part;
+        for p in 0..TR {
+            let row = |e: usize| -> [__m512i; 3] {
+                let kk = s * KT + 2 * p + e;
+                if kk >= k {
+                    return [_mm512_setzero_si512(); 3];
+                }
+                let at = &wt[kk * n + c0..][..cols];
+                // SAFETY: AVX-512F and BW (the contract); the masks keep the loads inside `at`.
+                unsafe {
+                    let load =
+                        |from: usize| _mm512_maskz_loadu_ps(lanes(from), at.as_ptr().wrapping_add(from));
+                    split32(load(0), load(TR))
+                }
+            };
+            let (even, odd) = (row(0), row(1));
+            for j in 0..3 {
+                for (h, idx) in [lo_half, hi_half].into_iter().enumerate() {
+                    let dst = &mut step[(2 * j + h) * TILE + p * KT..][..KT];
+                    // SAFETY: AVX-512BW (the contract); 32 u16 into a slice of 32.
+                    unsafe {
+                        let v = _mm512_permutex2var_epi16(even[j], idx, odd[j]);
+                        _mm512_storeu_si512(dst.as_mut_ptr() as *mut __m512i, v);
+                    }
                 }
             }
         }
@@ -510,6 +549,30 @@ mod tests {
         ] {
             let p = parts(v).map(|b| f32::from_bits((b as u32) << 16) as f64);
             assert_eq!(p[0] + p[1] + p[2], v as f64, "{v}");
+        }
+    }
+
+    /// The vector split gives each lane's [`parts`], in order.
+    #[test]
+    fn split32_matches_parts() {
+        if !std::arch::is_x86_feature_detected!("avx512bw") {
+            return;
+        }
+        let values: [f32; 32] =
+            std::array::from_fn(|i| (i as f32 - 15.3) * 0.377_123 * (1 << (i % 7)) as f32);
+        let mut got = [[0u16; 32]; 3];
+        // SAFETY: AVX-512F and BW were detected; 32 values read, 32 u16 written per part.
+        unsafe {
+            let split = split32(
+                _mm512_loadu_ps(values.as_ptr()),
+                _mm512_loadu_ps(values[16..].as_ptr()),
+            );
+            for (g, v) in got.iter_mut().zip(split) {
+                _mm512_storeu_si512(g.as_mut_ptr() as *mut __m512i, v);
+            }
+        }
+        for (i, &v) in values.iter().enumerate() {
+            assert_eq!([got[0][i], got[1][i], got[2][i]], parts(v), "lane {i}: {v}");
         }
     }
 }
