@@ -73,8 +73,8 @@ impl PackedRhs {
     }
 
     /// [`PackedRhs::pack`], or where [`amx::available`] the split for the AMX kernel: for a
-    /// weight kept between calls (splitting costs more than packing; a training step's per-call
-    /// packs stay on the AVX-512 kernel).
+    /// weight kept between calls (a training step's per-call packs stay on the AVX-512 kernel:
+    /// see [`crate::kernels::blocks::HostLinear::pack_for_one_call`]).
     pub fn pack_kept(wt: &[f32], k: usize, n: usize) -> Self {
         #[cfg(target_arch = "x86_64")]
         if amx::available() {
