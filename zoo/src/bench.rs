@@ -19,8 +19,9 @@ pub struct BenchResult {
     pub min_ms: f64,
     pub images_per_s: f64,
     pub peak_rss_mb: f64,
-    /// What ran the matrix products: `amx` (tiles, f32 accuracy), `avx512` (spin's packed
-    /// kernel) or `gemm`.
+    /// The kernel spin's packed matrix products take in this mode: `amx` (tiles, f32 accuracy),
+    /// `avx512` (spin's packed kernel) or `gemm`. Layers without a packed path (FiPS's sparse
+    /// factors, say) keep their own products whatever this says.
     pub matmul: String,
 }
 
