@@ -302,9 +302,9 @@ mod tests {
     }
 
     /// The tile products against their definition in f64, to 1e-6 of the sum of the terms'
-    /// magnitudes (about 16 of f32's rounding steps): 40 rows (a short last block of 8, top half only) and
-    /// 61 (29: both halves, the bottom short), an inner dimension of one partial step and of
-    /// three and a bit, 45 outputs (a partial column block), with and without accumulating.
+    /// magnitudes (about 16 of f32's rounding steps): 40 rows (a short last block of 8, top half
+    /// only) and 61 (29: both halves, the bottom short), an inner dimension of one partial step
+    /// and of three and a bit, 45 outputs (a partial column block), with and without accumulating.
     #[test]
     fn tile_products_match_the_definition() {
         if !available() {
