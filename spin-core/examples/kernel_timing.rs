@@ -7,6 +7,13 @@ use spin_core::device::{DepthwiseKernel, GeluKernel, NormKernels};
 use spin_core::dfdx::prelude::*;
 use std::time::Instant;
 
+/// `len` deterministic values in [−0.5, 0.5).
+fn values(len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5)
+        .collect()
+}
+
 fn ms(f: impl Fn()) -> f64 {
     f();
     let t = Instant::now();
@@ -50,6 +57,8 @@ fn main() {
         ms(|| spin_core::kernels::gemm::transpose_into(&mut t.borrow_mut(), &fc1, 768, 192))
     );
     big_block();
+    vit_attention();
+    packed_products();
 }
 
 /// ConvMixer-768/32's block at batch 1 (32×32 grid, kernel 7) on the fused inference kernels, on
@@ -67,11 +76,7 @@ fn big_block_on_pool() {
     use spin_core::kernels::depthwise::{forward_into, DwGeometry};
     use spin_core::kernels::epilogue::Epilogue;
     let (g, c, k) = (32, 768, 7);
-    let v = |n: usize| {
-        (0..n)
-            .map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5)
-            .collect::<Vec<f32>>()
-    };
+    let v = values;
     let (x, dw, ones, zeros) = (v(g * g * c), v(k * k * c), vec![1.0; c], vec![0.0; c]);
     let epi = Epilogue {
         bias: &zeros,
@@ -112,11 +117,7 @@ fn vit_linear_backward() {
     use spin_core::kernels::gemm::{par_matmul, par_matmul_tn, MatRef};
     use spin_core::kernels::packed;
     let (rows, inp, out) = (1576, 192, 768);
-    let v = |n: usize| {
-        (0..n)
-            .map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5)
-            .collect::<Vec<f32>>()
-    };
+    let v = values;
     let (gy, w, x) = (v(rows * out), v(out * inp), v(rows * inp));
     let gx = std::cell::RefCell::new(vec![0.0f32; rows * inp]);
     let gw = std::cell::RefCell::new(vec![0.0f32; out * inp]);
@@ -136,7 +137,6 @@ fn vit_linear_backward() {
         "fc1 dW packed {:.3} ms",
         ms(|| packed::linear_grad_weight(&gy, &x, (out, inp), &mut gw.borrow_mut()))
     );
-    vit_attention();
 }
 
 /// DeiT-Tiny's attention core at batch 1 (197 tokens, 3 heads of 64) on one thread: the fused
@@ -147,16 +147,13 @@ fn vit_attention() {
     if !applies(d / heads) {
         return;
     }
-    let qkv: Vec<f32> = (0..n * 3 * d)
-        .map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5)
-        .collect();
+    let qkv = values(n * 3 * d);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     let t = pool.install(|| {
         let out = std::cell::RefCell::new(vec![0.0f32; n * d]);
         ms(|| attention_core_f32(&qkv, &mut out.borrow_mut(), 1, heads, d))
     });
     println!("DeiT-Tiny b1 attention, 1 thread  {:.1} µs", t * 1000.0);
-    packed_products();
 }
 
 /// One thread's share of a ViT linear layer at inference, `(rows, in) → out`, with the weight
@@ -166,12 +163,7 @@ fn packed_products() {
     use spin_core::kernels::packed::{amx, linear_packed, PackedRhs};
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     for (rows, k, n) in [(99, 192, 576), (128, 384, 1152), (128, 1536, 384)] {
-        let v = |len: usize| {
-            (0..len)
-                .map(|i| ((i * 7919) % 997) as f32 / 997.0 - 0.5)
-                .collect::<Vec<f32>>()
-        };
-        let (x, wt, bias) = (v(rows * k), v(k * n), v(n));
+        let (x, wt, bias) = (values(rows * k), values(k * n), values(n));
         let mut line = format!("linear {rows}×{k}→{n}, 1 thread:");
         let kinds = [
             ("AVX-512", PackedRhs::pack(&wt, k, n)),

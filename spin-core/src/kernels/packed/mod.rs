@@ -389,14 +389,20 @@ mod tests {
         }
     }
 
+    /// The layouts a weight can take: the AVX-512 kernel's panels, and a kept weight's (split
+    /// for AMX tiles where the CPU has them, the same panels elsewhere).
+    type Pack = fn(&[f32], usize, usize) -> PackedRhs;
+    const PACKINGS: [(&str, Pack); 2] = [("panels", PackedRhs::pack), ("kept", PackedRhs::pack_kept)];
+
     #[test]
     fn packed_products_match_the_definition() {
         if !available() {
             return;
         }
-        // 29 rows (three full tiles and a partial one); a full panel of outputs and a partial
-        // one of one vector (60) or two (80); an inner dimension within one block and across
-        // three; with and without accumulation.
+        // 29 rows (three full tiles and a partial one; on AMX a block with a short bottom half);
+        // a full panel of outputs and a partial one of one vector (60) or two (80); an inner
+        // dimension within one block and across three; with and without accumulation; both
+        // layouts.
         for (k, n, accumulate) in [
             (37, 60, false),
             (37, 80, true),
@@ -405,30 +411,34 @@ mod tests {
         ] {
             let rows = 29;
             let (x, wt, bias, old) = (v(rows * k, 1), v(k * n, 2), v(n, 3), v(rows * n, 4));
-            let packed = PackedRhs::pack(&wt, k, n);
-            let mut got = if accumulate {
-                old.clone()
-            } else {
-                vec![f32::NAN; rows * n]
-            };
-            linear_packed(&mut got, &x, &packed, &bias, accumulate);
-            for i in 0..rows {
-                for j in 0..n {
-                    let dot: f64 = (0..k).map(|l| x[i * k + l] as f64 * wt[l * n + j] as f64).sum();
-                    let want = dot + bias[j] as f64 + if accumulate { old[i * n + j] as f64 } else { 0.0 };
-                    let e = (got[i * n + j] as f64 - want).abs();
-                    assert!(
-                        e < 1e-5,
-                        "accumulate {accumulate} ({i}, {j}): {} vs {want}",
-                        got[i * n + j]
-                    );
+            for (kind, pack) in PACKINGS {
+                let packed = pack(&wt, k, n);
+                let mut got = if accumulate {
+                    old.clone()
+                } else {
+                    vec![f32::NAN; rows * n]
+                };
+                linear_packed(&mut got, &x, &packed, &bias, accumulate);
+                for i in 0..rows {
+                    for j in 0..n {
+                        let dot: f64 = (0..k).map(|l| x[i * k + l] as f64 * wt[l * n + j] as f64).sum();
+                        let want =
+                            dot + bias[j] as f64 + if accumulate { old[i * n + j] as f64 } else { 0.0 };
+                        let e = (got[i * n + j] as f64 - want).abs();
+                        assert!(
+                            e < 1e-5,
+                            "{kind}, accumulate {accumulate} ({i}, {j}): {} vs {want}",
+                            got[i * n + j]
+                        );
+                    }
                 }
             }
         }
     }
 
     /// The fused epilogue against its definition in f64: `act(x·W + b)·s + t + skip`, for GELU
-    /// and ReLU, with an inner dimension across two blocks (the epilogue only after the last).
+    /// and ReLU, with an inner dimension across two blocks (the epilogue only after the last),
+    /// in both layouts (on AMX: 11 rows, a short block of the top half only).
     #[test]
     fn epilogue_products_match_the_definition() {
         use crate::base::{Act, SpinDtype};
@@ -438,8 +448,11 @@ mod tests {
         let (rows, k, n) = (11, KC + 21, 60);
         let (x, wt, skip) = (v(rows * k, 1), v(k * n, 2), v(rows * n, 3));
         let (bias, scale, shift) = (v(n, 4), v(n, 5), v(n, 6));
-        let packed = PackedRhs::pack(&wt, k, n);
-        for act in [Act::Gelu, Act::Relu] {
+        for ((kind, pack), act) in PACKINGS
+            .into_iter()
+            .flat_map(|p| [(p, Act::Gelu), (p, Act::Relu)])
+        {
+            let packed = pack(&wt, k, n);
             let epi = Epilogue {
                 bias: &bias,
                 scale: &scale,
@@ -460,7 +473,11 @@ mod tests {
                     };
                     let want = y * scale[j] as f64 + shift[j] as f64 + skip[i * n + j] as f64;
                     let e = (got[i * n + j] as f64 - want).abs();
-                    assert!(e < 1e-5, "{act:?} ({i}, {j}): {} vs {want}", got[i * n + j]);
+                    assert!(
+                        e < 1e-5,
+                        "{kind}, {act:?} ({i}, {j}): {} vs {want}",
+                        got[i * n + j]
+                    );
                 }
             }
         }
