@@ -121,7 +121,9 @@ fn saved_checkpoint_round_trips_exactly() {
 struct SpinVariantMixer;
 
 /// Inference runs each half-block as one fused pass; a traced forward composes the ops. Both must
-/// agree (f64, 1e-12), here for SPIN's variant (the extra residual) and a width of 2.5 vectors.
+/// agree (f64, 1e-12), here for SPIN's variant (the extra residual) and a width of 2.5 vectors,
+/// with the 4 images in groups of two per task (1 thread), one per task (3) and all in each pass
+/// (5).
 #[test]
 fn fused_inference_equals_the_composed_ops() {
     let dev = Cpu::seed_from_u64(11);
@@ -129,13 +131,16 @@ fn fused_inference_equals_the_composed_ops() {
     // Non-trivial running statistics, so the folded BatchNorm is exercised.
     let x: Tensor<Rank4<4, 3, 8, 8>, f64, _> = dev.sample_normal();
     let _ = m.forward_mut(x.clone());
-    let fused = m.forward(x.clone()).as_vec();
-    let composed = m.forward(x.trace(m.alloc_grads())).as_vec();
-    assert!(
-        rel_err(&fused, &composed) < 1e-12,
-        "{}",
-        rel_err(&fused, &composed)
-    );
+    let composed = m.forward(x.clone().trace(m.alloc_grads())).as_vec();
+    for threads in [1, 3, 5] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let fused = pool.install(|| m.forward(x.clone()).as_vec());
+        let err = rel_err(&fused, &composed);
+        assert!(err < 1e-12, "{threads} threads: {err:e}");
+    }
 }
 
 /// ViT inference runs every block as fused passes on host buffers (AVX-512 gemm, one attention

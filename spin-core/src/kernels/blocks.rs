@@ -302,11 +302,41 @@ pub fn pointwise_into<E: SpinDtype>(
         });
 }
 
+/// The most bytes of activations (a group's input and its depthwise output) that
+/// [`mixer_trunk`] keeps on one thread from block to block: they stay in its L2.
+const GROUP_IN_L2_BYTES: usize = 1 << 20;
+
 /// A ConvMixer trunk at inference, in place on `x` `(B·G·G, C)` with `(b, g, k)` = (images,
 /// grid side, kernel size), one block per entry of `w.slots`. Each block is two fused passes:
 /// depthwise + bias + act + folded BN + residual, then [`pointwise_into`] (with a residual for
 /// SPIN's variant).
+///
+/// Where there are at least as many images as threads and two images' activations fit in L2
+/// (ConvMixer-256 at 32², not ConvMixer-768 at 224²), each task runs all blocks on a group of
+/// two images (or one), so the group's activations stay in one core's L2 from block to block
+/// instead of crossing between cores at every pass (ConvMixer-256 b8 12.0–12.8 → 10.8–10.9 ms,
+/// b32 level to 3 % faster; one image per task was 4 % slower than two).
 pub fn mixer_trunk<E: SpinDtype>(
+    x: &mut [E],
+    (b, g, k): (usize, usize, usize),
+    w: &MixerTrunkHost<E>,
+    pw_residual: bool,
+) {
+    let image = x.len() / b.max(1);
+    let group_bytes = |images: usize| 2 * images * image * std::mem::size_of::<E>();
+    let per_task = [2, 1]
+        .into_iter()
+        .find(|&n| b >= n * rayon::current_num_threads() && group_bytes(n) <= GROUP_IN_L2_BYTES);
+    match per_task {
+        Some(n) if b > 1 => x
+            .par_chunks_mut(n * image)
+            .for_each(|xs| blocks_pass(xs, (xs.len() / image, g, k), w, pw_residual)),
+        _ => blocks_pass(x, (b, g, k), w, pw_residual),
+    }
+}
+
+/// [`mixer_trunk`]'s blocks on all of `x`'s images, each pass split across threads.
+fn blocks_pass<E: SpinDtype>(
     x: &mut [E],
     (b, g, k): (usize, usize, usize),
     w: &MixerTrunkHost<E>,
