@@ -84,7 +84,7 @@ const EPILOGUE_BLOCK: usize = 4 * F32_LANES;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512 {
     use super::{Act, Epilogue, F32_LANES};
-    use crate::kernels::elementwise::avx512::gelu16;
+    use crate::kernels::elementwise::avx512::gelu16_value;
     use std::arch::x86_64::*;
 
     /// `act(a)·scale + shift` on 16 lanes (`a` with its bias).
@@ -97,7 +97,7 @@ pub mod avx512 {
         let v = match act {
             Act::Relu => _mm512_max_ps(a, _mm512_setzero_ps()),
             // SAFETY: AVX-512F, this function's own requirement.
-            Act::Gelu => unsafe { gelu16(a).0 },
+            Act::Gelu => unsafe { gelu16_value(a) },
         };
         _mm512_fmadd_ps(v, scale, shift)
     }
