@@ -111,13 +111,21 @@ def spin(args, exe):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--cases", default="abcdefg")
-    ap.add_argument("--spin", default="target/release/spin")
+    ap.add_argument("--threads", type=int, default=2, help="threads for every engine (at least 1)")
+    ap.add_argument("--iters", type=int, default=20, help="timed iterations per round (at least 1)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; the table shows medians")
+    ap.add_argument("--cases", default="abcdefg",
+                    help="which cases, as letters: 'ac' or 'a,c' (default: all, abcdefg)")
+    ap.add_argument("--spin", default="target/release/spin", help="the spin binary to time")
     ap.add_argument("--scaling", action="store_true", help="also images/s of case b at batch 1, 8, 32")
     a = ap.parse_args()
+    a.cases = a.cases.replace(",", "").replace(" ", "")
+    unknown = sorted(set(a.cases) - set(CASES))
+    if unknown:
+        ap.error(f"unknown case(s) {', '.join(unknown)}: choose from {''.join(CASES)}")
+    for flag in ("threads", "iters", "rounds"):
+        if getattr(a, flag) < 1:
+            ap.error(f"--{flag} must be at least 1")
     torch.set_num_threads(a.threads)
     zoo = {row["name"]: row for row in csv.DictReader(io.StringIO(subprocess.run(
         [a.spin, "zoo", "--format", "csv"], check=True, capture_output=True, text=True).stdout))}
