@@ -14,6 +14,7 @@ mod infer;
 mod linear;
 mod norm;
 mod patchify;
+mod pool;
 mod residual;
 
 pub use attention::{attention_core_composed, AttentionKernel};
@@ -24,6 +25,7 @@ pub use infer::InferKernels;
 pub use linear::{linear_composed, LinearKernel};
 pub use norm::{affine_composed, batch_norm_train_composed, layer_norm_composed, NormKernels};
 pub use patchify::{patchify_fallback, PatchifyKernel};
+pub use pool::{mean_tokens_fallback, PoolKernel};
 pub use residual::ResidualKernel;
 
 use crate::base::SpinDtype;
@@ -50,6 +52,7 @@ pub trait SpinDevice<E: SpinDtype>:
     + NormKernels<E>
     + InferKernels<E>
     + ResidualKernel<E>
+    + PoolKernel<E>
 {
 }
 
@@ -63,6 +66,7 @@ impl<E: SpinDtype, D> SpinDevice<E> for D where
         + NormKernels<E>
         + InferKernels<E>
         + ResidualKernel<E>
+        + PoolKernel<E>
 {
 }
 

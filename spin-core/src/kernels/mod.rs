@@ -13,6 +13,7 @@ pub mod norm;
 pub mod packed;
 pub mod patchify;
 pub mod peak;
+pub mod pool;
 
 use std::any::TypeId;
 

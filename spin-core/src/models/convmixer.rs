@@ -8,7 +8,7 @@ use crate::base::{Act, Mat, Nchw, SpinDtype, Variant};
 use crate::device::{buffer_keys, fill_linear, to_host, BlockCache, SpinDevice};
 use crate::kernels::blocks::{HostLinear, MixerTrunkHost};
 use crate::kernels::gemm::transpose_into;
-use crate::nn::functional::{activation, depthwise, linear, residual};
+use crate::nn::functional::{activation, depthwise, linear, mean_tokens, residual};
 use crate::nn::layers::{BatchNorm, BatchStats, DwConv, Linear, PatchConv, Pointwise};
 use crate::nn::param::{push_slots, Slot, TimmKeys};
 use crate::nn::storage::{names, vec_fields};
@@ -353,9 +353,7 @@ impl<C: ConvMixerConfig, E: SpinDtype, D: SpinDevice<E>> ConvMixer<C, E, D> {
 
     /// Global average pool and head: `(B·G·G, C)` → `(B, classes)`.
     fn pool_head<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Mat, E, D, T>, b: usize) -> Tensor<Mat, E, D, T> {
-        let (rows, c) = *x.shape();
-        let pooled = x.reshape_like(&(b, rows / b, c)).mean::<_, Axis<1>>();
-        self.head.forward(pooled)
+        self.head.forward(mean_tokens(x, b))
     }
 
     fn apply_stats(&mut self, stats: Vec<(Bn, BatchStats<E>)>) {

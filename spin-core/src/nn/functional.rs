@@ -36,6 +36,15 @@ pub fn residual<S: Shape, E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<
     D::residual(y, skip)
 }
 
+/// The global average pool: the mean of each of `images` images' token rows, `(images·N, C)` →
+/// `(images, C)`.
+pub fn mean_tokens<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D>>(
+    x: Tensor<Mat, E, D, T>,
+    images: usize,
+) -> Tensor<Mat, E, D, T> {
+    D::mean_tokens(x, images)
+}
+
 /// Depthwise K×K 'same' convolution of `(B·H·W, C)` features with weight `(C, K·K)`, bias `(C,)`.
 pub fn depthwise<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
     x: Tensor<Mat, E, D, T>,
