@@ -17,7 +17,7 @@ impl<E: SpinDtype> PoolKernel<E> for Cpu {
     fn mean_tokens<T: Tape<E, Self>>(x: Tensor<Mat, E, Self, T>, images: usize) -> Tensor<Mat, E, Self, T> {
         let (rows, c) = *x.shape();
         assert!(
-            images > 0 && rows % images == 0,
+            images > 0 && rows.is_multiple_of(images),
             "mean_tokens: {rows} rows are not {images} images' tokens"
         );
         let (x, mut tape) = x.contiguous().split_tape();

@@ -222,7 +222,7 @@ pub fn reconstruct<C: VitConfig>(
             }
             _ => {
                 let lr = cfg.lr * 0.5 * (1.0 + (std::f32::consts::PI * step as f32 / cfg.steps as f32).cos());
-                opt.step(mlps, &grads, lr, None);
+                opt.step(mlps, &mut grads, lr, None);
             }
         }
         mlps.apply_masks();

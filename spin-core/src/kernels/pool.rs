@@ -9,7 +9,7 @@ use rayon::prelude::*;
 pub fn mean_tokens<E: SpinDtype>(x: &[E], images: usize, c: usize) -> Vec<E> {
     let image = x.len() / images.max(1);
     assert!(
-        image * images == x.len() && image % c.max(1) == 0,
+        image * images == x.len() && image.is_multiple_of(c.max(1)),
         "mean_tokens: sizes"
     );
     let mut out = vec![E::zero(); images * c];

@@ -199,7 +199,7 @@ impl<M: SpinModel<f32, Cpu> + Send + 'static> Classifier for Runner<M> {
         let loss_value = loss.array();
         let mut grads = loss.backward();
         let grad_norm = if loss_value.is_finite() {
-            opt.step(&mut self.model, &grads, hp.lr, hp.clip)
+            opt.step(&mut self.model, &mut grads, hp.lr, hp.clip)
         } else {
             f32::NAN
         };

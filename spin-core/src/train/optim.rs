@@ -43,38 +43,39 @@ impl AdamW {
     }
 
     /// One update of every trainable tensor of `model` from `grads`; returns the gradient norm
-    /// before clipping.
+    /// before clipping. The gradients are read in place (`grads` is mutable only for that: dfdx's
+    /// `Gradients::get` copies each one), and left as they were.
     pub fn step<M: TensorCollection<f32, Cpu>>(
         &mut self,
         model: &mut M,
-        grads: &Gradients<f32, Cpu>,
+        grads: &mut Gradients<f32, Cpu>,
         lr: f32,
         clip: Option<f32>,
     ) -> f32 {
-        let mut gather = Gather { grads, out: vec![] };
+        let mut squares = SquaredNorms {
+            grads: &mut *grads,
+            sizes: vec![],
+            sums: vec![],
+        };
         let _ = M::iter_tensors(&mut RecursiveWalker {
             m: &*model,
-            f: &mut gather,
+            f: &mut squares,
         });
-        let g = gather.out;
-        let norm = g
-            .iter()
-            .flat_map(|v| v.iter())
-            .map(|&x| (x as f64) * (x as f64))
-            .sum::<f64>()
-            .sqrt() as f32;
+        let (sizes, sums) = (squares.sizes, squares.sums);
+        // Partial sums added in a fixed order: the norm does not depend on the threads.
+        let norm = sums.iter().sum::<f64>().sqrt() as f32;
         let scale = match clip {
             Some(c) if norm > c => c / (norm + 1e-6),
             _ => 1.0,
         };
-        if self.m.len() != g.len() {
-            self.m = g.iter().map(|v| vec![0.0; v.len()]).collect();
+        if self.m.len() != sizes.len() {
+            self.m = sizes.iter().map(|&n| vec![0.0; n]).collect();
             self.v = self.m.clone();
         }
         self.t += 1;
         let mut update = Update {
             opt: self,
-            grads: &g,
+            grads,
             lr,
             scale,
             i: 0,
@@ -139,13 +140,26 @@ impl AdamW {
     }
 }
 
-/// Copies out the gradient of every trainable tensor, in visiting order.
-struct Gather<'a> {
-    grads: &'a Gradients<f32, Cpu>,
-    out: Vec<Vec<f32>>,
+/// The gradient of a trainable tensor, read in place: its values in the tensor's order (the
+/// model's tensors are contiguous).
+fn grad_of<'g, S: Shape>(
+    grads: &'g mut Gradients<f32, Cpu>,
+    t: &Tensor<S, f32, Cpu>,
+) -> Result<&'g [f32], dfdx::tensor::CpuError> {
+    let g: &[f32] = grads.get_or_alloc_mut(t)?;
+    assert_eq!(g.len(), t.shape().num_elements(), "AdamW: a strided parameter");
+    Ok(g)
 }
 
-impl TensorVisitor<f32, Cpu> for Gather<'_> {
+/// The size and the squared L2 norm (in f64, per chunk in parallel, the chunks' sums added in
+/// order) of every trainable tensor's gradient, in visiting order.
+struct SquaredNorms<'a> {
+    grads: &'a mut Gradients<f32, Cpu>,
+    sizes: Vec<usize>,
+    sums: Vec<f64>,
+}
+
+impl TensorVisitor<f32, Cpu> for SquaredNorms<'_> {
     type Viewer = ViewTensorRef;
     type Err = dfdx::tensor::CpuError;
     type E2 = f32;
@@ -156,7 +170,13 @@ impl TensorVisitor<f32, Cpu> for Gather<'_> {
         t: &Tensor<S, f32, Cpu>,
     ) -> Result<Option<Tensor<S, f32, Cpu>>, Self::Err> {
         if opts.do_gradient_update {
-            self.out.push(host(&self.grads.get(t)));
+            let g = grad_of(self.grads, t)?;
+            let partial: Vec<f64> = g
+                .par_chunks(CHUNK)
+                .map(|c| c.iter().map(|&x| x as f64 * x as f64).sum())
+                .collect();
+            self.sizes.push(g.len());
+            self.sums.push(partial.iter().sum());
         }
         Ok(None)
     }
@@ -164,7 +184,7 @@ impl TensorVisitor<f32, Cpu> for Gather<'_> {
 
 struct Update<'a> {
     opt: &'a mut AdamW,
-    grads: &'a [Vec<f32>],
+    grads: &'a mut Gradients<f32, Cpu>,
     lr: f32,
     scale: f32,
     i: usize,
@@ -204,7 +224,7 @@ impl TensorVisitor<f32, Cpu> for Update<'_> {
             decay,
             scale: self.scale,
         };
-        let g = &self.grads[i];
+        let g = grad_of(self.grads, t)?;
         assert!(
             m.len() == p.len() && v.len() == p.len() && g.len() == p.len(),
             "AdamW: tensor {i} has {} values but its moments or gradient another count",
@@ -363,13 +383,13 @@ mod tests {
         let mut lin = dev.build_module::<dfdx::nn::builders::Linear<200, 100>, f32>();
         let x: Tensor<Rank2<4, 200>, f32, Cpu> = dev.sample_normal();
         let y = lin.forward(x.trace(lin.alloc_grads()));
-        let grads = y.square().sum().backward();
+        let mut grads = y.square().sum().backward();
         let start = [host(&lin.weight), host(&lin.bias)];
         let g = [host(&grads.get(&lin.weight)), host(&grads.get(&lin.bias))];
         let (lr, wd) = (0.01, 0.05);
         let mut opt = AdamW::new(wd);
-        opt.step(&mut lin, &grads, lr, None);
-        opt.step(&mut lin, &grads, lr, None);
+        opt.step(&mut lin, &mut grads, lr, None);
+        opt.step(&mut lin, &mut grads, lr, None);
         let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
         for (i, got) in [host(&lin.weight), host(&lin.bias)].iter().enumerate() {
             let decay = if i == 0 { 1.0 - lr as f64 * wd as f64 } else { 1.0 };
