@@ -44,7 +44,8 @@ impl AdamW {
 
     /// One update of every trainable tensor of `model` from `grads`; returns the gradient norm
     /// before clipping. The gradients are read in place (`grads` is mutable only for that: dfdx's
-    /// `Gradients::get` copies each one), and left as they were.
+    /// `Gradients::get` copies each one) and keep their values; a trainable tensor that had no
+    /// gradient gets a zero-filled one, as `get` would have returned.
     pub fn step<M: TensorCollection<f32, Cpu>>(
         &mut self,
         model: &mut M,
