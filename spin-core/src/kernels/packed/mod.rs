@@ -347,8 +347,8 @@ pub fn linear_grad_weight(gy: &[f32], x: &[f32], (out, inp): (usize, usize), gw:
 mod tests {
     use super::*;
 
-    /// `len` deterministic values in [−0.5, 0.5), different for each seed.
-    fn v(len: usize, seed: usize) -> Vec<f32> {
+    /// `len` deterministic values in [−0.5, 0.5), different for each seed (also the AMX tests').
+    pub(super) fn v(len: usize, seed: usize) -> Vec<f32> {
         (0..len)
             .map(|i| ((i * 7919 + seed * 104_729) % 1999) as f32 / 1999.0 - 0.5)
             .collect()

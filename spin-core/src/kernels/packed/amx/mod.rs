@@ -290,15 +290,9 @@ unsafe fn finish(out: &mut [f32], p: &[f32], epi: &Epilogue<'_, f32>, c0: usize,
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::v;
     use super::super::{linear_packed, PackedRhs};
     use super::*;
-
-    /// `len` deterministic values in [−2, 2), different for each seed.
-    fn v(len: usize, seed: usize) -> Vec<f32> {
-        (0..len)
-            .map(|i| ((i * 7919 + seed * 104_729) % 1999) as f32 / 500.0 - 2.0)
-            .collect()
-    }
 
     /// The tile products against their definition in f64, to 1e-6 of the sum of the terms'
     /// magnitudes (about 16 of f32's rounding steps): 40 rows (a short last block of 8, top half
