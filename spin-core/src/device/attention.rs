@@ -5,7 +5,7 @@
 use super::{values, with_grad};
 use crate::base::{Mat, SpinDtype};
 use crate::kernels::attention::{attention_core, attention_core_backward, attention_core_keep};
-use crate::kernels::elementwise::add_into;
+use crate::kernels::elementwise::{add_into, zeros};
 use dfdx::prelude::*;
 use dfdx::tensor::{Storage, Tape};
 
@@ -39,18 +39,18 @@ impl<E: SpinDtype> AttentionKernel<E> for Cpu {
         );
         let n = rows / batch;
         let xs = values(&qkv);
-        let mut out = vec![E::zero(); rows * d];
+        let mut out = zeros(rows * d);
         if !T::OWNS_TAPE {
             attention_core(&xs, &mut out, batch, heads, d);
             return qkv.device().tensor_from_vec(out, (rows, d)).put_tape(tape);
         }
-        let mut probs = vec![E::zero(); batch * heads * n * n];
+        let mut probs = zeros(batch * heads * n * n);
         attention_core_keep(&xs, &mut out, &mut probs, (batch, heads, d));
         let y = qkv.device().tensor_from_vec(out, (rows, d));
         let y_keep = y.clone();
         tape.add_backward_op(move |grads| {
             with_grad(grads, &y_keep, |grads, go| {
-                let mut g = vec![E::zero(); xs.len()];
+                let mut g = zeros(xs.len());
                 attention_core_backward(&xs, &probs, go, &mut g, (batch, heads, d));
                 add_into(grads.get_or_alloc_mut(&qkv)?, &g);
                 Ok(())

@@ -16,7 +16,7 @@ impl<E: SpinDtype> GeluKernel<E> for Cpu {
     fn gelu<S: Shape, T: Tape<E, Self>>(x: Tensor<S, E, Self, T>) -> Tensor<S, E, Self, T> {
         let (x, mut tape) = x.contiguous().split_tape();
         let xs = values(&x);
-        let mut y = vec![E::zero(); xs.len()];
+        let mut y = elementwise::zeros(xs.len());
         elementwise::gelu(&mut y, &xs);
         let y = x.device().tensor_from_vec(y, *x.shape());
         if T::OWNS_TAPE {

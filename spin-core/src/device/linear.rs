@@ -5,7 +5,7 @@ use super::cache::KeptLinears;
 use super::{host, transpose, values, with_grad};
 use crate::base::{Mat, SpinDtype};
 use crate::kernels::blocks::{linear_rows, HostLinear};
-use crate::kernels::elementwise::add_into;
+use crate::kernels::elementwise::{add_into, zeros};
 use crate::kernels::gemm::{par_matmul, par_matmul_tn, MatRef};
 use crate::kernels::norm::{add_row, col_sums};
 use crate::kernels::{as_f32, as_f32_mut, f32_avx512, packed};
@@ -73,7 +73,7 @@ impl<E: SpinDtype> LinearKernel<E> for Cpu {
         } else {
             (KEPT.get(&w, &b, || make(&values(&w))), None)
         };
-        let mut y = vec![E::zero(); rows * out];
+        let mut y = zeros(rows * out);
         linear_rows(&values(&x), &l, &mut y);
         let y = x.device().tensor_from_vec(y, (rows, out));
         if T::OWNS_TAPE {
@@ -94,7 +94,7 @@ impl<E: SpinDtype> LinearKernel<E> for Cpu {
                         return Ok(());
                     }
                     // dx = dy · W, dW = dyᵀ · x, db = Σ_rows dy.
-                    let mut gx = vec![E::zero(); rows * inp];
+                    let mut gx = zeros(rows * inp);
                     let ws = ws.as_deref().unwrap_or_default();
                     par_matmul(gy, MatRef::row_major(ws, out, inp), &mut gx);
                     let gw = par_matmul_tn(gy, out, &values(&x), inp);

@@ -2,6 +2,7 @@
 //! reshape and permute elsewhere and as the reference.
 use super::{values, with_grad};
 use crate::base::{Nchw, SpinDtype};
+use crate::kernels::elementwise::zeros;
 use crate::kernels::patchify::{patchify_into, unpatchify_add, PatchGeometry};
 use dfdx::prelude::*;
 use dfdx::tensor::{Storage, Tape};
@@ -29,7 +30,7 @@ impl<E: SpinDtype> PatchifyKernel<E> for Cpu {
             "patchify: {h}×{w} is not divisible by {p}"
         );
         let g = PatchGeometry { b: bn, cin, h, w, p };
-        let mut out = vec![E::zero(); x.shape().num_elements()];
+        let mut out = zeros(x.shape().num_elements());
         patchify_into(&g, &values(&x), &mut out);
         let y = x
             .device()

@@ -3,7 +3,7 @@
 //! backward copies a shared buffer first: about 7 % of a ConvMixer training step.
 use super::{values, with_grad};
 use crate::base::SpinDtype;
-use crate::kernels::elementwise::{add_into, sum_into};
+use crate::kernels::elementwise::{add_into, sum_into, zeros};
 use dfdx::prelude::*;
 use dfdx::tensor::{Storage, Tape};
 
@@ -30,7 +30,7 @@ impl<E: SpinDtype> ResidualKernel<E> for Cpu {
         let (skip, ts) = skip.contiguous().split_tape();
         let mut tape = ty.merge(ts);
         let (a, b) = (values(&y), values(&skip));
-        let mut out = vec![E::zero(); a.len()];
+        let mut out = zeros(a.len());
         sum_into(&mut out, &a, &b);
         let out = y.device().tensor_from_vec(out, *y.shape());
         if T::OWNS_TAPE {

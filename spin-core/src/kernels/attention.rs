@@ -1,5 +1,6 @@
 //! The attention core on timm's qkv layout, on host buffers: one task per (image, block of query
 //! rows), every head in it, with a vectorised softmax.
+use super::elementwise::zeros;
 use super::gemm::{matmul, MatRef};
 use crate::base::{SpinDtype, F32_LANES};
 use multiversion::multiversion;
@@ -40,7 +41,7 @@ pub fn attention_core<E: SpinDtype>(qkv: &[E], out: &mut [E], batch: usize, head
     }
     // kᵀ per (image, head), `(head_dim, n)` row-major, made once: read in place, k would be
     // gathered column by column in every task's product.
-    let mut kt = vec![E::zero(); rows * d];
+    let mut kt = zeros(rows * d);
     kt.par_chunks_mut(hd * n).enumerate().for_each(|(bh, t)| {
         let (b, h) = (bh / heads, bh % heads);
         for i in 0..n {

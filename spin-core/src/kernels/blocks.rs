@@ -9,7 +9,7 @@
 //! ([`crate::device::InferKernels`] returns `None` elsewhere) and fills the weights.
 use super::attention::{attention_core, attention_rows, packed_keys};
 use super::depthwise::{forward_into, DwGeometry};
-use super::elementwise::{add_bias_rows, gelu_inplace};
+use super::elementwise::{add_bias_rows, gelu_inplace, zeros};
 use super::epilogue::{epilogue_rows, Epilogue};
 use super::gemm::{matmul, row_chunk, MatRef};
 use super::norm::layer_norm_rows;
@@ -344,7 +344,7 @@ fn blocks_pass<E: SpinDtype>(
 ) {
     let c = x.len() / (b * g * g).max(1);
     let geo = DwGeometry::new((b, g, g, c), k);
-    let mut ys = vec![E::zero(); x.len()];
+    let mut ys = zeros(x.len());
     for &[jd, jn, jp] in &w.slots {
         let ((dw_wt, dw_bias), [bn1, bn2], pw) = (&w.dw[jd], &w.norms[jn], &w.pw[jp]);
         let epi = Epilogue {

@@ -1,6 +1,7 @@
 //! Depthwise K×K convolution ('same' zero padding, stride 1) on channels-last host buffers
 //! `(B, H, W, C)`: the forward (a register-tiled AVX-512 kernel for f32, a per-pixel kernel
 //! compiled for AVX-512/AVX2 otherwise, both with an optional fused epilogue) and the backward.
+use super::elementwise::zeros;
 use super::epilogue::Epilogue;
 use crate::base::{Nhwc, SpinDtype, F32_LANES};
 use multiversion::multiversion;
@@ -66,7 +67,7 @@ pub fn forward<E: SpinDtype>(
     bias: &[E],
     epi: Option<&Epilogue<'_, E>>,
 ) -> Vec<E> {
-    let mut out = vec![E::zero(); g.b * g.h * g.w * g.c];
+    let mut out = zeros(g.b * g.h * g.w * g.c);
     forward_into(g, x, wt, bias, epi, &mut out);
     out
 }
@@ -338,7 +339,7 @@ pub fn backward<E: SpinDtype>(g: &DwGeometry, x: &[E], wt: &[E], gy: &[E]) -> (V
     // convolution of dy with the kernel turned half a turn (tap t ↔ K·K − 1 − t), so it takes
     // the forward's kernels.
     let flipped: Vec<E> = wt.chunks(c).rev().flat_map(|tap| tap.iter().copied()).collect();
-    let mut gx = vec![E::zero(); x.len()];
+    let mut gx = zeros(x.len());
     forward_into(g, gy, &flipped, &vec![E::zero(); c], None, &mut gx);
     // dL/dw and dL/db: partial sums over fixed blocks of output rows, added in block order, so
     // the result does not depend on how rayon schedules the work (training is reproducible).

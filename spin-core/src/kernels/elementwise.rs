@@ -62,6 +62,19 @@ pub fn gelu_grad<E: SpinDtype>(gx: &mut [E], x: &[E], gy: &[E]) {
         .for_each(|(a, (xi, gi))| gelu_grad_chunk(a, xi, gi));
 }
 
+/// `len` zeros, written across threads. `vec![0; len]` is calloc, which clears a reused block with
+/// one memset on the calling thread: in a DeiT-Tiny training step on two threads, the outputs'
+/// and gradients' memsets were 8 % of the time, most of it with the other core idle.
+pub fn zeros<E: SpinDtype>(len: usize) -> Vec<E> {
+    let mut v: Vec<E> = Vec::with_capacity(len);
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(CHUNK)
+        .for_each(|c| c.fill(std::mem::MaybeUninit::new(E::zero())));
+    // SAFETY: the chunks above cover the first `len` slots, and each was written.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// `dst += src` over a chunk.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 fn add_chunk<E: SpinDtype>(dst: &mut [E], src: &[E]) {
@@ -272,6 +285,15 @@ mod tests {
     /// rounding steps at the output; the rational erf's largest error is near x = 5.17), and the
     /// accumulated gradient within 1e-6, over ±7.8 in steps of 1e-5 (past the clamp at 5.54) on
     /// a length that leaves a masked tail.
+    #[test]
+    fn zeros_are_zeros_of_the_length_asked() {
+        for len in [0, 1, CHUNK - 1, 3 * CHUNK + 5] {
+            let z = zeros::<f32>(len);
+            assert_eq!(z.len(), len);
+            assert!(z.iter().all(|&v| v == 0.0), "a value of {len} is not zero");
+        }
+    }
+
     #[test]
     fn f32_gelu_kernels_match_the_f64_definition() {
         let n = 16 * 97_500 + 11;

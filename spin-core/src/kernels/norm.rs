@@ -4,6 +4,7 @@
 //! Each is one pass in and one out, split across cores, instead of the half-dozen single-threaded
 //! dfdx ops (broadcasts, reductions, elementwise) the composed forms in [`crate::device`] take.
 //! Column sums use fixed row blocks added in order, so results do not depend on thread timing.
+use super::elementwise::zeros;
 use crate::base::{SpinDtype, F32_LANES, LN_EPS};
 use multiversion::multiversion;
 use rayon::prelude::*;
@@ -47,7 +48,7 @@ fn cast<E: SpinDtype>(v: &[f64]) -> Vec<E> {
 /// `x · s + t` per column: forward, and backward given dL/dy → (dL/dx, dL/ds, dL/dt).
 pub fn affine_fwd<E: SpinDtype>(x: &[E], s: &[E], t: &[E]) -> Vec<E> {
     let c = s.len();
-    let mut y = vec![E::zero(); x.len()];
+    let mut y = zeros(x.len());
     y.par_chunks_mut(c * BLOCK)
         .zip(x.par_chunks(c * BLOCK))
         .for_each(|(yb, xb)| {
@@ -111,7 +112,7 @@ fn bn_dx_row<E: SpinDtype>(out: &mut [E], gy: &[E], x: &[E], (a, b, d): (&[E], &
 pub fn affine_bwd<E: SpinDtype>(x: &[E], s: &[E], gy: &[E]) -> (Vec<E>, Vec<E>, Vec<E>) {
     let c = s.len();
     let rows = x.len() / c;
-    let mut gx = vec![E::zero(); x.len()];
+    let mut gx = zeros(x.len());
     gx.par_chunks_mut(c * BLOCK)
         .zip(gy.par_chunks(c * BLOCK))
         .for_each(|(gb, yb)| {
@@ -189,7 +190,7 @@ pub fn batch_norm_bwd<E: SpinDtype>(
     let d: Vec<E> = (0..c)
         .map(|j| E::cast(-g[j].as_f64() * inv[j] * (gb[j] - mean[j] * inv[j] * gg[j]) / n))
         .collect();
-    let mut gx = vec![E::zero(); x.len()];
+    let mut gx = zeros(x.len());
     gx.par_chunks_mut(c * BLOCK)
         .zip(x.par_chunks(c * BLOCK))
         .zip(gy.par_chunks(c * BLOCK))
@@ -204,7 +205,7 @@ pub fn batch_norm_bwd<E: SpinDtype>(
 /// LayerNorm over each row: returns y and per-row (mean, 1/σ).
 pub fn layer_norm_fwd<E: SpinDtype>(x: &[E], g: &[E], b: &[E], eps: f64) -> (Vec<E>, Vec<f64>) {
     let c = g.len();
-    let mut y = vec![E::zero(); x.len()];
+    let mut y = zeros(x.len());
     let mut stats = vec![0.0; 2 * (x.len() / c)];
     y.par_chunks_mut(c)
         .zip(x.par_chunks(c))
@@ -226,7 +227,7 @@ pub fn layer_norm_fwd<E: SpinDtype>(x: &[E], g: &[E], b: &[E], eps: f64) -> (Vec
 pub fn layer_norm_bwd<E: SpinDtype>(x: &[E], g: &[E], stats: &[f64], gy: &[E]) -> (Vec<E>, Vec<E>, Vec<E>) {
     let c = g.len();
     let rows = x.len() / c;
-    let mut gx = vec![E::zero(); x.len()];
+    let mut gx = zeros(x.len());
     gx.par_chunks_mut(c).enumerate().for_each(|(r, gr)| {
         let rows = (&x[r * c..][..c], &gy[r * c..][..c]);
         layer_norm_bwd_row(gr, rows, g, (stats[2 * r], stats[2 * r + 1]));
