@@ -3,7 +3,7 @@
 //! AdamW is spin's own rather than dfdx's `Adam`, whose moments are private: resuming a run needs
 //! them saved and restored exactly.
 use crate::checkpoint::TensorMap;
-use crate::device::host;
+use crate::device::values;
 use crate::error::Error;
 use crate::kernels::elementwise::CHUNK;
 use dfdx::nn::tensor_collection::{RecursiveWalker, TensorVisitor, ViewTensorMut, ViewTensorRef};
@@ -80,6 +80,7 @@ impl AdamW {
             lr,
             scale,
             i: 0,
+            updated: Vec::new(),
         };
         let _ = M::iter_tensors(&mut RecursiveWalker {
             m: model,
@@ -189,6 +190,8 @@ struct Update<'a> {
     lr: f32,
     scale: f32,
     i: usize,
+    /// The updated values of one tensor, before they are copied into it (reused for each).
+    updated: Vec<f32>,
 }
 
 impl TensorVisitor<f32, Cpu> for Update<'_> {
@@ -215,7 +218,9 @@ impl TensorVisitor<f32, Cpu> for Update<'_> {
         } else {
             1.0
         };
-        let mut p = host(t);
+        // The old values are read in place and the new ones written across threads: a host copy
+        // of each tensor before the update was a serial memcpy.
+        let old = values(t);
         let (m, v) = (&mut o.m[i], &mut o.v[i]);
         let step = AdamStep {
             betas: (b1, b2),
@@ -226,16 +231,21 @@ impl TensorVisitor<f32, Cpu> for Update<'_> {
             scale: self.scale,
         };
         let g = grad_of(self.grads, t)?;
+        let n = old.len();
         assert!(
-            m.len() == p.len() && v.len() == p.len() && g.len() == p.len(),
-            "AdamW: tensor {i} has {} values but its moments or gradient another count",
-            p.len()
+            m.len() == n && v.len() == n && g.len() == n,
+            "AdamW: tensor {i} has {n} values but its moments or gradient another count"
         );
+        self.updated.resize(n, 0.0);
+        let p = &mut self.updated[..n];
         p.par_chunks_mut(CHUNK)
+            .zip(old.par_chunks(CHUNK))
             .zip(m.par_chunks_mut(CHUNK))
             .zip(v.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|((p, m), (v, g))| adamw_chunk(p, m, v, g, &step));
-        t.copy_from(&p);
+            .for_each(|(((p, old), m), (v, g))| adamw_chunk(p, old, m, v, g, &step));
+        // The view's hold on the buffer goes first: `copy_from` would copy a shared buffer.
+        drop(old);
+        t.copy_from(p);
         Ok(None)
     }
 }
@@ -250,18 +260,18 @@ struct AdamStep {
     scale: f32,
 }
 
-/// The AdamW update of one chunk of a tensor, its moments and its gradient: a plain loop
-/// compiled for AVX-512 and AVX2 too (the same operations in the same order as a scalar loop,
-/// so results do not depend on the CPU).
+/// The AdamW update of one chunk of a tensor (`old` values into `p`), its moments and its
+/// gradient: a plain loop compiled for AVX-512 and AVX2 too (the same operations in the same
+/// order as a scalar loop, so results do not depend on the CPU).
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn adamw_chunk(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: &AdamStep) {
+fn adamw_chunk(p: &mut [f32], old: &[f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: &AdamStep) {
     let ((b1, b2), (bc1, bc2)) = (s.betas, s.corrections);
-    for (((pk, mk), vk), &gk) in p.iter_mut().zip(m).zip(v).zip(g) {
+    for ((((pk, &ok), mk), vk), &gk) in p.iter_mut().zip(old).zip(m).zip(v).zip(g) {
         let g = gk * s.scale;
         *mk = b1 * *mk + (1.0 - b1) * g;
         *vk = b2 * *vk + (1.0 - b2) * g * g;
         let step = (*mk / bc1) / ((*vk / bc2).sqrt() + s.eps);
-        *pk = *pk * s.decay - s.lr * step;
+        *pk = ok * s.decay - s.lr * step;
     }
 }
 
@@ -375,6 +385,7 @@ impl LrSchedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::host;
 
     #[test]
     fn two_adamw_steps_follow_the_formula() {
