@@ -201,7 +201,7 @@ pub fn attention_core_backward<E: SpinDtype>(
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 /// The softmax's backward on every row (rows of `n`), in place: `dp` (dL/dP) becomes dL/dS =
 /// `p ⊙ (dp − Σ dp ⊙ p)`. Sixteen accumulators for the row's sum, as in [`softmax_rows`] (one
-/// running sum was a serial chain of adds, 1.3 % of a DeiT-Tiny training step).
+/// running sum was a serial chain of adds, 1.3 % of a DeiT-Tiny training step on one thread).
 pub fn softmax_grad_rows<E: SpinDtype>(dp: &mut [E], p: &[E], n: usize) {
     for (dr, pr) in dp.chunks_mut(n).zip(p.chunks(n)) {
         let mut acc = [E::zero(); F32_LANES];
