@@ -163,7 +163,8 @@ pub fn attention_core_keep<E: SpinDtype>(
 }
 
 /// The attention core's backward, one task per image: from the kept softmax `P` and the
-/// output's gradient dO, `dqkv` `(B·N, 3·D)` on timm's layout. Per head:
+/// output's gradient dO, adds onto `dqkv` `(B·N, 3·D)` on timm's layout (a gradient buffer: no
+/// buffer of its own to zero and add). Per head:
 /// dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P ⊙ (dP − rowsum(dP ⊙ P)), dQ = s·dS·K, dK = s·dSᵀ·Q.
 pub fn attention_core_backward<E: SpinDtype>(
     qkv: &[E],
@@ -188,12 +189,12 @@ pub fn attention_core_backward<E: SpinDtype>(
             for (h, p) in pb.chunks(n * n).enumerate() {
                 let pm = MatRef::row_major(p, n, n);
                 let go_h = MatRef::strided(&go[h * hd..], n, hd, d);
-                matmul(&mut g[2 * d + h * hd..], 3 * d, pm.t(), go_h, E::one(), false);
+                matmul(&mut g[2 * d + h * hd..], 3 * d, pm.t(), go_h, E::one(), true);
                 matmul(&mut ds, n, go_h, part(2, h).t(), E::one(), false);
                 softmax_grad_rows(&mut ds, p, n);
                 let dsm = MatRef::row_major(&ds, n, n);
-                matmul(&mut g[h * hd..], 3 * d, dsm, part(1, h), scale, false);
-                matmul(&mut g[d + h * hd..], 3 * d, dsm.t(), part(0, h), scale, false);
+                matmul(&mut g[h * hd..], 3 * d, dsm, part(1, h), scale, true);
+                matmul(&mut g[d + h * hd..], 3 * d, dsm.t(), part(0, h), scale, true);
             }
         });
 }
