@@ -270,9 +270,11 @@ mod tests {
     #[test]
     fn softmax_grad_rows_match_the_definition() {
         let n = 37;
-        let val = |i: usize, seed: usize| ((i * 7919 + seed * 104_729) % 1999) as f64 / 1999.0 - 0.5;
-        let p: Vec<f64> = (0..3 * n).map(|i| val(i, 1) + 0.5).collect();
-        let dp: Vec<f64> = (0..3 * n).map(|i| val(i, 2)).collect();
+        let p: Vec<f64> = crate::kernels::test_values::<f64>(3 * n, 1)
+            .iter()
+            .map(|x| x + 0.5)
+            .collect();
+        let dp: Vec<f64> = crate::kernels::test_values(3 * n, 2);
         let mut got = dp.clone();
         softmax_grad_rows(&mut got, &p, n);
         for r in 0..3 {

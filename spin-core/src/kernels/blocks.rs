@@ -370,9 +370,7 @@ mod tests {
 
     /// `len` deterministic values in [−0.5, 0.5), different for each seed.
     fn v(len: usize, seed: usize) -> Vec<f64> {
-        (0..len)
-            .map(|i| ((i * 7919 + seed * 104_729) % 1999) as f64 / 1999.0 - 0.5)
-            .collect()
+        crate::kernels::test_values(len, seed)
     }
 
     fn linear<E: SpinDtype>(inp: usize, out: usize, seed: usize) -> HostLinear<E> {

@@ -409,11 +409,7 @@ mod tests {
         // activation and without an epilogue; 40 channels leave a partial block of 8, 13 columns
         // a partial tile, and 2 images check the image offsets.
         let (b, h, w, c) = (2, 11, 13, 40);
-        let v = |n: usize, seed: usize| -> Vec<f64> {
-            (0..n)
-                .map(|i| ((i * 7919 + seed * 104_729) % 1999) as f64 / 1999.0 - 0.5)
-                .collect()
-        };
+        let v = crate::kernels::test_values::<f64>;
         let f32s = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
         for k in [3, 7] {
             let g = DwGeometry::new((b, h, w, c), k);

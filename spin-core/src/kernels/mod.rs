@@ -22,6 +22,14 @@ pub(crate) fn f32_avx512<E: 'static>() -> bool {
     TypeId::of::<E>() == TypeId::of::<f32>() && packed::available()
 }
 
+/// `len` deterministic values in [−0.5, 0.5), different for each seed: the kernel tests' inputs.
+#[cfg(test)]
+pub(crate) fn test_values<E: crate::base::SpinDtype>(len: usize, seed: usize) -> Vec<E> {
+    (0..len)
+        .map(|i| E::cast(((i * 7919 + seed * 104_729) % 1999) as f64 / 1999.0 - 0.5))
+        .collect()
+}
+
 /// `v` as f32 values; callers have checked that E is f32.
 pub(crate) fn as_f32<E: 'static>(v: &[E]) -> &[f32] {
     assert_eq!(TypeId::of::<E>(), TypeId::of::<f32>());

@@ -349,9 +349,7 @@ mod tests {
 
     /// `len` deterministic values in [−0.5, 0.5), different for each seed (also the AMX tests').
     pub(super) fn v(len: usize, seed: usize) -> Vec<f32> {
-        (0..len)
-            .map(|i| ((i * 7919 + seed * 104_729) % 1999) as f32 / 1999.0 - 0.5)
-            .collect()
+        crate::kernels::test_values(len, seed)
     }
 
     /// The linear layer's two gradient products against their definitions in f64, added onto
