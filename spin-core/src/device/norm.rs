@@ -43,7 +43,11 @@ impl<E: SpinDtype> NormKernels<E> for Cpu {
             s,
             t,
             |x, s, t| (norm::affine_fwd(x, s, t), ()),
-            |x, s, _, gy| norm::affine_bwd(x, s, gy),
+            |x, s, _, gy, gx| {
+                let (dx, ds, dt) = norm::affine_bwd(x, s, gy);
+                add_into(gx, &dx);
+                (ds, dt)
+            },
         )
         .0
     }
@@ -58,7 +62,11 @@ impl<E: SpinDtype> NormKernels<E> for Cpu {
             g,
             b,
             |x, g, b| norm::batch_norm_fwd(x, g, b, BN_EPS),
-            |x, g, cache, gy| norm::batch_norm_bwd(x, g, cache, gy),
+            |x, g, cache, gy, gx| {
+                let (dx, dg, db) = norm::batch_norm_bwd(x, g, cache, gy);
+                add_into(gx, &dx);
+                (dg, db)
+            },
         );
         (y, cache.mean.clone(), cache.var.clone())
     }
@@ -73,7 +81,7 @@ impl<E: SpinDtype> NormKernels<E> for Cpu {
             g,
             b,
             |x, g, b| norm::layer_norm_fwd(x, g, b, LN_EPS),
-            |x, g, stats, gy| norm::layer_norm_bwd(x, g, stats, gy),
+            |x, g, stats, gy, gx| norm::layer_norm_bwd(x, g, stats, gy, gx),
         )
         .0
     }
@@ -110,13 +118,14 @@ where
 }
 
 /// Registers a fused op with three inputs (x, γ, β) on the tape: `fwd` computes the output and a
-/// cache from the input values, `bwd` the three input gradients from the cache and dL/dy.
+/// cache from the input values, `bwd` from the cache and dL/dy adds dL/dx onto x's gradient
+/// buffer (its last argument) and returns dL/dγ and dL/dβ.
 fn fused3<E, T, C>(
     x: Tensor<(usize, usize), E, Cpu, T>,
     g: Tensor<(usize,), E, Cpu, T>,
     b: Tensor<(usize,), E, Cpu, T>,
     fwd: impl FnOnce(&[E], &[E], &[E]) -> (Vec<E>, C),
-    bwd: impl FnOnce(&[E], &[E], &C, &[E]) -> (Vec<E>, Vec<E>, Vec<E>) + 'static,
+    bwd: impl FnOnce(&[E], &[E], &C, &[E], &mut [E]) -> (Vec<E>, Vec<E>) + 'static,
 ) -> (Tensor<(usize, usize), E, Cpu, T>, std::sync::Arc<C>)
 where
     E: SpinDtype,
@@ -135,8 +144,7 @@ where
         let (y_keep, cache) = (y.clone(), cache.clone());
         tape.add_backward_op(move |grads| {
             with_grad(grads, &y_keep, |grads, gy| {
-                let (gx, gg, gb) = bwd(&xs, &gs, &cache, gy);
-                add_into(grads.get_or_alloc_mut(&x)?, &gx);
+                let (gg, gb) = bwd(&xs, &gs, &cache, gy, grads.get_or_alloc_mut(&x)?);
                 add_into(grads.get_or_alloc_mut(&g)?, &gg);
                 add_into(grads.get_or_alloc_mut(&b)?, &gb);
                 Ok(())
@@ -190,10 +198,11 @@ mod tests {
 
     #[test]
     fn cpu_layer_norm_matches_the_composed_ops_forward_and_backward() {
-        // f64, 40 channels (two full lanes of 16 and a partial one); every gradient through a
-        // random projection.
+        // f64, 40 channels (two full lanes of 16 and a partial one), 135 rows (two full blocks of
+        // the backward's column sums and a partial one); every gradient through a random
+        // projection.
         let dev = Cpu::seed_from_u64(11);
-        let (rows, c) = (7, 40);
+        let (rows, c) = (135, 40);
         let x: Tensor<(usize, usize), f64, Cpu> = dev.sample_normal_like(&(rows, c));
         let g: Tensor<(usize,), f64, Cpu> = dev.sample_normal_like(&(c,));
         let b: Tensor<(usize,), f64, Cpu> = dev.sample_normal_like(&(c,));
@@ -204,7 +213,17 @@ mod tests {
             assert!((a - e).abs() < 1e-12, "{a} vs {e}");
         }
         let ga = (ya * r.clone()).sum::<(), _>().backward();
-        let gb = (yb * r).sum::<(), _>().backward();
+        let gb = (yb * r.clone()).sum::<(), _>().backward();
+        // x also enters the loss itself, after the norm: its gradient is in the buffer before
+        // the norm's backward runs, which must add onto it.
+        let xt = x.leaky_trace();
+        let direct = xt.with_empty_tape();
+        let y = Cpu::layer_norm(xt, g.retaped(), b.retaped());
+        let both = ((y * r.clone()).sum::<(), _>() + direct.sum::<(), _>()).backward();
+        let added: Vec<f64> = gb.get(&x).as_vec().iter().map(|v| v + 1.0).collect();
+        for (i, (p, q)) in both.get(&x).as_vec().iter().zip(&added).enumerate() {
+            assert!((p - q).abs() < 1e-10, "dx[{i}] with a direct use: {p} vs {q}");
+        }
         for (name, a, e) in [
             ("x", ga.get(&x).as_vec(), gb.get(&x).as_vec()),
             ("g", ga.get(&g).as_vec(), gb.get(&g).as_vec()),
