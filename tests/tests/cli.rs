@@ -564,3 +564,72 @@ fn fips_compresses_a_digits_vit_into_the_declared_fips_member() {
     .to_string();
     assert!(err.contains("`x` is not one"), "{err}");
 }
+
+/// `spin bench --train --profile`: one row per op the digits ViT's step runs, then the rest of
+/// each pass and the whole pass, which holds every op's time (so the rest is not negative), in
+/// the text table and in `--json`; `--profile` without `--train` is refused by name.
+#[test]
+fn bench_profile_splits_a_training_step_by_op() {
+    let args = [
+        "bench",
+        "--model",
+        "digits_vit_64_6",
+        "--batch",
+        "4",
+        "--train",
+        "--iters",
+        "2",
+        "--profile",
+        "--threads",
+        "1",
+    ];
+    let text = run(&args).unwrap();
+    assert!(text.contains("digits_vit_64_6 batch 4 train f32 on "), "{text}");
+    assert_eq!(
+        [zoo::bench::threads_text(1), zoo::bench::threads_text(2)],
+        ["1 thread", "2 threads"]
+    );
+    let ops = [
+        "linear",
+        "layer norm",
+        "attention core",
+        "gelu",
+        "residual",
+        "patchify",
+    ];
+    for op in ops
+        .iter()
+        .chain(&["rest (dfdx's own ops, the loss)", "whole pass", "optimizer"])
+    {
+        assert!(
+            text.lines().any(|l| l.trim_start().starts_with(op)),
+            "no `{op}` row in\n{text}"
+        );
+    }
+    let json = run(&[&args[..], &["--json"]].concat()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    let rows = v["profile"]["rows"].as_array().unwrap();
+    let row = |name: &str| {
+        rows.iter()
+            .find(|r| r["op"] == name)
+            .unwrap_or_else(|| panic!("{name}: {json}"))
+    };
+    let ms = |name: &str, pass: &str| row(name)[pass].as_f64().unwrap();
+    for op in ops {
+        assert!(
+            ms(op, "forward_ms") > 0.0 && ms(op, "backward_ms") > 0.0,
+            "{op}: {json}"
+        );
+    }
+    // The digits ViT: 6 blocks of qkv, proj, fc1 and fc2, the patch embedding and the head.
+    assert_eq!(row("linear")["calls"].as_f64(), Some(26.0), "{json}");
+    let rest = "rest (dfdx's own ops, the loss)";
+    assert!(
+        ms(rest, "forward_ms") >= 0.0 && ms(rest, "backward_ms") >= 0.0,
+        "{json}"
+    );
+    assert!(v["profile"]["optimizer_ms"].as_f64().unwrap() > 0.0, "{json}");
+    use clap::Parser;
+    let err = Cli::try_parse_from(["spin", "bench", "--model", "x", "--profile"]).unwrap_err();
+    assert!(err.to_string().contains("--train"), "{err}");
+}

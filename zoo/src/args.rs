@@ -162,6 +162,10 @@ pub struct BenchArgs {
     /// Compute dtype: f32, or f16 (forward only).
     #[arg(long, default_value = "f32", value_parser = ["f32", "f16"])]
     pub dtype: String,
+    /// With --train: also the wall time of each op per step, forward and backward, the rest of
+    /// each pass and the optimizer (where the step's time goes).
+    #[arg(long, requires = "train")]
+    pub profile: bool,
     /// Print one JSON object instead of a line of text.
     #[arg(long)]
     pub json: bool,

@@ -2,6 +2,7 @@
 //! with peak resident memory. Numbers go to the README; no test asserts a duration.
 use crate::build;
 use serde::Serialize;
+use spin_core::device::profile::{self, OpTime, Pass};
 use spin_core::dfdx::prelude::*;
 use spin_core::train::{AdamW, StepParams};
 use spin_core::Error;
@@ -23,6 +24,110 @@ pub struct BenchResult {
     /// `avx512` (spin's packed kernel) or `gemm`. Layers without a packed path (FiPS's sparse
     /// factors, say) keep their own products whatever this says.
     pub matmul: String,
+    /// With `--profile`: where a training step's time goes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<StepProfile>,
+}
+
+/// Per-step wall time by op, as `--profile` reports it (averaged over the timed steps).
+#[derive(Clone, Debug, Serialize)]
+pub struct StepProfile {
+    /// One row per op, in the order first called; then the rest of each pass (dfdx's own ops,
+    /// the loss) and the whole pass.
+    pub rows: Vec<ProfileRow>,
+    /// AdamW's step (gradient norm, clipping, update) and zeroing the gradients.
+    pub optimizer_ms: f64,
+}
+
+/// One op's (or a remainder's) share of a step.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProfileRow {
+    pub op: String,
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    /// Calls per step (of the forward, or of the backward for ops timed only there).
+    pub calls: f64,
+}
+
+/// "1 thread", "2 threads".
+pub fn threads_text(n: usize) -> String {
+    format!("{n} thread{}", if n == 1 { "" } else { "s" })
+}
+
+/// `--profile`'s table: ms per step by op, forward and backward.
+pub fn write_profile(out: &mut dyn std::io::Write, p: &StepProfile, steps: usize) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:<34} {:>10} {:>11} {:>6}",
+        format!("ms per step ({steps} steps)"),
+        "forward",
+        "backward",
+        "calls"
+    )?;
+    for r in &p.rows {
+        let calls = if r.calls > 0.0 {
+            format!("{:.0}", r.calls)
+        } else {
+            String::new()
+        };
+        writeln!(
+            out,
+            "  {:<32} {:>10.2} {:>11.2} {:>6}",
+            r.op, r.forward_ms, r.backward_ms, calls
+        )?;
+    }
+    writeln!(
+        out,
+        "  {:<32} {:>10.2}",
+        "optimizer (AdamW, zeroing)", p.optimizer_ms
+    )
+}
+
+/// Per-step rows from the recorded sums of `steps` steps.
+fn step_profile(times: &[OpTime], steps: usize) -> StepProfile {
+    let per_step = |ms: f64| ms / steps.max(1) as f64;
+    let sum = |op: &str, pass: Pass| -> (f64, u64) {
+        times
+            .iter()
+            .filter(|t| t.op == op && t.pass == pass)
+            .fold((0.0, 0), |(ms, calls), t| (ms + t.ms, calls + t.calls))
+    };
+    let mut rows: Vec<ProfileRow> = Vec::new();
+    for t in times.iter().filter(|t| t.pass != Pass::Phase) {
+        if rows.iter().any(|r| r.op == t.op) {
+            continue;
+        }
+        let ((fwd, fwd_calls), (bwd, bwd_calls)) = (sum(t.op, Pass::Forward), sum(t.op, Pass::Backward));
+        rows.push(ProfileRow {
+            op: t.op.to_string(),
+            forward_ms: per_step(fwd),
+            backward_ms: per_step(bwd),
+            calls: per_step(fwd_calls.max(bwd_calls) as f64),
+        });
+    }
+    let (ops_fwd, ops_bwd) = rows
+        .iter()
+        .fold((0.0, 0.0), |(f, b), r| (f + r.forward_ms, b + r.backward_ms));
+    let (pass_fwd, pass_bwd) = (
+        per_step(sum("forward and loss", Pass::Phase).0),
+        per_step(sum("backward", Pass::Phase).0),
+    );
+    rows.push(ProfileRow {
+        op: "rest (dfdx's own ops, the loss)".into(),
+        forward_ms: pass_fwd - ops_fwd,
+        backward_ms: pass_bwd - ops_bwd,
+        calls: 0.0,
+    });
+    rows.push(ProfileRow {
+        op: "whole pass".into(),
+        forward_ms: pass_fwd,
+        backward_ms: pass_bwd,
+        calls: 0.0,
+    });
+    StepProfile {
+        rows,
+        optimizer_ms: per_step(sum("optimizer", Pass::Phase).0),
+    }
 }
 
 /// The kernel behind a run's matrix products: kept inference weights go to AMX tiles where
@@ -75,6 +180,7 @@ pub fn bench(
     batch: usize,
     train: bool,
     iters: usize,
+    profile_ops: bool,
 ) -> Result<BenchResult, Error> {
     let mut model = match weights {
         Some(w) => crate::load(name, w)?,
@@ -93,16 +199,29 @@ pub fn bench(
         clip: Some(1.0),
     };
     let (median, min) = if train {
-        time(iters, 2, || {
+        // With --profile, recording starts at the first timed step (after the two warm-ups).
+        let mut steps = 0;
+        let timing = time(iters, 2, || {
+            steps += 1;
+            if profile_ops && steps == 3 {
+                profile::take();
+                profile::enable(true);
+            }
             model.train_step(&x, &labels, None, &mut opt, &hp).map(|_| ())
-        })?
+        });
+        profile::enable(false);
+        timing?
     } else {
         time(iters, 2, || {
             std::hint::black_box(model.predict(&x, batch));
             Ok(())
         })?
     };
-    Ok(result(name, batch, train, "f32", median, min))
+    let mut r = result(name, batch, train, "f32", median, min);
+    if profile_ops {
+        r.profile = Some(step_profile(&profile::take(), iters.max(1)));
+    }
+    Ok(r)
 }
 
 fn result(name: &str, batch: usize, train: bool, dtype: &str, median: f64, min: f64) -> BenchResult {
@@ -117,6 +236,7 @@ fn result(name: &str, batch: usize, train: bool, dtype: &str, median: f64, min: 
         images_per_s: batch as f64 / (median / 1e3),
         peak_rss_mb: peak_rss_mb(),
         matmul: matmul_kernel(train, dtype).into(),
+        profile: None,
     }
 }
 

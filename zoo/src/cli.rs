@@ -280,7 +280,10 @@ pub fn bench(a: &BenchArgs, out: &mut dyn Write) -> Result<(), Error> {
             let line = if a.json {
                 format!("{{\"threads\":{threads},\"peak_gflops\":{gflops:.1}}}")
             } else {
-                format!("FP32 FMA peak on {threads} threads: {gflops:.1} GFLOP/s")
+                format!(
+                    "FP32 FMA peak on {}: {gflops:.1} GFLOP/s",
+                    crate::bench::threads_text(threads)
+                )
             };
             return writeln!(out, "{line}").map_err(io);
         }
@@ -288,7 +291,9 @@ pub fn bench(a: &BenchArgs, out: &mut dyn Write) -> Result<(), Error> {
         (None, false) => return Err(Error::Invalid("give --model NAME (or --peak)".into())),
     };
     let r = match (a.dtype.as_str(), a.train) {
-        ("f32", train) => crate::bench::bench(model, a.weights.as_deref(), a.batch, train, a.iters)?,
+        ("f32", train) => {
+            crate::bench::bench(model, a.weights.as_deref(), a.batch, train, a.iters, a.profile)?
+        }
         ("f16", false) => crate::bench::bench_f16(model, a.batch, a.iters)?,
         ("f16", true) => return Err(Error::Invalid("f16 benchmarks time the forward pass only".into())),
         (d, _) => return Err(Error::Invalid(format!("unknown dtype `{d}`: use f32 or f16"))),
@@ -303,10 +308,14 @@ pub fn bench(a: &BenchArgs, out: &mut dyn Write) -> Result<(), Error> {
     } else {
         writeln!(
             out,
-            "{} batch {} {} {} on {} threads: median {:.2} ms, min {:.2} ms, {:.1} images/s, peak RSS {:.0} MB, matmul on {}",
-            r.model, r.batch, r.mode, r.dtype, r.threads, r.median_ms, r.min_ms, r.images_per_s, r.peak_rss_mb, r.matmul
+            "{} batch {} {} {} on {}: median {:.2} ms, min {:.2} ms, {:.1} images/s, peak RSS {:.0} MB, matmul on {}",
+            r.model, r.batch, r.mode, r.dtype, crate::bench::threads_text(r.threads), r.median_ms, r.min_ms, r.images_per_s, r.peak_rss_mb, r.matmul
         )
-        .map_err(io)
+        .map_err(io)?;
+        if let Some(p) = &r.profile {
+            crate::bench::write_profile(out, p, a.iters).map_err(io)?;
+        }
+        Ok(())
     }
 }
 

@@ -49,7 +49,7 @@ impl<E: SpinDtype> AttentionKernel<E> for Cpu {
         let y = qkv.device().tensor_from_vec(out, (rows, d));
         let y_keep = y.clone();
         tape.add_backward_op(move |grads| {
-            with_grad(grads, &y_keep, |grads, go| {
+            with_grad(grads, &y_keep, "attention core", |grads, go| {
                 let g = grads.get_or_alloc_mut(&qkv)?;
                 attention_core_backward(&xs, &probs, go, g, (batch, heads, d));
                 Ok(())

@@ -46,7 +46,7 @@ impl<E: SpinDtype> DepthwiseKernel<E> for Cpu {
         if T::OWNS_TAPE {
             let y_keep = y.clone();
             tape.add_backward_op(move |grads| {
-                with_grad(grads, &y_keep, |grads, gy| {
+                with_grad(grads, &y_keep, "depthwise", |grads, gy| {
                     let (gx, gw, gb) = backward(&geo, &xs, &wt, gy);
                     add_into(grads.get_or_alloc_mut(&x)?, &gx);
                     add_into(grads.get_or_alloc_mut(&w)?, &transpose(&gw, k * k, geo.c));

@@ -22,7 +22,7 @@ impl<E: SpinDtype> GeluKernel<E> for Cpu {
         if T::OWNS_TAPE {
             let y_keep = y.clone();
             tape.add_backward_op(move |grads| {
-                with_grad(grads, &y_keep, |grads, gy| {
+                with_grad(grads, &y_keep, "gelu", |grads, gy| {
                     elementwise::gelu_grad(grads.get_or_alloc_mut(&x)?, &xs, gy);
                     Ok(())
                 })

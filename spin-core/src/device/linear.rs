@@ -79,7 +79,7 @@ impl<E: SpinDtype> LinearKernel<E> for Cpu {
         if T::OWNS_TAPE {
             let y_keep = y.clone();
             tape.add_backward_op(move |grads| {
-                with_grad(grads, &y_keep, |grads, gy| {
+                with_grad(grads, &y_keep, "linear", |grads, gy| {
                     let gb = col_sums(rows, out, |r, acc| add_row(acc, &gy[r * out..][..out]));
                     let gb: Vec<E> = gb.into_iter().map(E::cast).collect();
                     add_into(grads.get_or_alloc_mut(&b)?, &gb);

@@ -15,6 +15,7 @@ mod linear;
 mod norm;
 mod patchify;
 mod pool;
+pub mod profile;
 mod residual;
 
 pub use attention::{attention_core_composed, AttentionKernel};
@@ -111,14 +112,16 @@ pub fn host<S: Shape, E: SpinDtype>(t: &Tensor<S, E, Cpu>) -> Vec<E> {
 
 /// Runs `f` on the gradient reaching `y` (a CPU op's output) without copying it: the buffer is
 /// moved out of `grads` for the call and put back after it, so `grads` ends as it was. dfdx's
-/// `Gradients::get` would clone it, and [`host`] copy it again.
+/// `Gradients::get` would clone it, and [`host`] copy it again. `f`'s time counts as op `op`'s
+/// backward in [`profile`].
 pub fn with_grad<S: Shape, E: SpinDtype, R>(
     grads: &mut Gradients<E, Cpu>,
     y: &Tensor<S, E, Cpu>,
+    op: &'static str,
     f: impl FnOnce(&mut Gradients<E, Cpu>, &[E]) -> Result<R, CpuError>,
 ) -> Result<R, CpuError> {
     let gy = std::mem::take(&mut **grads.get_or_alloc_mut(y)?);
-    let out = f(grads, &gy);
+    let out = profile::timed(op, profile::Pass::Backward, || f(grads, &gy));
     **grads.get_or_alloc_mut(y)? = gy;
     out
 }

@@ -39,6 +39,7 @@ impl<E: SpinDtype> NormKernels<E> for Cpu {
         t: Tensor<(usize,), E, Self, T>,
     ) -> Tensor<(usize, usize), E, Self, T> {
         fused3(
+            "batch norm (eval)",
             x,
             s,
             t,
@@ -58,6 +59,7 @@ impl<E: SpinDtype> NormKernels<E> for Cpu {
         b: Tensor<(usize,), E, Self, T>,
     ) -> (Tensor<(usize, usize), E, Self, T>, Vec<E>, Vec<E>) {
         let (y, cache) = fused3(
+            "batch norm",
             x,
             g,
             b,
@@ -77,6 +79,7 @@ impl<E: SpinDtype> NormKernels<E> for Cpu {
         b: Tensor<(usize,), E, Self, T>,
     ) -> Tensor<(usize, usize), E, Self, T> {
         fused3(
+            "layer norm",
             x,
             g,
             b,
@@ -119,8 +122,10 @@ where
 
 /// Registers a fused op with three inputs (x, γ, β) on the tape: `fwd` computes the output and a
 /// cache from the input values, `bwd` from the cache and dL/dy adds dL/dx onto x's gradient
-/// buffer (its last argument) and returns dL/dγ and dL/dβ.
+/// buffer (its last argument) and returns dL/dγ and dL/dβ. `op` names it in
+/// [`super::profile`].
 fn fused3<E, T, C>(
+    op: &'static str,
     x: Tensor<(usize, usize), E, Cpu, T>,
     g: Tensor<(usize,), E, Cpu, T>,
     b: Tensor<(usize,), E, Cpu, T>,
@@ -143,7 +148,7 @@ where
     if T::OWNS_TAPE {
         let (y_keep, cache) = (y.clone(), cache.clone());
         tape.add_backward_op(move |grads| {
-            with_grad(grads, &y_keep, |grads, gy| {
+            with_grad(grads, &y_keep, op, |grads, gy| {
                 let (gg, gb) = bwd(&xs, &gs, &cache, gy, grads.get_or_alloc_mut(&x)?);
                 add_into(grads.get_or_alloc_mut(&g)?, &gg);
                 add_into(grads.get_or_alloc_mut(&b)?, &gb);

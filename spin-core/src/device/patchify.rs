@@ -38,7 +38,7 @@ impl<E: SpinDtype> PatchifyKernel<E> for Cpu {
         if T::OWNS_TAPE {
             let y_keep = y.clone();
             tape.add_backward_op(move |grads| {
-                with_grad(grads, &y_keep, |grads, gy| {
+                with_grad(grads, &y_keep, "patchify", |grads, gy| {
                     unpatchify_add(&g, gy, grads.get_or_alloc_mut(&x)?);
                     Ok(())
                 })

@@ -26,7 +26,7 @@ impl<E: SpinDtype> PoolKernel<E> for Cpu {
         if T::OWNS_TAPE {
             let y_keep = y.clone();
             tape.add_backward_op(move |grads| {
-                with_grad(grads, &y_keep, |grads, gy| {
+                with_grad(grads, &y_keep, "mean pool", |grads, gy| {
                     pool::mean_tokens_grad(grads.get_or_alloc_mut(&x)?, gy, c);
                     Ok(())
                 })

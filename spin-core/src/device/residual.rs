@@ -36,7 +36,7 @@ impl<E: SpinDtype> ResidualKernel<E> for Cpu {
         if T::OWNS_TAPE {
             let out_keep = out.clone();
             tape.add_backward_op(move |grads| {
-                with_grad(grads, &out_keep, |grads, g| {
+                with_grad(grads, &out_keep, "residual", |grads, g| {
                     add_into(grads.get_or_alloc_mut(&y)?, g);
                     add_into(grads.get_or_alloc_mut(&skip)?, g);
                     Ok(())

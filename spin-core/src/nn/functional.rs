@@ -2,6 +2,7 @@
 //! shares, written on the device ops, so it is compiled once per dtype and device, not once per
 //! model.
 use crate::base::{Act, Mat, SpinDtype, BN_EPS};
+use crate::device::profile::{timed, Pass::Forward};
 use crate::device::{linear_composed, SpinDevice};
 use crate::kernels::gemm::has_kernels;
 use dfdx::prelude::*;
@@ -14,7 +15,7 @@ pub fn activation<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D>>(
 ) -> Tensor<Mat, E, D, T> {
     match act {
         Act::Gelu => gelu(x),
-        Act::Relu => x.relu(),
+        Act::Relu => timed("relu", Forward, || x.relu()),
     }
 }
 
@@ -25,7 +26,7 @@ pub fn activation<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D>>(
 pub fn gelu<S: Shape, E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D>>(
     x: Tensor<S, E, D, T>,
 ) -> Tensor<S, E, D, T> {
-    D::gelu(x)
+    timed("gelu", Forward, || D::gelu(x))
 }
 
 /// The residual sum `y + skip` of two tensors of one shape (a block's output and its input).
@@ -33,7 +34,7 @@ pub fn residual<S: Shape, E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<
     y: Tensor<S, E, D, T>,
     skip: Tensor<S, E, D, T>,
 ) -> Tensor<S, E, D, T> {
-    D::residual(y, skip)
+    timed("residual", Forward, || D::residual(y, skip))
 }
 
 /// The global average pool: the mean of each of `images` images' token rows, `(images·N, C)` →
@@ -42,7 +43,7 @@ pub fn mean_tokens<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D>>(
     x: Tensor<Mat, E, D, T>,
     images: usize,
 ) -> Tensor<Mat, E, D, T> {
-    D::mean_tokens(x, images)
+    timed("mean pool", Forward, || D::mean_tokens(x, images))
 }
 
 /// Depthwise K×K 'same' convolution of `(B·H·W, C)` features with weight `(C, K·K)`, bias `(C,)`.
@@ -54,9 +55,10 @@ pub fn depthwise<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
     k: usize,
 ) -> Tensor<Mat, E, D, T> {
     let (rows, c) = *x.shape();
-    D::dwconv(x.reshape_like(&(b, h, wd, c)), w, bias, k)
-        .unwrap()
-        .reshape_like(&(rows, c))
+    timed("depthwise", Forward, || {
+        D::dwconv(x.reshape_like(&(b, h, wd, c)), w, bias, k).unwrap()
+    })
+    .reshape_like(&(rows, c))
 }
 
 /// `x · Wᵀ + b` with PyTorch's `(out, in)` weight.
@@ -65,11 +67,13 @@ pub fn linear<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
     w: Tensor<Mat, E, D, T>,
     b: Tensor<(usize,), E, D, T>,
 ) -> Tensor<Mat, E, D, T> {
-    if has_kernels::<E>() {
-        D::linear(x, w, b)
-    } else {
-        linear_composed(x, w, b)
-    }
+    timed("linear", Forward, || {
+        if has_kernels::<E>() {
+            D::linear(x, w, b)
+        } else {
+            linear_composed(x, w, b)
+        }
+    })
 }
 
 /// LayerNorm over the features of each row, eps 1e-6, with scale and shift.
@@ -78,7 +82,7 @@ pub fn layer_norm<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
     g: Tensor<(usize,), E, D, T>,
     b: Tensor<(usize,), E, D, T>,
 ) -> Tensor<Mat, E, D, T> {
-    D::layer_norm(x, g, b)
+    timed("layer norm", Forward, || D::layer_norm(x, g, b))
 }
 
 /// BatchNorm with given statistics (inference): `(x − mean)/sqrt(var + eps)·γ + β`.
@@ -101,7 +105,9 @@ pub fn batch_norm_eval<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>
     // x·(inv·γ) + (−mean·inv·γ + β): the same map folded into one scale and one shift.
     let scale = g.with_empty_tape() * inv;
     let shift = g * shift + b;
-    D::channel_affine(x, scale, shift)
+    timed("batch norm (eval)", Forward, || {
+        D::channel_affine(x, scale, shift)
+    })
 }
 
 /// BatchNorm with batch statistics (training). Returns the output and the batch mean and biased
@@ -111,7 +117,7 @@ pub fn batch_norm_train<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>
     g: Tensor<(usize,), E, D, T>,
     b: Tensor<(usize,), E, D, T>,
 ) -> (Tensor<Mat, E, D, T>, Vec<E>, Vec<E>) {
-    D::batch_norm_train(x, g, b)
+    timed("batch norm", Forward, || D::batch_norm_train(x, g, b))
 }
 
 /// Multi-head self-attention as timm: one qkv Linear whose outputs are laid out
@@ -128,7 +134,8 @@ pub fn attention<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
     proj_b: Tensor<(usize,), E, D, T>,
 ) -> Tensor<Mat, E, D, T> {
     let qkv = linear(x, qkv_w, qkv_b);
-    linear(D::attention_core(qkv, batch, heads), proj_w, proj_b)
+    let core = timed("attention core", Forward, || D::attention_core(qkv, batch, heads));
+    linear(core, proj_w, proj_b)
 }
 
 #[cfg(test)]

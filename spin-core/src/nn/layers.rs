@@ -96,7 +96,8 @@ collection!(PatchConv<C, P> {
 impl<C: ConstDim, P: ConstDim, E: SpinDtype, D: SpinDevice<E>> PatchConv<C, P, E, D> {
     /// NCHW images `(B, 3, H, W)` → `(B·(H/P)·(W/P), C)`, channels last.
     pub fn forward<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Nchw, E, D, T>) -> Tensor<Mat, E, D, T> {
-        let patches = D::patchify(x, P::SIZE).unwrap();
+        use crate::device::profile::{timed, Pass::Forward};
+        let patches = timed("patchify", Forward, || D::patchify(x, P::SIZE)).unwrap();
         linear(
             patches,
             param2(&self.weight, C::SIZE, 3 * P::SIZE * P::SIZE),

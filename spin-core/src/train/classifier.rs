@@ -4,6 +4,7 @@ use super::optim::AdamW;
 use crate::base::Nchw;
 use crate::checkpoint::{load_tensors, save_keys, LoadReport, StorageDtype, TensorMap, TimmCheckpoint};
 use crate::data::Mix;
+use crate::device::profile::{timed, Pass::Phase};
 use crate::error::Error;
 use crate::fusion::{fuse_into, tensor_map, FusionReport, Reduction};
 use crate::models::{ModelInfo, SpinModel};
@@ -189,21 +190,26 @@ impl<M: SpinModel<f32, Cpu> + Send + 'static> Classifier for Runner<M> {
         let batch = labels.len();
         let x = images_tensor(&self.dev, images, batch, info.image);
         let grads = self.grads.take().unwrap_or_else(|| self.model.alloc_grads());
-        let logits = self.model.logits_mut(x.traced(grads));
-        let correct = count_correct(&logits.as_vec(), labels);
-        let targets = self.dev.tensor_from_vec(
-            mixed_targets(labels, mix, info.classes, hp.label_smoothing),
-            (batch, info.classes),
-        );
-        let loss = cross_entropy_with_logits_loss(logits, targets);
+        let (loss, correct) = timed("forward and loss", Phase, || {
+            let logits = self.model.logits_mut(x.traced(grads));
+            let correct = count_correct(&logits.as_vec(), labels);
+            let targets = self.dev.tensor_from_vec(
+                mixed_targets(labels, mix, info.classes, hp.label_smoothing),
+                (batch, info.classes),
+            );
+            (cross_entropy_with_logits_loss(logits, targets), correct)
+        });
         let loss_value = loss.array();
-        let mut grads = loss.backward();
-        let grad_norm = if loss_value.is_finite() {
-            opt.step(&mut self.model, &mut grads, hp.lr, hp.clip)
-        } else {
-            f32::NAN
-        };
-        self.model.zero_grads(&mut grads);
+        let mut grads = timed("backward", Phase, || loss.backward());
+        let grad_norm = timed("optimizer", Phase, || {
+            let norm = if loss_value.is_finite() {
+                opt.step(&mut self.model, &mut grads, hp.lr, hp.clip)
+            } else {
+                f32::NAN
+            };
+            self.model.zero_grads(&mut grads);
+            norm
+        });
         self.grads = Some(grads);
         Ok(StepStats {
             loss: loss_value,
