@@ -1,7 +1,7 @@
 //! Multi-head attention's core, `softmax(q·kᵀ/√head_dim)·v` on timm's qkv layout, as an op: on
-//! the CPU one op on dfdx's tape (host kernels through gemm's AVX-512 products, every head of an
-//! image in one task, the softmax kept for the backward); elsewhere, and as the reference, dfdx's
-//! reshapes, slices, batched matmuls and softmax.
+//! the CPU one op on dfdx's tape (host kernels: the fused AVX-512 tiles forward, gemm's products
+//! backward, every head of an image in one task, the softmax kept for the backward); elsewhere,
+//! and as the reference, dfdx's reshapes, slices, batched matmuls and softmax.
 use super::{values, with_grad};
 use crate::base::{Mat, SpinDtype};
 use crate::kernels::attention::{attention_core, attention_core_backward, attention_core_keep};

@@ -128,7 +128,8 @@ fn shapes<E: SpinDtype>(
 }
 
 /// Training's forward: [`attention_core`], one task per image, also keeping every head's
-/// softmax in `probs` `(B, heads, N, N)` for [`attention_core_backward`].
+/// softmax in `probs` `(B, heads, N, N)` for [`attention_core_backward`]: in f32 on AVX-512 the
+/// fused tiles ([`super::attention_tile::attention_core_keep_f32`]), otherwise gemm's products.
 pub fn attention_core_keep<E: SpinDtype>(
     qkv: &[E],
     out: &mut [E],
@@ -140,6 +141,16 @@ pub fn attention_core_keep<E: SpinDtype>(
         3 * out.len(),
         "attention: qkv must be three times the output"
     );
+    #[cfg(target_arch = "x86_64")]
+    if super::f32_avx512::<E>() && super::attention_tile::applies(d / heads.max(1)) {
+        let (out, probs) = (super::as_f32_mut(out), super::as_f32_mut(probs));
+        return super::attention_tile::attention_core_keep_f32(
+            super::as_f32(qkv),
+            out,
+            probs,
+            (batch, heads, d),
+        );
+    }
     let (n, hd, scale) = shapes::<E>(out.len(), probs.len(), (batch, heads, d));
     out.par_chunks_mut(n * d)
         .zip(probs.par_chunks_mut(heads * n * n))

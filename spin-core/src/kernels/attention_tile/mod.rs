@@ -10,8 +10,11 @@
 //! thread, 201–208 → 181–196 µs (two runs each of the `kernel_timing` example's last line).
 use super::elementwise::avx512::exp_nonpos;
 use crate::base::F32_LANES;
+pub use keys::pack_all_keys;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
+
+mod keys;
 
 /// Query rows per tile.
 const R: usize = 6;
@@ -68,24 +71,64 @@ pub fn attention_core_f32(qkv: &[f32], out: &mut [f32], batch: usize, heads: usi
         .for_each(|(span, o)| attention_rows_f32(qkv, &keys, (n, heads, d), span, o));
 }
 
-/// The keys of every (image, head) of `qkv` `(B·N, 3·D)`, packed for [`attention_rows_f32`]
-/// (one task each). Panics unless [`applies`] to `D / heads`.
-pub fn pack_all_keys(qkv: &[f32], batch: usize, heads: usize, d: usize) -> Vec<Vec<f32>> {
+/// [`attention_core_f32`] that also writes the softmax `probs` `(B, heads, N, N)` (a training
+/// step's backward reads it), one task per image. Through gemm's products and a separate
+/// softmax pass, DeiT-Tiny's batch-8 training step spent 22.7 ms in the attention's forward
+/// instead of 20.8 (`spin bench --train --profile`, three runs alternated).
+pub fn attention_core_keep_f32(
+    qkv: &[f32],
+    out: &mut [f32],
+    probs: &mut [f32],
+    (batch, heads, d): (usize, usize, usize),
+) {
     let hd = d / heads;
-    assert!(applies(hd) && d == heads * hd, "pack_all_keys: head size {hd}");
     assert!(
-        batch > 0 && qkv.len().is_multiple_of(batch * 3 * d),
-        "pack_all_keys: qkv"
+        applies(hd) && d == heads * hd,
+        "attention_core_keep_f32: head size {hd}"
     );
-    let n = qkv.len() / (batch * 3 * d);
-    (0..batch * heads)
-        .into_par_iter()
-        .map(|bh| {
-            let (b, h) = (bh / heads, bh % heads);
-            // SAFETY: AVX-512F, asserted above (`applies`).
-            unsafe { pack_keys(&qkv[(b * n * 3 + 1) * d + h * hd..], n, hd, 3 * d) }
-        })
-        .collect()
+    assert!(
+        batch > 0 && qkv.len() == 3 * out.len() && out.len().is_multiple_of(batch * d),
+        "attention: qkv is not {batch} images of 3 × {d} features"
+    );
+    let n = out.len() / (batch * d);
+    assert_eq!(probs.len(), batch * heads * n * n, "attention: softmax buffer");
+    if n == 0 {
+        return;
+    }
+    let keys = pack_all_keys(qkv, batch, heads, d);
+    let width = n.div_ceil(F32_LANES) * F32_LANES;
+    out.par_chunks_mut(n * d)
+        .zip(probs.par_chunks_mut(heads * n * n))
+        .enumerate()
+        .for_each(|(b, (o, pb))| {
+            let mut scores = vec![0.0f32; ST * R * width];
+            let img = &qkv[b * n * 3 * d..][..n * 3 * d];
+            for r0 in (0..n).step_by(ST * R) {
+                let rows = (ST * R).min(n - r0);
+                for (h, ph) in pb.chunks_mut(n * n).enumerate() {
+                    let task = Task {
+                        q: &img[r0 * 3 * d + h * hd..],
+                        v: &img[2 * d + h * hd..],
+                        ld: 3 * d,
+                        keys: &keys[b * heads + h],
+                        n,
+                        hd,
+                    };
+                    // SAFETY: AVX-512F (`applies`); the output from row r0, column h·hd, holds
+                    // `rows` rows of stride d (the last ending at hd), the softmax block from
+                    // row r0 holds `rows` rows of n.
+                    unsafe {
+                        task.run(
+                            rows,
+                            &mut scores,
+                            &mut o[r0 * d + h * hd..],
+                            d,
+                            Some(&mut ph[r0 * n..]),
+                        )
+                    };
+                }
+            }
+        });
 }
 
 /// Attention output rows `rows` (indices into the `B·N` rows of `qkv`, images of `n` tokens)
@@ -137,91 +180,11 @@ pub fn attention_rows_f32(
                 let tile = &mut span[r0 * d + h * hd..];
                 // SAFETY: AVX-512F (`applies`); `tile` starts at row r0 of this span's rows and
                 // has `tile_rows` rows of `d` values from column h·hd (the last one ending at hd).
-                unsafe { task.run(tile_rows, &mut scores, tile, d) };
+                unsafe { task.run(tile_rows, &mut scores, tile, d, None) };
             }
         }
         r += span_rows;
     }
-}
-
-/// The `n` keys `k` (row stride `ld`, `hd` values each, a multiple of 16) as panels of 16 keys,
-/// `(hd, 16)` each; lanes past the last key are zero. Each 16 × 16 block is loaded as 16 key
-/// rows, transposed on registers and stored as 16 panel rows, in order: a scalar copy (a gather
-/// or a scatter per value) cost 1.5–3 % of DeiT-Tiny's batch-1 pass.
-///
-/// # Safety
-/// The CPU must support AVX-512F. Sizes are asserted.
-#[target_feature(enable = "avx512f")]
-unsafe fn pack_keys(k: &[f32], n: usize, hd: usize, ld: usize) -> Vec<f32> {
-    assert!(
-        hd.is_multiple_of(F32_LANES) && (n == 0 || (n - 1) * ld + hd <= k.len()),
-        "pack_keys: {n} keys of {hd} values with stride {ld} overrun {} values",
-        k.len()
-    );
-    let mut kp: Vec<f32> = Vec::with_capacity(n.div_ceil(F32_LANES) * hd * F32_LANES);
-    for p0 in (0..n).step_by(F32_LANES) {
-        let keys = F32_LANES.min(n - p0);
-        for c0 in (0..hd).step_by(F32_LANES) {
-            // SAFETY: AVX-512F (the contract). Loads: key p0 + j < n at columns c0..c0 + 16 ≤
-            // hd, inside `k` (asserted). Stores: 256 values at the vector's length, inside the
-            // capacity reserved above (panels · hd · 16 in all), each written before `set_len`
-            // counts it.
-            unsafe {
-                let mut rows = [_mm512_setzero_ps(); F32_LANES];
-                for (j, row) in rows.iter_mut().enumerate().take(keys) {
-                    *row = _mm512_loadu_ps(k.as_ptr().add((p0 + j) * ld + c0));
-                }
-                let at = kp.as_mut_ptr().add(kp.len());
-                for (i, col) in transpose16(rows).into_iter().enumerate() {
-                    _mm512_storeu_ps(at.add(i * F32_LANES), col);
-                }
-                kp.set_len(kp.len() + F32_LANES * F32_LANES);
-            }
-        }
-    }
-    kp
-}
-
-/// The transpose of 16 rows of 16 values: pairs interleaved at 32 and 64 bits within each
-/// 128-bit lane, then 128-bit lanes gathered across rows in two steps.
-///
-/// # Safety
-/// The CPU must support AVX-512F.
-#[target_feature(enable = "avx512f")]
-unsafe fn transpose16(r: [__m512; F32_LANES]) -> [__m512; F32_LANES] {
-    let zero = _mm512_setzero_ps();
-    // t: per 128-bit lane, elements (0, 1) or (2, 3) of rows 2i and 2i + 1 interleaved.
-    let mut t = [zero; 16];
-    for i in (0..16).step_by(2) {
-        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-    }
-    // u[4g + j]: per 128-bit lane L, column 4L + j of rows 4g..4g + 4.
-    let mut u = [zero; 16];
-    for g in (0..16).step_by(4) {
-        for h in 0..2 {
-            let (a, b) = (t[g + h], t[g + 2 + h]);
-            u[g + 2 * h] = _mm512_shuffle_ps::<0x44>(a, b);
-            u[g + 2 * h + 1] = _mm512_shuffle_ps::<0xEE>(a, b);
-        }
-    }
-    // v[j], v[4 + j]: lanes (0, 2) and (1, 3) of u[j], then of u[4 + j] (rows 0–7);
-    // v[8 + j], v[12 + j] the same for rows 8–15.
-    let mut v = [zero; 16];
-    for half in [0, 8] {
-        for j in 0..4 {
-            let (a, b) = (u[half + j], u[half + 4 + j]);
-            v[half + j] = _mm512_shuffle_f32x4::<0x88>(a, b);
-            v[half + 4 + j] = _mm512_shuffle_f32x4::<0xDD>(a, b);
-        }
-    }
-    // Column j < 8: lanes (0, 2) of v[j], then of v[8 + j]; column 8 + j: lanes (1, 3).
-    let mut out = [zero; 16];
-    for j in 0..8 {
-        out[j] = _mm512_shuffle_f32x4::<0x88>(v[j], v[8 + j]);
-        out[j + 8] = _mm512_shuffle_f32x4::<0xDD>(v[j], v[8 + j]);
-    }
-    out
 }
 
 /// One (image, head): the queries from the tile's first row, v from key 0 (both rows of stride
@@ -240,16 +203,24 @@ impl Task<'_> {
     /// through `scores` (`ST·R` rows of the padded key count): every tile's scores against
     /// one group of key panels, then the next group; then each tile's softmax and product with
     /// v. A short last tile repeats its last query row in the registers and stores only its own
-    /// rows.
+    /// rows. With `probs` (`rows` rows of `n`), the softmax is written there too.
     ///
     /// # Safety
     /// The CPU must support AVX-512F. Sizes are asserted.
     #[target_feature(enable = "avx512f")]
-    unsafe fn run(&self, rows: usize, scores: &mut [f32], out: &mut [f32], ldo: usize) {
+    unsafe fn run(
+        &self,
+        rows: usize,
+        scores: &mut [f32],
+        out: &mut [f32],
+        ldo: usize,
+        mut probs: Option<&mut [f32]>,
+    ) {
         let (n, hd, ld) = (self.n, self.hd, self.ld);
         let panels = n.div_ceil(F32_LANES);
         let width = panels * F32_LANES;
         assert!((1..=ST * R).contains(&rows) && scores.len() == ST * R * width);
+        assert!(probs.as_ref().is_none_or(|p| p.len() >= rows * n));
         assert!(self.keys.len() == panels * hd * F32_LANES && hd.is_multiple_of(F32_LANES));
         assert!((rows - 1) * ld + hd <= self.q.len() && (n - 1) * ld + hd <= self.v.len());
         assert!((rows - 1) * ldo + hd <= out.len());
@@ -285,6 +256,14 @@ impl Task<'_> {
             let out = &mut out[t * R * ldo..];
             // SAFETY: as above.
             let inv = unsafe { softmax_rows(scores, width, n) };
+            if let Some(probs) = probs.as_deref_mut() {
+                for (r, &inv) in inv.iter().enumerate().take(tile_rows) {
+                    let dst = &mut probs[(t * R + r) * n..][..n];
+                    for (p, &e) in dst.iter_mut().zip(&scores[r * width..][..n]) {
+                        *p = e * inv;
+                    }
+                }
+            }
             let mut c0 = 0;
             while c0 < hd {
                 let c = C.min((hd - c0) / F32_LANES);
@@ -442,7 +421,8 @@ mod tests {
 
     /// The fused tiles against the f64 definition, on shapes that leave short tiles, a partial
     /// key panel and a head of 48 values (a 3-vector column block): 2 images of 23 tokens, in
-    /// tasks of a tile or two and in one call over all rows.
+    /// tasks of a tile or two, in one call over all rows, and in training's call that also
+    /// writes the softmax (checked too).
     #[test]
     fn fused_tiles_match_the_f64_definition() {
         if !applies(16) {
@@ -459,6 +439,11 @@ mod tests {
             let mut whole = vec![f32::NAN; batch * n * d];
             let keys = pack_all_keys(&qkv, batch, heads, d);
             attention_rows_f32(&qkv, &keys, (n, heads, d), 0..batch * n, &mut whole);
+            let (mut kept, mut probs) = (
+                vec![f32::NAN; batch * n * d],
+                vec![f32::NAN; batch * heads * n * n],
+            );
+            attention_core_keep_f32(&qkv, &mut kept, &mut probs, (batch, heads, d));
             let at = |b: usize, i: usize, part: usize, h: usize, l: usize| {
                 qkv[(b * n + i) * 3 * d + part * d + h * hd + l] as f64
             };
@@ -476,9 +461,13 @@ mod tests {
                         let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                         let e: Vec<f64> = s.iter().map(|v| (v - max).exp()).collect();
                         let sum: f64 = e.iter().sum();
+                        for j in 0..n {
+                            let got = probs[((b * heads + h) * n + i) * n + j] as f64;
+                            assert!((got - e[j] / sum).abs() < 1e-6, "b{b} h{h} P[{i}, {j}]: {got}");
+                        }
                         for l in 0..hd {
                             let want = (0..n).map(|j| e[j] / sum * at(b, j, 2, h, l)).sum::<f64>();
-                            for got in [&out, &whole].map(|o| o[(b * n + i) * d + h * hd + l] as f64) {
+                            for got in [&out, &whole, &kept].map(|o| o[(b * n + i) * d + h * hd + l] as f64) {
                                 assert!((got - want).abs() < 1e-5, "b{b} h{h} q{i} [{l}]: {got} vs {want}");
                             }
                         }
