@@ -263,8 +263,8 @@ fn row_stats<E: SpinDtype>(x: &[E], eps: f64) -> (f64, f64) {
 /// Backward of [`layer_norm_fwd`]: with ĝ = dy·γ, dx = (ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))/σ per row,
 /// added onto `gx` (dfdx's gradient buffer: no buffer of its own to zero and add); returns dγ =
 /// Σ dy·x̂ and dβ = Σ dy. One pass over the rows: per block of `BLOCK` (64) rows their dx and the
-/// block's column sums, the blocks' sums added in order (as [`col_sums`], whose two passes and
-/// the separate dx pass and add took 4.5 % of a DeiT-Tiny training step).
+/// block's column sums, the blocks' sums added in order, as in [`col_sums`] (its two passes, a
+/// separate dx pass and the add took 4.5 % of a DeiT-Tiny training step).
 pub fn layer_norm_bwd<E: SpinDtype>(
     x: &[E],
     g: &[E],
