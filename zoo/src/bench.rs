@@ -42,8 +42,11 @@ pub struct StepProfile {
 /// One op's (or a remainder's) share of a step.
 #[derive(Clone, Debug, Serialize)]
 pub struct ProfileRow {
+    /// The op, or `rest (…)` and `whole pass`.
     pub op: String,
+    /// Milliseconds per step in the forward pass.
     pub forward_ms: f64,
+    /// Milliseconds per step in the backward pass.
     pub backward_ms: f64,
     /// Calls per step (of the forward, or of the backward for ops timed only there).
     pub calls: f64,
@@ -159,6 +162,9 @@ pub fn peak_rss_mb() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Untimed runs before the timed ones (first-touch allocations, kept weights, caches).
+const WARMUP: usize = 2;
+
 fn time(iters: usize, warmup: usize, mut f: impl FnMut() -> Result<(), Error>) -> Result<(f64, f64), Error> {
     for _ in 0..warmup {
         f()?;
@@ -199,11 +205,11 @@ pub fn bench(
         clip: Some(1.0),
     };
     let (median, min) = if train {
-        // With --profile, recording starts at the first timed step (after the two warm-ups).
+        // With --profile, recording starts at the first timed step (after the warm-ups).
         let mut steps = 0;
-        let timing = time(iters, 2, || {
+        let timing = time(iters, WARMUP, || {
             steps += 1;
-            if profile_ops && steps == 3 {
+            if profile_ops && steps == WARMUP + 1 {
                 profile::take();
                 profile::enable(true);
             }
@@ -212,7 +218,7 @@ pub fn bench(
         profile::enable(false);
         timing?
     } else {
-        time(iters, 2, || {
+        time(iters, WARMUP, || {
             std::hint::black_box(model.predict(&x, batch));
             Ok(())
         })?
@@ -256,7 +262,7 @@ pub fn bench_f16(name: &str, batch: usize, iters: usize) -> Result<BenchResult, 
         let x: Tensor<(usize, usize, usize, usize), f32, Cpu> =
             dev.sample_normal_like(&(batch, 3, info.image, info.image));
         let x = x.to_dtype::<f16>();
-        time(iters, 2, || {
+        time(iters, WARMUP, || {
             std::hint::black_box(m.logits(x.clone()));
             Ok(())
         })
