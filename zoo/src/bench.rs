@@ -73,11 +73,11 @@ pub fn write_profile(out: &mut dyn std::io::Write, p: &StepProfile, steps: usize
         } else {
             String::new()
         };
-        writeln!(
-            out,
+        let line = format!(
             "  {:<32} {:>10.2} {:>11.2} {:>6}",
             r.op, r.forward_ms, r.backward_ms, calls
-        )?;
+        );
+        writeln!(out, "{}", line.trim_end())?;
     }
     writeln!(
         out,
