@@ -1,5 +1,6 @@
-//! The inference attention core in f32 on AVX-512, fused per tile of six query rows: the tile's
-//! scores, their softmax and its product with v stay in one thread's L1 and registers.
+//! The attention core in f32 on AVX-512 (inference, and training's forward, which also writes
+//! the softmax), fused per tile of six query rows: the tile's scores, their softmax and its
+//! product with v stay in one thread's L1 and registers.
 //!
 //! Through gemm, each head took two calls that pack their operands, a softmax pass and a
 //! transposed copy of k: 17 % of DeiT-Tiny's batch-1 forward in the profile (15 % now). Here k
