@@ -131,7 +131,7 @@ def main():
         [a.spin, "zoo", "--format", "csv"], check=True, capture_output=True, text=True).stdout))}
     peak = spin(["bench", "--peak", "--threads", str(a.threads), "--json"], a.spin)["peak_gflops"]
     print(f"torch {torch.__version__}, timm {timm.__version__}, onnxruntime "
-          f"{ort.__version__ if ort else 'not installed'}; {a.threads} threads, float32; "
+          f"{ort.__version__ if ort else 'not installed'}; {a.threads} thread{'s' * (a.threads != 1)}, float32; "
           f"FMA peak {peak:.0f} GFLOP/s; median of {a.rounds} alternating rounds; {os.uname().machine}")
     sessions = {}
     rows = []
