@@ -34,19 +34,10 @@ pub fn applies(head_dim: usize) -> bool {
 /// [`super::attention::attention_core`] for f32: `qkv` `(B·N, 3·D)` with columns (3, heads,
 /// head_dim) into `out` `(B·N, D)`. Panics unless [`applies`] to `D / heads`.
 pub fn attention_core_f32(qkv: &[f32], out: &mut [f32], batch: usize, heads: usize, d: usize) {
-    let hd = d / heads;
-    assert!(
-        applies(hd) && d == heads * hd,
-        "attention_core_f32: head size {hd}"
-    );
-    assert!(
-        batch > 0 && qkv.len() == 3 * out.len() && out.len().is_multiple_of(batch * d),
-        "attention: qkv is not {batch} images of 3 × {d} features"
-    );
-    if out.is_empty() {
+    let n = tokens(qkv, out, (batch, heads, d));
+    if n == 0 {
         return;
     }
-    let n = out.len() / (batch * d);
     let keys = pack_all_keys(qkv, batch, heads, d);
     // Enough tasks for every thread at batch 1, each a run of whole tiles, the runs as even as
     // the tile count allows (runs of a fixed length left DeiT's 197 query rows split 107 : 90).
@@ -72,6 +63,18 @@ pub fn attention_core_f32(qkv: &[f32], out: &mut [f32], batch: usize, heads: usi
         .for_each(|(span, o)| attention_rows_f32(qkv, &keys, (n, heads, d), span, o));
 }
 
+/// Tokens per image of `qkv` `(B·N, 3·D)` and `out` `(B·N, D)`; panics unless the sizes agree
+/// and [`applies`] to `D / heads`.
+fn tokens(qkv: &[f32], out: &[f32], (batch, heads, d): (usize, usize, usize)) -> usize {
+    let hd = d / heads;
+    assert!(applies(hd) && d == heads * hd, "attention: head size {hd}");
+    assert!(
+        batch > 0 && qkv.len() == 3 * out.len() && out.len().is_multiple_of(batch * d),
+        "attention: qkv is not {batch} images of 3 × {d} features"
+    );
+    out.len() / (batch * d)
+}
+
 /// [`attention_core_f32`] that also writes the softmax `probs` `(B, heads, N, N)` (a training
 /// step's backward reads it), one task per image. Through gemm's products and a separate
 /// softmax pass, DeiT-Tiny's batch-8 training step spent 22.7 ms in the attention's forward
@@ -82,16 +85,7 @@ pub fn attention_core_keep_f32(
     probs: &mut [f32],
     (batch, heads, d): (usize, usize, usize),
 ) {
-    let hd = d / heads;
-    assert!(
-        applies(hd) && d == heads * hd,
-        "attention_core_keep_f32: head size {hd}"
-    );
-    assert!(
-        batch > 0 && qkv.len() == 3 * out.len() && out.len().is_multiple_of(batch * d),
-        "attention: qkv is not {batch} images of 3 × {d} features"
-    );
-    let n = out.len() / (batch * d);
+    let (n, hd) = (tokens(qkv, out, (batch, heads, d)), d / heads);
     assert_eq!(probs.len(), batch * heads * n * n, "attention: softmax buffer");
     if n == 0 {
         return;
