@@ -591,10 +591,10 @@ fn bench_profile_splits_a_training_step_by_op() {
     );
     let ops = [
         "linear",
+        "linear+gelu",
+        "linear+residual",
         "layer norm",
         "attention core",
-        "gelu",
-        "residual",
         "patchify",
     ];
     for op in ops
@@ -621,8 +621,14 @@ fn bench_profile_splits_a_training_step_by_op() {
             "{op}: {json}"
         );
     }
-    // The digits ViT: 6 blocks of qkv, proj, fc1 and fc2, the patch embedding and the head.
-    assert_eq!(row("linear")["calls"].as_f64(), Some(26.0), "{json}");
+    // The digits ViT: 6 blocks of qkv, proj with its residual sum, fc1 with GELU and fc2 with its
+    // residual sum; the patch embedding and the head.
+    let calls = |name: &str| row(name)["calls"].as_f64();
+    assert_eq!(
+        [calls("linear"), calls("linear+gelu"), calls("linear+residual")],
+        [Some(8.0), Some(6.0), Some(12.0)],
+        "{json}"
+    );
     let rest = "rest (dfdx's own ops, the loss)";
     assert!(
         ms(rest, "forward_ms") >= 0.0 && ms(rest, "backward_ms") >= 0.0,

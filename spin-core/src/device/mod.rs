@@ -23,7 +23,7 @@ pub use cache::{buffer_keys, BlockCache};
 pub use depthwise::{dwconv_fallback, DepthwiseKernel};
 pub use gelu::{gelu_fallback, GeluKernel};
 pub use infer::InferKernels;
-pub use linear::{linear_composed, LinearKernel};
+pub use linear::{linear_composed, then_composed, LinearKernel, Then};
 pub use norm::{affine_composed, batch_norm_train_composed, layer_norm_composed, NormKernels};
 pub use patchify::{patchify_fallback, PatchifyKernel};
 pub use pool::{mean_tokens_fallback, PoolKernel};

@@ -208,13 +208,13 @@ pub fn vit_blocks<E: SpinDtype>(x: &mut [E], blocks: &[VitBlockHost<E>], batch: 
     }
 }
 
-/// `out = x · Wᵀ + b` over all rows of `x`, split across threads.
-pub fn linear_rows<E: SpinDtype>(x: &[E], l: &HostLinear<E>, out: &mut [E]) {
+/// `out = x · Wᵀ + b`, or `out += …` when `accumulate`, over all rows of `x`, split across threads.
+pub fn linear_rows<E: SpinDtype>(x: &[E], l: &HostLinear<E>, out: &mut [E], accumulate: bool) {
     let (k, n) = (l.inputs(), l.b.len());
     let chunk = row_chunk(x.len() / k.max(1));
     out.par_chunks_mut(chunk * n)
         .zip(x.par_chunks(chunk * k))
-        .for_each(|(o, xs)| linear_into(o, xs, xs.len() / k, l, false));
+        .for_each(|(o, xs)| linear_into(o, xs, xs.len() / k, l, accumulate));
 }
 
 /// `out (= or +=) x · Wᵀ + b` for `r` rows.

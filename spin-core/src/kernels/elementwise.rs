@@ -48,6 +48,32 @@ fn gelu_grad_chunk_portable<E: SpinDtype>(gx: &mut [E], x: &[E], gy: &[E]) {
     }
 }
 
+/// `h = gy · GELU'(h)` over a chunk: a fused op's own pre-activation buffer turned into its
+/// gradient, where [`gelu_grad_chunk`] would add into a zeroed one.
+pub fn gelu_grad_in_place_chunk<E: SpinDtype>(h: &mut [E], gy: &[E]) {
+    assert_eq!(h.len(), gy.len(), "gelu_grad_in_place: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if f32_avx512::<E>() {
+        // SAFETY: AVX-512F was detected; the two slices have the same length.
+        return unsafe { avx512::gelu_rows(as_f32_mut(h), None, Some(as_f32(gy))) };
+    }
+    gelu_grad_in_place_portable(h, gy);
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn gelu_grad_in_place_portable<E: SpinDtype>(h: &mut [E], gy: &[E]) {
+    for (v, &g) in h.iter_mut().zip(gy) {
+        *v = g * v.gelu_and_grad().1;
+    }
+}
+
+/// `h = gy · GELU'(h)`, split across threads.
+pub fn gelu_grad_in_place<E: SpinDtype>(h: &mut [E], gy: &[E]) {
+    h.par_chunks_mut(CHUNK)
+        .zip(gy.par_chunks(CHUNK))
+        .for_each(|(hc, gc)| gelu_grad_in_place_chunk(hc, gc));
+}
+
 /// GELU of every value of `x` into `y`, split across threads.
 pub fn gelu<E: SpinDtype>(y: &mut [E], x: &[E]) {
     y.par_chunks_mut(CHUNK)
@@ -241,18 +267,16 @@ pub mod avx512 {
     }
 
     /// Over `out`'s values, 16 at a time (a masked tail): `out = GELU(x)` (x = `out` itself when
-    /// `x` is `None`), or `out += gy · GELU'(x)` when `gy` is given.
+    /// `x` is `None`); when `gy` is given, `out += gy · GELU'(x)`, or `out = gy · GELU'(out)`
+    /// when `x` is `None`.
     ///
     /// # Safety
     /// The CPU must support AVX-512F. Lengths are asserted.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn gelu_rows(out: &mut [f32], x: Option<&[f32]>, gy: Option<&[f32]>) {
         let n = out.len();
-        assert!(
-            x.is_none_or(|x| x.len() == n)
-                && gy.is_none_or(|g| g.len() == n)
-                && (gy.is_none() || x.is_some())
-        );
+        assert!(x.is_none_or(|x| x.len() == n) && gy.is_none_or(|g| g.len() == n));
+        let add = x.is_some();
         let o = out.as_mut_ptr();
         let xp = x.map_or(o as *const f32, |x| x.as_ptr());
         for i in (0..n).step_by(F32_LANES) {
@@ -264,11 +288,14 @@ pub mod avx512 {
                 let xv = _mm512_maskz_loadu_ps(m, xp.add(i));
                 let v = match gy {
                     None => gelu16_value(xv),
-                    Some(g) => _mm512_fmadd_ps(
-                        _mm512_maskz_loadu_ps(m, g.as_ptr().add(i)),
-                        gelu16(xv).1,
-                        _mm512_maskz_loadu_ps(m, o.add(i)),
-                    ),
+                    Some(g) => {
+                        let g = _mm512_maskz_loadu_ps(m, g.as_ptr().add(i));
+                        if add {
+                            _mm512_fmadd_ps(g, gelu16(xv).1, _mm512_maskz_loadu_ps(m, o.add(i)))
+                        } else {
+                            _mm512_mul_ps(g, gelu16(xv).1)
+                        }
+                    }
                 };
                 _mm512_mask_storeu_ps(o.add(i), m, v);
             }
@@ -296,7 +323,7 @@ mod tests {
     /// The f32 kernels (the AVX-512 lanes where the CPU has them) against the f64 definition:
     /// GELU, in place and into a buffer, within 2.5e-7 of max(1, |x|) (two to three of f32's
     /// rounding steps at the output; the rational erf's largest error is near x = 5.17), and the
-    /// accumulated gradient within 1e-6, over ±7.8 in steps of 1e-5 (past the clamp at 5.54) on
+    /// gradient, accumulated and in place, within 1e-6, over ±7.8 in steps of 1e-5 (past the clamp at 5.54) on
     /// a length that leaves a masked tail.
     #[test]
     fn f32_gelu_kernels_match_the_f64_definition() {
@@ -309,6 +336,8 @@ mod tests {
         gelu_inplace(&mut inplace);
         let mut gx = vec![0.5f32; n];
         gelu_grad_chunk(&mut gx, &x, &gy);
+        let mut gh = x.clone();
+        gelu_grad_in_place_chunk(&mut gh, &gy);
         for i in 0..n {
             let (want, slope) = (x[i] as f64).gelu_and_grad();
             assert!(
@@ -318,7 +347,14 @@ mod tests {
                 y[i]
             );
             assert_eq!(y[i], inplace[i], "in place and into a buffer differ at {}", x[i]);
-            let g = 0.5 + gy[i] as f64 * slope;
+            let g_alone = gy[i] as f64 * slope;
+            assert!(
+                (gh[i] as f64 - g_alone).abs() < 1e-6,
+                "gradient in place at {}: {} vs {g_alone}",
+                x[i],
+                gh[i]
+            );
+            let g = 0.5 + g_alone;
             assert!(
                 (gx[i] as f64 - g).abs() < 1e-6,
                 "gradient at {}: {} vs {g}",

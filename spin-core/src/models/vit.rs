@@ -7,7 +7,7 @@ use super::ModelInfo;
 use crate::base::{Mat, Nchw, SpinDtype};
 use crate::device::{buffer_keys, fill_linear, to_host, BlockCache, SpinDevice};
 use crate::kernels::blocks::{HostLinear, VitBlockHost};
-use crate::nn::functional::{attention, gelu, linear, residual};
+use crate::nn::functional::{attention_heads, linear, linear_gelu, linear_residual, residual};
 use crate::nn::init::reset_trunc_normal;
 use crate::nn::layers::{Attention, LayerNorm, Mlp, PatchConv, VitLinear};
 use crate::nn::param::{param2, push_slots, PackedSlot, ParamSlot, Slot, TimmKeys};
@@ -41,6 +41,16 @@ pub trait VitMlps<C: VitConfig, E: SpinDtype, D: SpinDevice<E>>:
         layer: usize,
         x: Tensor<Mat, E, D, T>,
     ) -> Tensor<Mat, E, D, T>;
+    /// `skip + self.forward(layer, x)`: the block's residual sum, which a storage may take into
+    /// its last op.
+    fn forward_residual<T: Tape<E, D> + Merge<T>>(
+        &self,
+        layer: usize,
+        x: Tensor<Mat, E, D, T>,
+        skip: Tensor<Mat, E, D, T>,
+    ) -> Tensor<Mat, E, D, T> {
+        residual(self.forward(layer, x), skip)
+    }
     /// Block `layer`'s fc1 and fc2 as dense weights on the host, for the fused inference path.
     fn host_weights(&self, layer: usize, fc1: &mut HostLinear<E>, fc2: &mut HostLinear<E>);
     /// The MLP tensors under their checkpoint keys.
@@ -99,6 +109,14 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> VitMlps<C, E, D> for DenseMlp
         x: Tensor<Mat, E, D, T>,
     ) -> Tensor<Mat, E, D, T> {
         self.0[slot(C::SHARE.mlp(), C::SCHEDULE, layer)].forward(x)
+    }
+    fn forward_residual<T: Tape<E, D> + Merge<T>>(
+        &self,
+        layer: usize,
+        x: Tensor<Mat, E, D, T>,
+        skip: Tensor<Mat, E, D, T>,
+    ) -> Tensor<Mat, E, D, T> {
+        self.0[slot(C::SHARE.mlp(), C::SCHEDULE, layer)].forward_residual(x, skip)
     }
     fn host_weights(&self, layer: usize, fc1: &mut HostLinear<E>, fc2: &mut HostLinear<E>) {
         let m = &self.0[slot(C::SHARE.mlp(), C::SCHEDULE, layer)];
@@ -328,29 +346,35 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> Vit<C, E
             let xn = self.norm1[jn].forward(x);
             let fused_i = fused.map(|f| &f[i]);
             let t = |p: &FusedLinear<E, D, T>| (p.0.with_empty_tape(), p.1.with_empty_tape());
-            let a = match fused_i.and_then(|f| f.attn.as_ref()) {
+            // Each residual sum is taken into the op before it (one tensor fewer for dfdx).
+            x = match fused_i.and_then(|f| f.attn.as_ref()) {
                 Some((qkv, proj)) => {
                     let ((qw, qb), (pw, pb)) = (t(qkv), t(proj));
-                    attention(xn, b, C::HEADS, qw, qb, pw, pb)
+                    linear_residual(attention_heads(xn, b, C::HEADS, qw, qb), pw, pb, skip)
                 }
-                None => self.attn[ja].forward(xn, b, C::HEADS),
+                None => self.attn[ja].forward_residual(xn, skip, b, C::HEADS),
             };
-            x = residual(a, skip);
             let skip = x.with_empty_tape();
             let z = self.norm2[jn].forward(x);
-            let z_seen = observe.as_ref().map(|_| z.retaped::<NoneTape>());
-            let y = match fused_i.and_then(|f| f.mlp.as_ref()) {
-                Some((fc1, fc2)) => {
-                    let ((w1, b1), (w2, b2)) = (t(fc1), t(fc2));
-                    linear(gelu(linear(z, w1, b1)), w2, b2)
-                }
+            let fused_mlp = fused_i
+                .and_then(|f| f.mlp.as_ref())
+                .map(|(fc1, fc2)| (t(fc1), t(fc2)));
+            let Some(f) = observe.as_mut() else {
+                x = match fused_mlp {
+                    Some(((w1, b1), (w2, b2))) => linear_residual(linear_gelu(z, w1, b1), w2, b2, skip),
+                    None => self.mlp.forward_residual(i, z, skip),
+                };
+                continue;
+            };
+            // Observed: the MLP's output on its own as well.
+            let z_seen = z.retaped::<NoneTape>();
+            let y = match fused_mlp {
+                Some(((w1, b1), (w2, b2))) => linear(linear_gelu(z, w1, b1), w2, b2),
                 None => self.mlp.forward(i, z),
             };
-            let y_seen = observe.as_ref().map(|_| y.retaped::<NoneTape>());
+            let y_seen = y.retaped::<NoneTape>();
             x = residual(y, skip);
-            if let (Some(f), Some(z), Some(y)) = (observe.as_mut(), z_seen, y_seen) {
-                f(i, &z, &y, &x.retaped::<NoneTape>());
-            }
+            f(i, &z_seen, &y_seen, &x.retaped::<NoneTape>());
         }
         x
     }

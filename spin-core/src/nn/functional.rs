@@ -3,7 +3,7 @@
 //! model.
 use crate::base::{Act, Mat, SpinDtype, BN_EPS};
 use crate::device::profile::{timed, Pass::Forward};
-use crate::device::{linear_composed, SpinDevice};
+use crate::device::{linear_composed, then_composed, SpinDevice, Then};
 use crate::kernels::gemm::has_kernels;
 use dfdx::prelude::*;
 use dfdx::tensor::Tape;
@@ -67,11 +67,41 @@ pub fn linear<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
     w: Tensor<Mat, E, D, T>,
     b: Tensor<(usize,), E, D, T>,
 ) -> Tensor<Mat, E, D, T> {
-    timed("linear", Forward, || {
+    linear_then("linear", x, w, b, Then::Nothing)
+}
+
+/// `GELU(x · Wᵀ + b)`: [`gelu`] of [`linear`] as one op (an MLP's first layer).
+pub fn linear_gelu<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
+    x: Tensor<Mat, E, D, T>,
+    w: Tensor<Mat, E, D, T>,
+    b: Tensor<(usize,), E, D, T>,
+) -> Tensor<Mat, E, D, T> {
+    linear_then("linear+gelu", x, w, b, Then::Gelu)
+}
+
+/// `skip + x · Wᵀ + b`: the [`residual`] sum of [`linear`] and `skip` as one op (a block's last
+/// layer).
+pub fn linear_residual<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
+    x: Tensor<Mat, E, D, T>,
+    w: Tensor<Mat, E, D, T>,
+    b: Tensor<(usize,), E, D, T>,
+    skip: Tensor<Mat, E, D, T>,
+) -> Tensor<Mat, E, D, T> {
+    linear_then("linear+residual", x, w, b, Then::Add(skip))
+}
+
+fn linear_then<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
+    op: &'static str,
+    x: Tensor<Mat, E, D, T>,
+    w: Tensor<Mat, E, D, T>,
+    b: Tensor<(usize,), E, D, T>,
+    then: Then<Tensor<Mat, E, D, T>>,
+) -> Tensor<Mat, E, D, T> {
+    timed(op, Forward, || {
         if has_kernels::<E>() {
-            D::linear(x, w, b)
+            D::linear(x, w, b, then)
         } else {
-            linear_composed(x, w, b)
+            then_composed(linear_composed(x, w, b), then)
         }
     })
 }
@@ -133,9 +163,20 @@ pub fn attention<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
     proj_w: Tensor<Mat, E, D, T>,
     proj_b: Tensor<(usize,), E, D, T>,
 ) -> Tensor<Mat, E, D, T> {
+    linear(attention_heads(x, batch, heads, qkv_w, qkv_b), proj_w, proj_b)
+}
+
+/// [`attention`] up to the output projection: the heads' outputs side by side, `(B·N, D)`, for a
+/// caller that projects them with [`linear_residual`].
+pub fn attention_heads<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
+    x: Tensor<Mat, E, D, T>,
+    batch: usize,
+    heads: usize,
+    qkv_w: Tensor<Mat, E, D, T>,
+    qkv_b: Tensor<(usize,), E, D, T>,
+) -> Tensor<Mat, E, D, T> {
     let qkv = linear(x, qkv_w, qkv_b);
-    let core = timed("attention core", Forward, || D::attention_core(qkv, batch, heads));
-    linear(core, proj_w, proj_b)
+    timed("attention core", Forward, || D::attention_core(qkv, batch, heads))
 }
 
 #[cfg(test)]

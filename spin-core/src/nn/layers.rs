@@ -1,7 +1,10 @@
 //! Parameter holders: timm's layers with their tensors in the shapes PyTorch uses (so a checkpoint
 //! maps one to one), type-level so dfdx can register them, computing through
 //! [`super::functional`] on runtime shapes.
-use super::functional::{attention, batch_norm_eval, batch_norm_train, depthwise, gelu, layer_norm, linear};
+use super::functional::{
+    attention, attention_heads, batch_norm_eval, batch_norm_train, depthwise, layer_norm, linear,
+    linear_gelu, linear_residual,
+};
 use super::init::{reset_fan_in, reset_ones, reset_trunc_normal, reset_zeros};
 use super::param::{param1, param2, ParamSlot};
 use crate::base::{Mat, Nchw, SpinDtype, BN_EPS, BN_MOMENTUM};
@@ -305,6 +308,17 @@ impl<Dm: ConstDim, Qkv: ConstDim, E: SpinDtype, D: SpinDevice<E>> Attention<Dm, 
             self.proj.b(),
         )
     }
+    /// `skip + self.forward(x)`, the sum in the projection's op.
+    pub fn forward_residual<T: Tape<E, D> + Merge<T>>(
+        &self,
+        x: Tensor<Mat, E, D, T>,
+        skip: Tensor<Mat, E, D, T>,
+        batch: usize,
+        heads: usize,
+    ) -> Tensor<Mat, E, D, T> {
+        let h = attention_heads(x, batch, heads, self.qkv.w(), self.qkv.b());
+        linear_residual(h, self.proj.w(), self.proj.b(), skip)
+    }
 }
 
 /// timm's `Mlp`: `fc1 (H, D)`, exact GELU, `fc2 (D, H)`.
@@ -343,7 +357,16 @@ impl<Dm: ConstDim, Hid: ConstDim, E: SpinDtype, D: SpinDevice<E>> Mlp<Dm, Hid, E
     }
     /// `fc2(GELU(fc1(x)))`.
     pub fn forward<T: Tape<E, D> + Merge<T>>(&self, x: Tensor<Mat, E, D, T>) -> Tensor<Mat, E, D, T> {
-        self.fc2.forward(gelu(self.fc1.forward(x)))
+        self.fc2.forward(linear_gelu(x, self.fc1.w(), self.fc1.b()))
+    }
+    /// `skip + self.forward(x)`, the sum in fc2's op.
+    pub fn forward_residual<T: Tape<E, D> + Merge<T>>(
+        &self,
+        x: Tensor<Mat, E, D, T>,
+        skip: Tensor<Mat, E, D, T>,
+    ) -> Tensor<Mat, E, D, T> {
+        let a = linear_gelu(x, self.fc1.w(), self.fc1.b());
+        linear_residual(a, self.fc2.w(), self.fc2.b(), skip)
     }
 }
 
