@@ -263,11 +263,21 @@ unsafe fn rows_avx512(
         for k0 in (0..k.max(1)).step_by(KC) {
             let kc = KC.min(k - k0.min(k));
             if transposed {
-                for t in 0..tiles {
-                    let mr = MR.min(rows - t * MR);
-                    for (kk, d) in packed[t * MR * KC..][..kc * MR].chunks_exact_mut(MR).enumerate() {
-                        let at = t * MR + (k0 + kk) * x.cs;
-                        d[..mr].copy_from_slice(&x.data[at..at + mr]);
+                // Step by step of the inner dimension, so each step's `rows` values are read
+                // as one run; full tiles as fixed-size copies (a `memmove` call per 8 values was
+                // 2 % of a DeiT-Tiny training step).
+                let full = rows / MR;
+                for kk in 0..kc {
+                    let src = &x.data[(k0 + kk) * x.cs..][..rows];
+                    for (t, v) in src.chunks_exact(MR).enumerate() {
+                        let d: &mut [f32; MR] = (&mut packed[t * MR * KC + kk * MR..][..MR])
+                            .try_into()
+                            .expect("MR values");
+                        *d = v.try_into().expect("MR values");
+                    }
+                    let tail = &src[full * MR..];
+                    if !tail.is_empty() {
+                        packed[full * MR * KC + kk * MR..][..tail.len()].copy_from_slice(tail);
                     }
                 }
             }
