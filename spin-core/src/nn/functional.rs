@@ -3,7 +3,7 @@
 //! model.
 use crate::base::{Act, Mat, SpinDtype, BN_EPS};
 use crate::device::profile::{timed, Pass::Forward};
-use crate::device::{linear_composed, then_composed, SpinDevice, Then};
+use crate::device::{linear_composed, SpinDevice, Then};
 use crate::kernels::gemm::has_kernels;
 use dfdx::prelude::*;
 use dfdx::tensor::Tape;
@@ -97,13 +97,16 @@ fn linear_then<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
     b: Tensor<(usize,), E, D, T>,
     then: Then<Tensor<Mat, E, D, T>>,
 ) -> Tensor<Mat, E, D, T> {
-    timed(op, Forward, || {
-        if has_kernels::<E>() {
-            D::linear(x, w, b, then)
-        } else {
-            then_composed(linear_composed(x, w, b), then)
-        }
-    })
+    if has_kernels::<E>() {
+        return timed(op, Forward, || D::linear(x, w, b, then));
+    }
+    // Other dtypes: dfdx's matmul, then the device's own GELU or residual op.
+    let y = timed("linear", Forward, || linear_composed(x, w, b));
+    match then {
+        Then::Nothing => y,
+        Then::Gelu => gelu(y),
+        Then::Add(skip) => residual(y, skip),
+    }
 }
 
 /// LayerNorm over the features of each row, eps 1e-6, with scale and shift.
