@@ -323,8 +323,8 @@ mod tests {
     /// The f32 kernels (the AVX-512 lanes where the CPU has them) against the f64 definition:
     /// GELU, in place and into a buffer, within 2.5e-7 of max(1, |x|) (two to three of f32's
     /// rounding steps at the output; the rational erf's largest error is near x = 5.17), and the
-    /// gradient, accumulated and in place, within 1e-6, over ±7.8 in steps of 1e-5 (past the clamp at 5.54) on
-    /// a length that leaves a masked tail.
+    /// gradient, accumulated and in place, within 1e-6, over ±7.8 in steps of 1e-5 (past the
+    /// clamp at 5.54) on a length that leaves a masked tail.
     #[test]
     fn f32_gelu_kernels_match_the_f64_definition() {
         let n = 16 * 97_500 + 11;
