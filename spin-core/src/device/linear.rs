@@ -23,6 +23,17 @@ pub enum Then<S> {
     Add(S),
 }
 
+impl<S> Then<S> {
+    /// The op's name in [`super::profile`], forward and backward.
+    pub fn op_name(&self) -> &'static str {
+        match self {
+            Then::Nothing => "linear",
+            Then::Gelu => "linear+gelu",
+            Then::Add(_) => "linear+residual",
+        }
+    }
+}
+
 /// `x · Wᵀ + b` with PyTorch's `(out, in)` weight, and what follows it.
 pub trait LinearKernel<E: SpinDtype>: Storage<E> + Sized {
     /// `then` applied to `x · Wᵀ + b`, with PyTorch's `(out, in)` weight `w`, `x` `(rows, in)`,
@@ -65,6 +76,7 @@ impl<E: SpinDtype> LinearKernel<E> for Cpu {
             out,
             "linear: bias size differs from the weight's outputs"
         );
+        let op = then.op_name();
         let (skip, gelu) = match then {
             Then::Nothing => (None, false),
             Then::Gelu => (None, true),
@@ -118,11 +130,6 @@ impl<E: SpinDtype> LinearKernel<E> for Cpu {
         let y = x.device().tensor_from_vec(y, (rows, out));
         if T::OWNS_TAPE {
             let y_keep = y.clone();
-            let op = match (gelu, &skip) {
-                (true, _) => "linear+gelu",
-                (false, Some(_)) => "linear+residual",
-                (false, None) => "linear",
-            };
             tape.add_backward_op(move |grads| {
                 with_grad(grads, &y_keep, op, |grads, g_out| {
                     if let Some(s) = &skip {

@@ -67,7 +67,7 @@ pub fn linear<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
     w: Tensor<Mat, E, D, T>,
     b: Tensor<(usize,), E, D, T>,
 ) -> Tensor<Mat, E, D, T> {
-    linear_then("linear", x, w, b, Then::Nothing)
+    linear_then(x, w, b, Then::Nothing)
 }
 
 /// `GELU(x · Wᵀ + b)`: [`gelu`] of [`linear`] as one op (an MLP's first layer).
@@ -76,7 +76,7 @@ pub fn linear_gelu<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
     w: Tensor<Mat, E, D, T>,
     b: Tensor<(usize,), E, D, T>,
 ) -> Tensor<Mat, E, D, T> {
-    linear_then("linear+gelu", x, w, b, Then::Gelu)
+    linear_then(x, w, b, Then::Gelu)
 }
 
 /// `skip + x · Wᵀ + b`: the [`residual`] sum of [`linear`] and `skip` as one op (a block's last
@@ -87,21 +87,22 @@ pub fn linear_residual<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>
     b: Tensor<(usize,), E, D, T>,
     skip: Tensor<Mat, E, D, T>,
 ) -> Tensor<Mat, E, D, T> {
-    linear_then("linear+residual", x, w, b, Then::Add(skip))
+    linear_then(x, w, b, Then::Add(skip))
 }
 
 fn linear_then<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
-    op: &'static str,
     x: Tensor<Mat, E, D, T>,
     w: Tensor<Mat, E, D, T>,
     b: Tensor<(usize,), E, D, T>,
     then: Then<Tensor<Mat, E, D, T>>,
 ) -> Tensor<Mat, E, D, T> {
     if has_kernels::<E>() {
-        return timed(op, Forward, || D::linear(x, w, b, then));
+        return timed(then.op_name(), Forward, || D::linear(x, w, b, then));
     }
     // Other dtypes: dfdx's matmul, then the device's own GELU or residual op.
-    let y = timed("linear", Forward, || linear_composed(x, w, b));
+    let y = timed(Then::<()>::Nothing.op_name(), Forward, || {
+        linear_composed(x, w, b)
+    });
     match then {
         Then::Nothing => y,
         Then::Gelu => gelu(y),
