@@ -104,6 +104,28 @@ pub fn values<S: Shape, E: SpinDtype>(t: &Tensor<S, E, Cpu>) -> Values<S, E> {
     }
 }
 
+/// A dense CPU tensor's buffer as mutable values, written in place (an optimiser's update): dfdx's
+/// own writes (`copy_from`) take a whole new slice, which cost a serial copy of every parameter in
+/// every step. A buffer shared with a clone is copied first, as any dfdx write does. Panics for a
+/// strided or broadcast tensor.
+pub fn values_mut<S: Shape, E: SpinDtype>(t: &mut Tensor<S, E, Cpu>) -> &mut [E] {
+    let n = t.shape().num_elements();
+    if n == 0 {
+        return &mut [];
+    }
+    let zero = S::Concrete::default();
+    // `contiguous` keeps the buffer of a tensor whose strides are its shape's and copies any
+    // other into a new one: the same first value means the same, dense buffer.
+    let dense = std::ptr::eq(&t.clone().contiguous()[zero], &t[zero]);
+    assert!(dense, "values_mut: a strided or broadcast tensor");
+    let first: *mut E = &mut t[zero];
+    // SAFETY: the tensor is dense (checked above; the clone is gone), so its buffer holds exactly
+    // its n values (see `Values`) and element 0 is the buffer's first. `IndexMut` went through
+    // `Arc::make_mut`, so the buffer is this tensor's alone, and the slice borrows `t` mutably:
+    // nothing else reads or writes it while the slice lives.
+    unsafe { std::slice::from_raw_parts_mut(first, n) }
+}
+
 /// A CPU tensor's values as a new vector: one memcpy (dfdx's `as_vec` walks strided indices one
 /// by one, and `copy_into` needs a destination filled first).
 pub fn host<S: Shape, E: SpinDtype>(t: &Tensor<S, E, Cpu>) -> Vec<E> {
@@ -183,6 +205,23 @@ mod tests {
     /// [`values`] reads in place: a write to the original tensor after the read (through dfdx's
     /// copy-on-write) leaves the values read unchanged, and a permuted tensor reads in its
     /// logical order.
+    /// Writes through `values_mut` reach the tensor, and not a clone that shared its buffer
+    /// before; a permuted view is refused.
+    #[test]
+    fn values_mut_writes_the_tensor_alone() {
+        let dev = Cpu::seed_from_u64(2);
+        let mut t: Tensor<Rank2<3, 5>, f32, _> = dev.sample_normal();
+        let before = t.as_vec();
+        let clone = t.clone();
+        values_mut(&mut t).iter_mut().for_each(|v| *v += 1.0);
+        let after: Vec<f32> = before.iter().map(|v| v + 1.0).collect();
+        assert_eq!(t.as_vec(), after);
+        assert_eq!(clone.as_vec(), before);
+        let mut p = t.permute::<Rank2<5, 3>, Axes2<1, 0>>();
+        let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| values_mut(&mut p).len()));
+        assert!(refused.is_err());
+    }
+
     #[test]
     fn values_stay_as_read() {
         let dev = Cpu::seed_from_u64(1);

@@ -202,13 +202,12 @@ impl<M: SpinModel<f32, Cpu> + Send + 'static> Classifier for Runner<M> {
         let loss_value = loss.array();
         let mut grads = timed("backward", Phase, || loss.backward());
         let grad_norm = timed("optimizer", Phase, || {
-            let norm = if loss_value.is_finite() {
-                opt.step(&mut self.model, &mut grads, hp.lr, hp.clip)
+            if loss_value.is_finite() {
+                opt.step_and_zero_grads(&mut self.model, &mut grads, hp.lr, hp.clip)
             } else {
+                self.model.zero_grads(&mut grads);
                 f32::NAN
-            };
-            self.model.zero_grads(&mut grads);
-            norm
+            }
         });
         self.grads = Some(grads);
         Ok(StepStats {

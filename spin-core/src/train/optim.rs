@@ -3,7 +3,7 @@
 //! AdamW is spin's own rather than dfdx's `Adam`, whose moments are private: resuming a run needs
 //! them saved and restored exactly.
 use crate::checkpoint::TensorMap;
-use crate::device::values;
+use crate::device::values_mut;
 use crate::error::Error;
 use crate::kernels::elementwise::CHUNK;
 use dfdx::nn::tensor_collection::{RecursiveWalker, TensorVisitor, ViewTensorMut, ViewTensorRef};
@@ -53,6 +53,32 @@ impl AdamW {
         lr: f32,
         clip: Option<f32>,
     ) -> f32 {
+        self.update(model, grads, lr, clip, false)
+    }
+
+    /// [`AdamW::step`], then `grads` left as dfdx's `zero_grads` leaves them for the next step:
+    /// each trainable tensor's gradient zeroed, in the update's own pass over it (dfdx fills
+    /// them one after another on one thread), and any other gradient dropped.
+    pub fn step_and_zero_grads<M: TensorCollection<f32, Cpu>>(
+        &mut self,
+        model: &mut M,
+        grads: &mut Gradients<f32, Cpu>,
+        lr: f32,
+        clip: Option<f32>,
+    ) -> f32 {
+        let norm = self.update(model, grads, lr, clip, true);
+        grads.drop_non_leafs();
+        norm
+    }
+
+    fn update<M: TensorCollection<f32, Cpu>>(
+        &mut self,
+        model: &mut M,
+        grads: &mut Gradients<f32, Cpu>,
+        lr: f32,
+        clip: Option<f32>,
+        zero_grads: bool,
+    ) -> f32 {
         let mut squares = SquaredNorms {
             grads: &mut *grads,
             sizes: vec![],
@@ -80,7 +106,7 @@ impl AdamW {
             lr,
             scale,
             i: 0,
-            updated: Vec::new(),
+            zero_grads,
         };
         let _ = M::iter_tensors(&mut RecursiveWalker {
             m: model,
@@ -190,8 +216,8 @@ struct Update<'a> {
     lr: f32,
     scale: f32,
     i: usize,
-    /// The updated values of one tensor, before they are copied into it (reused for each).
-    updated: Vec<f32>,
+    /// Whether each gradient is zeroed once read.
+    zero_grads: bool,
 }
 
 impl TensorVisitor<f32, Cpu> for Update<'_> {
@@ -218,9 +244,6 @@ impl TensorVisitor<f32, Cpu> for Update<'_> {
         } else {
             1.0
         };
-        // The old values are read in place and the new ones written across threads: a host copy
-        // of each tensor before the update was a serial memcpy.
-        let old = values(t);
         let (m, v) = (&mut o.m[i], &mut o.v[i]);
         let step = AdamStep {
             betas: (b1, b2),
@@ -230,22 +253,25 @@ impl TensorVisitor<f32, Cpu> for Update<'_> {
             decay,
             scale: self.scale,
         };
-        let g = grad_of(self.grads, t)?;
-        let n = old.len();
+        let g: &mut [f32] = self.grads.get_or_alloc_mut(t)?;
+        // The values are updated in place across threads: dfdx's `copy_from` of a new slice was
+        // a serial copy of every parameter.
+        let p = values_mut(t);
+        let n = p.len();
         assert!(
             m.len() == n && v.len() == n && g.len() == n,
             "AdamW: tensor {i} has {n} values but its moments or gradient another count"
         );
-        self.updated.resize(n, 0.0);
-        let p = &mut self.updated[..n];
+        let zero = self.zero_grads;
         p.par_chunks_mut(CHUNK)
-            .zip(old.par_chunks(CHUNK))
             .zip(m.par_chunks_mut(CHUNK))
-            .zip(v.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(((p, old), m), (v, g))| adamw_chunk(p, old, m, v, g, &step));
-        // The view's hold on the buffer goes first: `copy_from` would copy a shared buffer.
-        drop(old);
-        t.copy_from(p);
+            .zip(v.par_chunks_mut(CHUNK).zip(g.par_chunks_mut(CHUNK)))
+            .for_each(|((p, m), (v, g))| {
+                adamw_chunk(p, m, v, g, &step);
+                if zero {
+                    g.fill(0.0);
+                }
+            });
         Ok(None)
     }
 }
@@ -260,18 +286,18 @@ struct AdamStep {
     scale: f32,
 }
 
-/// The AdamW update of one chunk of a tensor (`old` values into `p`), its moments and its
+/// The AdamW update of one chunk of a tensor's values `p` (in place), its moments and its
 /// gradient: a plain loop compiled for AVX-512 and AVX2 too (the same operations in the same
 /// order as a scalar loop, so results do not depend on the CPU).
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn adamw_chunk(p: &mut [f32], old: &[f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: &AdamStep) {
+fn adamw_chunk(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], s: &AdamStep) {
     let ((b1, b2), (bc1, bc2)) = (s.betas, s.corrections);
-    for ((((pk, &ok), mk), vk), &gk) in p.iter_mut().zip(old).zip(m).zip(v).zip(g) {
+    for (((pk, mk), vk), &gk) in p.iter_mut().zip(m).zip(v).zip(g) {
         let g = gk * s.scale;
         *mk = b1 * *mk + (1.0 - b1) * g;
         *vk = b2 * *vk + (1.0 - b2) * g * g;
         let step = (*mk / bc1) / ((*vk / bc2).sqrt() + s.eps);
-        *pk = ok * s.decay - s.lr * step;
+        *pk = *pk * s.decay - s.lr * step;
     }
 }
 
@@ -421,6 +447,33 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// `step_and_zero_grads` updates as `step` does and leaves the gradients as dfdx's
+    /// `zero_grads` does: the parameters' zeroed, the rest dropped.
+    #[test]
+    fn step_and_zero_grads_is_step_then_zero_grads() {
+        let dev = Cpu::seed_from_u64(4);
+        let lin = dev.build_module::<dfdx::nn::builders::Linear<200, 100>, f32>();
+        let x: Tensor<Rank2<4, 200>, f32, Cpu> = dev.sample_normal();
+        let run = |fused: bool| {
+            let mut lin = lin.clone();
+            let y = lin.forward(x.clone().trace(lin.alloc_grads()));
+            let mut grads = y.square().sum().backward();
+            let mut opt = AdamW::new(0.05);
+            if fused {
+                opt.step_and_zero_grads(&mut lin, &mut grads, 0.01, Some(1.0));
+            } else {
+                opt.step(&mut lin, &mut grads, 0.01, Some(1.0));
+                lin.zero_grads(&mut grads);
+            }
+            let g = [host(&grads.get(&lin.weight)), host(&grads.get(&lin.bias))];
+            ([host(&lin.weight), host(&lin.bias)], g)
+        };
+        let (want, _) = run(false);
+        let (got, g) = run(true);
+        assert_eq!(got, want);
+        assert!(g.iter().flatten().all(|&v| v == 0.0), "a gradient is not zeroed");
     }
 
     #[test]
