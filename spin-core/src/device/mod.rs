@@ -126,10 +126,10 @@ pub fn values_mut<S: Shape, E: SpinDtype>(t: &mut Tensor<S, E, Cpu>) -> &mut [E]
     unsafe { std::slice::from_raw_parts_mut(first, n) }
 }
 
-/// A CPU tensor's values as a new vector: one memcpy (dfdx's `as_vec` walks strided indices one
-/// by one, and `copy_into` needs a destination filled first).
+/// A CPU tensor's values as a new vector, copied across threads (dfdx's `as_vec` walks strided
+/// indices one by one, and `copy_into` needs a destination filled first).
 pub fn host<S: Shape, E: SpinDtype>(t: &Tensor<S, E, Cpu>) -> Vec<E> {
-    values(t).to_vec()
+    crate::kernels::elementwise::copied(&values(t))
 }
 
 /// Runs `f` on the gradient reaching `y` (a CPU op's output) without copying it: the buffer is
