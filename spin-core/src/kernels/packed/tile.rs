@@ -1,6 +1,6 @@
 //! The packed kernel's microkernel: one panel slice of the weight times up to `MR` rows of the
 //! left operand, the accumulators on registers, and what the outputs get on the way out.
-use super::{Lhs, MR, NR, NV};
+use super::{Lhs, MR, NV};
 use crate::kernels::epilogue::Epilogue;
 
 /// One panel and what its outputs get: the bias, the old output when accumulating, and at the
@@ -8,6 +8,8 @@ use crate::kernels::epilogue::Epilogue;
 /// with the skip rows added after it.
 pub(super) struct Tile<'a> {
     pub(super) panel: &'a [f32],
+    /// The panel's row stride: [`NR`] when packed, the matrix's columns when read in place.
+    pub(super) ld: usize,
     pub(super) bias: Option<&'a [f32]>,
     pub(super) c0: usize,
     pub(super) cols: usize,
@@ -88,7 +90,8 @@ impl Tile<'_> {
         use std::arch::x86_64::*;
         let k = x.k;
         let (rs, cs) = if T { (1, x.cs) } else { (x.rs, 1) };
-        assert!(x.rows == R && (x.rs, x.cs) == (rs, cs) && self.panel.len() == k * NR);
+        assert!(x.rows == R && (x.rs, x.cs) == (rs, cs));
+        assert!(self.ld >= 16 * V && (k == 0 || (k - 1) * self.ld + 16 * V <= self.panel.len()));
         assert!(k == 0 || (R - 1) * rs + (k - 1) * cs < x.data.len());
         assert!(out.len() == R * ldo && self.c0 + self.cols <= ldo && self.cols <= 16 * V && V <= NV);
         assert!(self.bias.is_none_or(|b| b.len() == ldo));
@@ -104,7 +107,7 @@ impl Tile<'_> {
             let (xp, bp) = (x.data.as_ptr(), self.panel.as_ptr());
             let mut acc = [[_mm512_setzero_ps(); V]; R];
             for kk in 0..k {
-                let b: [__m512; V] = std::array::from_fn(|h| _mm512_loadu_ps(bp.add(kk * NR + 16 * h)));
+                let b: [__m512; V] = std::array::from_fn(|h| _mm512_loadu_ps(bp.add(kk * self.ld + 16 * h)));
                 for (r, a) in acc.iter_mut().enumerate() {
                     let xv = _mm512_set1_ps(*xp.add(r * rs + kk * cs));
                     for h in 0..V {
