@@ -1,6 +1,7 @@
 //! Epochs: the training loop over a data set and evaluation.
 use super::classifier::{count_correct, Classifier, StepParams};
-use super::optim::{AdamW, LrSchedule, Schedule};
+use super::optim::AdamW;
+use super::schedule::{LrSchedule, Schedule};
 use crate::data::{Augment, Dataset, Loader};
 use crate::error::Error;
 use rand::seq::SliceRandom;
