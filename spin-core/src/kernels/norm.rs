@@ -202,8 +202,36 @@ pub fn batch_norm_bwd<E: SpinDtype>(
     (gx, cast(&gg), cast(&gb))
 }
 
+/// Whether LayerNorm's arithmetic is in f32: for f32 values, as PyTorch computes it (its CPU
+/// kernel accumulates in f32); other dtypes in f64. In f64 DeiT-Tiny's LayerNorms were 5 % of a
+/// training step, their backward twice as slow as in f32.
+fn in_f32<E: SpinDtype>() -> bool {
+    std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>()
+}
+
+/// `v` as type `A`: itself when E is A (`cast` from f64 checks the range, which kept the loops
+/// from vectorising), otherwise through f64.
+#[inline(always)]
+fn to<A: SpinDtype, E: SpinDtype>(v: E) -> A {
+    if std::any::TypeId::of::<A>() == std::any::TypeId::of::<E>() {
+        // SAFETY: A and E are the same type.
+        unsafe { std::mem::transmute_copy(&v) }
+    } else {
+        A::cast(v.as_f64())
+    }
+}
+
 /// LayerNorm over each row: returns y and per-row (mean, 1/σ).
 pub fn layer_norm_fwd<E: SpinDtype>(x: &[E], g: &[E], b: &[E], eps: f64) -> (Vec<E>, Vec<f64>) {
+    if in_f32::<E>() {
+        layer_norm_fwd_in::<f32, E>(x, g, b, eps)
+    } else {
+        layer_norm_fwd_in::<f64, E>(x, g, b, eps)
+    }
+}
+
+/// [`layer_norm_fwd`] with arithmetic in `A`.
+fn layer_norm_fwd_in<A: SpinDtype, E: SpinDtype>(x: &[E], g: &[E], b: &[E], eps: f64) -> (Vec<E>, Vec<f64>) {
     let c = g.len();
     let mut y = zeros(x.len());
     let mut stats = vec![0.0; 2 * (x.len() / c)];
@@ -211,61 +239,80 @@ pub fn layer_norm_fwd<E: SpinDtype>(x: &[E], g: &[E], b: &[E], eps: f64) -> (Vec
         .zip(x.par_chunks(c))
         .zip(stats.par_chunks_mut(2))
         .for_each(|((yr, xr), st)| {
-            let (mean, inv) = layer_norm_row(yr, xr, (g, b), eps);
-            st[0] = mean;
-            st[1] = inv;
+            let (mean, inv) = layer_norm_row::<A, E>(yr, xr, (g, b), eps);
+            st[0] = mean.as_f64();
+            st[1] = inv.as_f64();
         });
     (y, stats)
 }
 
-/// One row of [`layer_norm_fwd`], in f64; returns (mean, 1/σ). The statistics were one serial
+/// One row of [`layer_norm_fwd`], in `A`; returns (mean, 1/σ). The statistics were one serial
 /// chain of adds per row, 2.4 % of a DeiT-Tiny training step.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn layer_norm_row<E: SpinDtype>(y: &mut [E], x: &[E], (g, b): (&[E], &[E]), eps: f64) -> (f64, f64) {
-    let (mean, inv) = row_stats(x, eps);
+fn layer_norm_row<A: SpinDtype, E: SpinDtype>(
+    y: &mut [E],
+    x: &[E],
+    (g, b): (&[E], &[E]),
+    eps: f64,
+) -> (A, A) {
+    let (mean, inv) = row_stats::<A, E>(x, eps);
     for (((o, &v), &g), &b) in y.iter_mut().zip(x).zip(g).zip(b) {
-        *o = E::cast((v.as_f64() - mean) * inv * g.as_f64() + b.as_f64());
+        *o = to((to::<A, E>(v) - mean) * inv * to(g) + to(b));
     }
     (mean, inv)
 }
 
-/// A row's mean and 1/sqrt(biased variance + eps) in f64, with lane accumulators (inlined into
+/// A row's mean and 1/sqrt(biased variance + eps) in `A`, with lane accumulators (inlined into
 /// its multiversioned callers, so it runs on their vector units).
 #[inline(always)]
-fn row_stats<E: SpinDtype>(x: &[E], eps: f64) -> (f64, f64) {
-    let c = x.len();
-    let mut acc = [0.0f64; F32_LANES];
+fn row_stats<A: SpinDtype, E: SpinDtype>(x: &[E], eps: f64) -> (A, A) {
+    let c = A::cast(x.len() as f64);
+    let mut acc = [A::zero(); F32_LANES];
     let mut tail = x.chunks_exact(F32_LANES);
     for ch in &mut tail {
         for l in 0..F32_LANES {
-            acc[l] += ch[l].as_f64();
+            acc[l] += to(ch[l]);
         }
     }
-    let sum = tail.remainder().iter().map(|v| v.as_f64()).sum::<f64>() + acc.iter().sum::<f64>();
-    let mean = sum / c as f64;
-    let mut acc = [0.0f64; F32_LANES];
+    let sum = tail.remainder().iter().fold(A::zero(), |s, &v| s + to(v));
+    let mean = acc.iter().fold(sum, |s, &v| s + v) / c;
+    let mut acc = [A::zero(); F32_LANES];
     let mut tail = x.chunks_exact(F32_LANES);
     for ch in &mut tail {
         for l in 0..F32_LANES {
-            let v = ch[l].as_f64() - mean;
+            let v = to::<A, E>(ch[l]) - mean;
             acc[l] += v * v;
         }
     }
-    let sq = tail
-        .remainder()
-        .iter()
-        .map(|v| (v.as_f64() - mean).powi(2))
-        .sum::<f64>();
-    let var = (sq + acc.iter().sum::<f64>()) / c as f64;
-    (mean, 1.0 / (var + eps).sqrt())
+    let sq = tail.remainder().iter().fold(A::zero(), |s, &v| {
+        let d = to::<A, E>(v) - mean;
+        s + d * d
+    });
+    let var = acc.iter().fold(sq, |s, &v| s + v) / c;
+    (mean, A::one() / (var + A::cast(eps)).sqrt())
 }
 
 /// Backward of [`layer_norm_fwd`]: with ĝ = dy·γ, dx = (ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))/σ per row,
 /// added onto `gx` (dfdx's gradient buffer: no buffer of its own to zero and add); returns dγ =
 /// Σ dy·x̂ and dβ = Σ dy. One pass over the rows: per block of `BLOCK` (64) rows their dx and the
-/// block's column sums, the blocks' sums added in order, as in [`col_sums`] (its two passes, a
-/// separate dx pass and the add took 4.5 % of a DeiT-Tiny training step).
+/// block's column sums, the blocks' sums added in order in f64, as in [`col_sums`] (its two
+/// passes, a separate dx pass and the add took 4.5 % of a DeiT-Tiny training step).
 pub fn layer_norm_bwd<E: SpinDtype>(
+    x: &[E],
+    g: &[E],
+    stats: &[f64],
+    gy: &[E],
+    gx: &mut [E],
+) -> (Vec<E>, Vec<E>) {
+    if in_f32::<E>() {
+        layer_norm_bwd_in::<f32, E>(x, g, stats, gy, gx)
+    } else {
+        layer_norm_bwd_in::<f64, E>(x, g, stats, gy, gx)
+    }
+}
+
+/// [`layer_norm_bwd`] with arithmetic in `A`.
+fn layer_norm_bwd_in<A: SpinDtype, E: SpinDtype>(
     x: &[E],
     g: &[E],
     stats: &[f64],
@@ -277,68 +324,88 @@ pub fn layer_norm_bwd<E: SpinDtype>(
         x.len() == gx.len() && gy.len() == gx.len() && stats.len() == 2 * (x.len() / c.max(1)),
         "layer_norm_bwd: sizes"
     );
-    let partials: Vec<[Vec<f64>; 2]> = gx
+    let partials: Vec<[Vec<A>; 2]> = gx
         .par_chunks_mut(BLOCK * c.max(1))
         .enumerate()
         .map(|(block, gxb)| {
-            let mut sums = [vec![0.0; c], vec![0.0; c]];
+            let mut sums = [vec![A::zero(); c], vec![A::zero(); c]];
             for (i, gr) in gxb.chunks_mut(c).enumerate() {
                 let r = block * BLOCK + i;
                 let rows = (&x[r * c..][..c], &gy[r * c..][..c]);
-                layer_norm_bwd_row(gr, rows, g, (stats[2 * r], stats[2 * r + 1]), &mut sums);
+                let st = (A::cast(stats[2 * r]), A::cast(stats[2 * r + 1]));
+                layer_norm_bwd_row(gr, rows, g, st, &mut sums);
             }
             sums
         })
         .collect();
     let (mut gg, mut gb) = (vec![0.0; c], vec![0.0; c]);
     for [pg, pb] in partials {
-        gg.iter_mut().zip(pg).for_each(|(o, v)| *o += v);
-        gb.iter_mut().zip(pb).for_each(|(o, v)| *o += v);
+        gg.iter_mut().zip(pg).for_each(|(o, v)| *o += v.as_f64());
+        gb.iter_mut().zip(pb).for_each(|(o, v)| *o += v.as_f64());
     }
     (cast(&gg), cast(&gb))
 }
 
-/// One row of LayerNorm's backward: `gx += (ĝ − mean(ĝ) − x̂·mean(ĝ ⊙ x̂))·inv`, with x̂ = (x −
-/// mean)·inv and ĝ = dy ⊙ g, and `sums` (dγ, dβ) += (dy ⊙ x̂, dy); lane accumulators, since one
-/// running sum is a serial chain the compiler may not reorder.
+/// One row of LayerNorm's backward in `A`: `gx += (ĝ − mean(ĝ) − x̂·mean(ĝ ⊙ x̂))·inv`, with x̂ =
+/// (x − mean)·inv and ĝ = dy ⊙ g, and `sums` (dγ, dβ) += (dy ⊙ x̂, dy); lane accumulators, since
+/// one running sum is a serial chain the compiler may not reorder.
 #[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn layer_norm_bwd_row<E: SpinDtype>(
+fn layer_norm_bwd_row<A: SpinDtype, E: SpinDtype>(
     gx: &mut [E],
     (x, gy): (&[E], &[E]),
     g: &[E],
-    (mean, inv): (f64, f64),
-    [dg, db]: &mut [Vec<f64>; 2],
+    (mean, inv): (A, A),
+    [dg, db]: &mut [Vec<A>; 2],
 ) {
     let c = g.len();
-    let (mut a1, mut a2) = ([0.0f64; F32_LANES], [0.0f64; F32_LANES]);
-    for j0 in (0..c).step_by(F32_LANES) {
-        for l in 0..F32_LANES.min(c - j0) {
-            let j = j0 + l;
-            let gh = gy[j].as_f64() * g[j].as_f64();
+    // Whole lanes first (a loop of variable length per lane stayed scalar), then the tail.
+    let (mut a1, mut a2) = ([A::zero(); F32_LANES], [A::zero(); F32_LANES]);
+    let whole = c - c % F32_LANES;
+    let lanes = gy[..whole]
+        .chunks_exact(F32_LANES)
+        .zip(g[..whole].chunks_exact(F32_LANES));
+    for ((gy, g), x) in lanes.zip(x[..whole].chunks_exact(F32_LANES)) {
+        for l in 0..F32_LANES {
+            let gh = to::<A, E>(gy[l]) * to(g[l]);
             a1[l] += gh;
-            a2[l] += gh * (x[j].as_f64() - mean) * inv;
+            a2[l] += gh * (to::<A, E>(x[l]) - mean) * inv;
         }
     }
-    let (m1, m2) = (
-        a1.iter().sum::<f64>() / c as f64,
-        a2.iter().sum::<f64>() / c as f64,
-    );
-    for j in 0..c {
-        let dy = gy[j].as_f64();
-        let xhat = (x[j].as_f64() - mean) * inv;
-        gx[j] = E::cast(gx[j].as_f64() + (dy * g[j].as_f64() - m1 - xhat * m2) * inv);
-        dg[j] += dy * xhat;
-        db[j] += dy;
+    for j in whole..c {
+        let gh = to::<A, E>(gy[j]) * to(g[j]);
+        a1[0] += gh;
+        a2[0] += gh * (to::<A, E>(x[j]) - mean) * inv;
+    }
+    let n = A::cast(c as f64);
+    let m1 = a1.iter().fold(A::zero(), |s, &v| s + v) / n;
+    let m2 = a2.iter().fold(A::zero(), |s, &v| s + v) / n;
+    // Zipped rather than indexed: bounds checks kept this loop scalar.
+    let sums = dg.iter_mut().zip(db.iter_mut());
+    for ((((o, &x), &gy), &g), (dg, db)) in gx.iter_mut().zip(x).zip(gy).zip(g).zip(sums) {
+        let dy = to::<A, E>(gy);
+        let xhat = (to::<A, E>(x) - mean) * inv;
+        *o = to(to::<A, E>(*o) + (dy * to(g) - m1 - xhat * m2) * inv);
+        *dg += dy * xhat;
+        *db += dy;
     }
 }
 
-/// LayerNorm (eps 1e-6) of each row of `x` into `out`; statistics in f64 as the training kernel.
-#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+/// LayerNorm (eps 1e-6) of each row of `x` into `out`, in the training kernel's arithmetic.
 pub fn layer_norm_rows<E: SpinDtype>(out: &mut [E], x: &[E], g: &[E], b: &[E]) {
+    if in_f32::<E>() {
+        layer_norm_rows_in::<f32, E>(out, x, g, b)
+    } else {
+        layer_norm_rows_in::<f64, E>(out, x, g, b)
+    }
+}
+
+/// [`layer_norm_rows`] with arithmetic in `A`.
+#[multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn layer_norm_rows_in<A: SpinDtype, E: SpinDtype>(out: &mut [E], x: &[E], g: &[E], b: &[E]) {
     let c = g.len();
     for (o, xr) in out.chunks_mut(c).zip(x.chunks(c)) {
-        let (mean, inv) = row_stats(xr, LN_EPS);
-        let (m, s) = (E::cast(mean), E::cast(inv));
+        let (mean, inv) = row_stats::<A, E>(xr, LN_EPS);
+        let (m, s) = (E::cast(mean.as_f64()), E::cast(inv.as_f64()));
         // Zipped rather than indexed: four bounds checks per value kept this loop scalar.
         for (((o, &v), &g), &b) in o.iter_mut().zip(xr).zip(g).zip(b) {
             *o = (v - m) * s * g + b;
