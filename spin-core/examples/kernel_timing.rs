@@ -135,7 +135,7 @@ fn vit_linear_backward() {
     );
     println!(
         "fc1 dW packed {:.3} ms",
-        ms(|| packed::linear_grad_weight(&gy, &x, (out, inp), &mut gw.borrow_mut()))
+        ms(|| packed::linear_grad_weight(&gy, &x, (out, inp), &mut gw.borrow_mut(), None))
     );
 }
 

@@ -142,19 +142,23 @@ impl<E: SpinDtype> LinearKernel<E> for Cpu {
                     } else {
                         g_out
                     };
-                    let gb = col_sums(rows, out, |r, acc| add_row(acc, &gy[r * out..][..out]));
-                    let gb: Vec<E> = gb.into_iter().map(E::cast).collect();
-                    add_into(grads.get_or_alloc_mut(&b)?, &gb);
                     if f32_avx512::<E>() {
-                        // Both products accumulate straight into dfdx's gradient buffers.
+                        // Both products, and the bias's sums inside the weight's, accumulate
+                        // straight into dfdx's gradient buffers (b's moved out meanwhile).
                         let (gy, dims) = (as_f32(gy), (out, inp));
                         let gx = as_f32_mut(grads.get_or_alloc_mut(&x)?);
                         let ws = ws.as_deref().unwrap_or_default();
                         packed::linear_grad_input(gy, as_f32(ws), dims, gx);
+                        let mut gb = std::mem::take(&mut **grads.get_or_alloc_mut(&b)?);
                         let gw = as_f32_mut(grads.get_or_alloc_mut(&w)?);
-                        packed::linear_grad_weight(gy, as_f32(&values(&x)), dims, gw);
+                        let xs = values(&x);
+                        packed::linear_grad_weight(gy, as_f32(&xs), dims, gw, Some(as_f32_mut(&mut gb)));
+                        **grads.get_or_alloc_mut(&b)? = gb;
                         return Ok(());
                     }
+                    let gb = col_sums(rows, out, |r, acc| add_row(acc, &gy[r * out..][..out]));
+                    let gb: Vec<E> = gb.into_iter().map(E::cast).collect();
+                    add_into(grads.get_or_alloc_mut(&b)?, &gb);
                     // dx = dy · W, dW = dyᵀ · x, db = Σ_rows dy.
                     let mut gx = zeros(rows * inp);
                     let ws = ws.as_deref().unwrap_or_default();

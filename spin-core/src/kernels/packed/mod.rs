@@ -187,7 +187,7 @@ pub fn matmul_packed(out: &mut [f32], x: Lhs<'_>, w: &PackedRhs, bias: Option<&[
     unsafe {
         match &w.amx {
             Some(a) => amx::matmul(out, x, a, w.n, bias, accumulate, (None, None)),
-            None => rows_avx512(out, x, Rhs::Packed(w), bias, accumulate, (None, None)),
+            None => rows_avx512(out, x, Rhs::Packed(w), bias, accumulate, (None, None), None),
         }
     }
 }
@@ -219,7 +219,15 @@ pub fn matmul_packed_epilogue(
     unsafe {
         match &w.amx {
             Some(a) => amx::matmul(out, x, a, w.n, Some(epi.bias), false, (Some(epi), skip)),
-            None => rows_avx512(out, x, Rhs::Packed(w), Some(epi.bias), false, (Some(epi), skip)),
+            None => rows_avx512(
+                out,
+                x,
+                Rhs::Packed(w),
+                Some(epi.bias),
+                false,
+                (Some(epi), skip),
+                None,
+            ),
         }
     }
 }
@@ -266,6 +274,8 @@ thread_local! {
 /// task; blocks after the first add onto the outputs. A transposed `x` (a weight gradient's
 /// `dyᵀ`, whose inner steps are whole rows apart) is first packed per block as tiles of `(kc,
 /// MR)`, so that the microkernel reads it from one stream; a row-major `x` is read in place.
+/// `row_sums`, for a transposed `x`, gets each of its rows' sum over the inner dimension added on
+/// (a weight gradient's bias gradient, Σ dy over the batch), summed per block while packing.
 ///
 /// # Safety
 /// The CPU must support AVX-512F.
@@ -278,9 +288,11 @@ unsafe fn rows_avx512(
     bias: Option<&[f32]>,
     accumulate: bool,
     (post, skip): (Option<&Epilogue<'_, f32>>, Option<&[f32]>),
+    mut row_sums: Option<&mut [f32]>,
 ) {
     let ((k, n), rows) = (w.dims(), x.rows);
     assert!(x.k == k && out.len() == rows * n);
+    assert!(row_sums.as_ref().is_none_or(|s| s.len() == rows && x.cs != 1));
     match w {
         Rhs::Packed(w) => assert!(w.data.len() == n.div_ceil(NR) * k * NR),
         Rhs::RowMajor { data, .. } => assert!(data.len() == k * n && n.is_multiple_of(16)),
@@ -299,6 +311,9 @@ unsafe fn rows_avx512(
                 // as one run; full tiles as fixed-size copies (a `memmove` call per 8 values was
                 // 2–4 % of a DeiT-Tiny training step's CPU samples).
                 let full = rows / MR;
+                // This block's sums apart, then added on: fewer rounding steps than one running
+                // sum over the whole inner dimension.
+                let mut block_sums = row_sums.is_some().then(|| vec![0.0f32; rows]);
                 for kk in 0..kc {
                     let src = &x.data[(k0 + kk) * x.cs..][..rows];
                     for (t, v) in src.chunks_exact(MR).enumerate() {
@@ -311,6 +326,12 @@ unsafe fn rows_avx512(
                     if !tail.is_empty() {
                         packed[full * MR * KC + kk * MR..][..tail.len()].copy_from_slice(tail);
                     }
+                    if let Some(sums) = block_sums.as_deref_mut() {
+                        sums.iter_mut().zip(src).for_each(|(s, &v)| *s += v);
+                    }
+                }
+                if let (Some(total), Some(block)) = (row_sums.as_deref_mut(), block_sums) {
+                    total.iter_mut().zip(block).for_each(|(t, b)| *t += b);
                 }
             }
             for p in 0..n.div_ceil(NR) {
@@ -373,11 +394,22 @@ pub fn linear_grad_input(gy: &[f32], w: &[f32], (out, inp): (usize, usize), gx: 
 /// In place, a panel's rows are a whole row apart instead of adjacent, but x — the layer's input,
 /// kept since the forward pass and cold by now — is not read and written again first: packing it
 /// took a tenth of the weight gradient's time, and DeiT-Tiny's b8 backward ran 5–9 ms faster
-/// without. Tasks take blocks of W's rows. Panics unless [`available`].
-pub fn linear_grad_weight(gy: &[f32], x: &[f32], (out, inp): (usize, usize), gw: &mut [f32]) {
+/// without. Tasks take blocks of W's rows. `gb` `(out,)`, when given, gets the bias's gradient
+/// Σ_rows dy added on, summed while `dyᵀ` is packed (a pass of its own over dy was 1 % of a
+/// DeiT-Tiny training step's CPU samples). Panics unless [`available`].
+pub fn linear_grad_weight(
+    gy: &[f32],
+    x: &[f32],
+    (out, inp): (usize, usize),
+    gw: &mut [f32],
+    gb: Option<&mut [f32]>,
+) {
     let rows = x.len() / inp.max(1);
     assert!(
-        x.len() == rows * inp && gy.len() == rows * out && gw.len() == out * inp,
+        x.len() == rows * inp
+            && gy.len() == rows * out
+            && gw.len() == out * inp
+            && gb.as_ref().is_none_or(|b| b.len() == out),
         "linear_grad_weight: sizes"
     );
     if rows == 0 || out == 0 || inp == 0 {
@@ -394,14 +426,22 @@ pub fn linear_grad_weight(gy: &[f32], x: &[f32], (out, inp): (usize, usize), gw:
     };
     assert!(available(), "linear_grad_weight needs AVX-512F");
     let block = out.div_ceil(rayon::current_num_threads()).next_multiple_of(MR);
-    gw.par_chunks_mut(block * inp).enumerate().for_each(|(i, o)| {
-        let dy_t = Lhs::transposed(&gy[i * block..], o.len() / inp, rows, out);
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX-512F is present (asserted above); sizes are checked inside.
-        unsafe {
-            rows_avx512(o, dy_t, rhs, None, true, (None, None));
-        }
-    });
+    // Each task's slice of the bias gradient beside its block of W's rows (none without `gb`).
+    let gb_blocks: Vec<Option<&mut [f32]>> = match gb {
+        Some(b) => b.chunks_mut(block).map(Some).collect(),
+        None => (0..out.div_ceil(block)).map(|_| None).collect(),
+    };
+    gw.par_chunks_mut(block * inp)
+        .zip(gb_blocks)
+        .enumerate()
+        .for_each(|(i, (o, gb))| {
+            let dy_t = Lhs::transposed(&gy[i * block..], o.len() / inp, rows, out);
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX-512F is present (asserted above); sizes are checked inside.
+            unsafe {
+                rows_avx512(o, dy_t, rhs, None, true, (None, None), gb);
+            }
+        });
 }
 
 #[cfg(test)]
