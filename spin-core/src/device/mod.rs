@@ -202,9 +202,6 @@ mod tests {
         assert_eq!(host(&dev.tensor(2.5f64)), vec![2.5]);
     }
 
-    /// [`values`] reads in place: a write to the original tensor after the read (through dfdx's
-    /// copy-on-write) leaves the values read unchanged, and a permuted tensor reads in its
-    /// logical order.
     /// Writes through `values_mut` reach the tensor, and not a clone that shared its buffer
     /// before; a permuted view is refused.
     #[test]
@@ -222,6 +219,9 @@ mod tests {
         assert!(refused.is_err());
     }
 
+    /// [`values`] reads in place: a write to the original tensor after the read (through dfdx's
+    /// copy-on-write) leaves the values read unchanged, and a permuted tensor reads in its
+    /// logical order.
     #[test]
     fn values_stay_as_read() {
         let dev = Cpu::seed_from_u64(1);

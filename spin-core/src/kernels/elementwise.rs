@@ -324,9 +324,6 @@ pub mod avx512 {
 mod tests {
     use super::*;
 
-    /// `zeros` gives zeros of the length asked, also where the allocator hands back a block that
-    /// held other values just before (one of the same size is filled and freed first), over
-    /// lengths of one chunk or less and of several with a short last one.
     /// `copied` copies every value, over lengths of one chunk or less and of several with a
     /// short last one.
     #[test]
@@ -337,6 +334,9 @@ mod tests {
         }
     }
 
+    /// `zeros` gives zeros of the length asked, also where the allocator hands back a block that
+    /// held other values just before (one of the same size is filled and freed first), over
+    /// lengths of one chunk or less and of several with a short last one.
     #[test]
     fn zeros_are_zeros_of_the_length_asked() {
         for len in [0, 1, CHUNK - 1, 3 * CHUNK + 5] {

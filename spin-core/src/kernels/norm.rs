@@ -204,7 +204,7 @@ pub fn batch_norm_bwd<E: SpinDtype>(
 
 /// Whether LayerNorm's arithmetic is in f32: for f32 values, as PyTorch computes it (its CPU
 /// kernel accumulates in f32); other dtypes in f64. In f64 DeiT-Tiny's LayerNorms were 5 % of a
-/// training step, their backward twice as slow as in f32.
+/// training step.
 fn in_f32<E: SpinDtype>() -> bool {
     std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>()
 }

@@ -58,7 +58,8 @@ impl AdamW {
 
     /// [`AdamW::step`], then `grads` left as dfdx's `zero_grads` leaves them for the next step:
     /// each trainable tensor's gradient zeroed, in the update's own pass over it (dfdx fills
-    /// them one after another on one thread), and any other gradient dropped.
+    /// them one after another on one thread), and for gradients made by the model's
+    /// `alloc_grads` (which marks its tensors as the ones to keep) any other gradient dropped.
     pub fn step_and_zero_grads<M: TensorCollection<f32, Cpu>>(
         &mut self,
         model: &mut M,

@@ -100,9 +100,10 @@ impl Tile<'_> {
             .is_none_or(|e| e.scale.len() == ldo && e.shift.len() == ldo));
         assert!(skip.is_none_or(|s| s.len() == out.len()));
         // SAFETY: AVX-512F is present (the contract). Reads: x at r·rs + kk·cs ≤ (R−1)·rs +
-        // (k−1)·cs (asserted above), the panel at kk·NR + NR ≤ k·NR; bias, scale, shift, out and
-        // skip at c0 + lanes < c0 + cols ≤ ldo (in row r < R of out and skip) under the masks;
-        // writes: out at r·ldo + c0 + lanes, under the same masks.
+        // (k−1)·cs (asserted above), the panel below kk·ld + 16·V ≤ (k−1)·ld + 16·V, within it
+        // (asserted); bias, scale, shift, out and skip at c0 + lanes < c0 + cols ≤ ldo (in row
+        // r < R of out and skip) under the masks; writes: out at r·ldo + c0 + lanes, under the
+        // same masks.
         unsafe {
             let (xp, bp) = (x.data.as_ptr(), self.panel.as_ptr());
             let mut acc = [[_mm512_setzero_ps(); V]; R];
