@@ -299,6 +299,9 @@ unsafe fn rows_avx512(
     }
     let tiles = rows.div_ceil(MR);
     let transposed = x.cs != 1;
+    // Each block's sums apart, then added on: fewer rounding steps than one running sum over the
+    // whole inner dimension.
+    let mut block_sums = row_sums.is_some().then(|| vec![0.0f32; rows]);
     PACKED_ROWS.with_borrow_mut(|packed| {
         if transposed {
             packed.resize(tiles * MR * KC, 0.0);
@@ -311,9 +314,6 @@ unsafe fn rows_avx512(
                 // as one run; full tiles as fixed-size copies (a `memmove` call per 8 values was
                 // 2–4 % of a DeiT-Tiny training step's CPU samples).
                 let full = rows / MR;
-                // This block's sums apart, then added on: fewer rounding steps than one running
-                // sum over the whole inner dimension.
-                let mut block_sums = row_sums.is_some().then(|| vec![0.0f32; rows]);
                 for kk in 0..kc {
                     let src = &x.data[(k0 + kk) * x.cs..][..rows];
                     for (t, v) in src.chunks_exact(MR).enumerate() {
@@ -330,8 +330,10 @@ unsafe fn rows_avx512(
                         sums.iter_mut().zip(src).for_each(|(s, &v)| *s += v);
                     }
                 }
-                if let (Some(total), Some(block)) = (row_sums.as_deref_mut(), block_sums) {
-                    total.iter_mut().zip(block).for_each(|(t, b)| *t += b);
+                if let (Some(total), Some(block)) = (row_sums.as_deref_mut(), block_sums.as_deref_mut()) {
+                    for (t, b) in total.iter_mut().zip(block) {
+                        *t += std::mem::take(b);
+                    }
                 }
             }
             for p in 0..n.div_ceil(NR) {
