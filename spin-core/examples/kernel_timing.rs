@@ -127,7 +127,7 @@ fn vit_linear_backward() {
     );
     println!(
         "fc1 dx packed {:.3} ms",
-        ms(|| packed::linear_grad_input(&gy, &w, (out, inp), &mut gx.borrow_mut()))
+        ms(|| packed::linear_grad_input(&gy, &w, (out, inp), &mut gx.borrow_mut(), true))
     );
     println!(
         "fc1 dW gemm   {:.3} ms",

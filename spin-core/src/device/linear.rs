@@ -148,7 +148,7 @@ impl<E: SpinDtype> LinearKernel<E> for Cpu {
                         let (gy, dims) = (as_f32(gy), (out, inp));
                         let gx = as_f32_mut(grads.get_or_alloc_mut(&x)?);
                         let ws = ws.as_deref().unwrap_or_default();
-                        packed::linear_grad_input(gy, as_f32(ws), dims, gx);
+                        packed::linear_grad_input(gy, as_f32(ws), dims, gx, true);
                         let mut gb = std::mem::take(&mut **grads.get_or_alloc_mut(&b)?);
                         let gw = as_f32_mut(grads.get_or_alloc_mut(&w)?);
                         let xs = values(&x);

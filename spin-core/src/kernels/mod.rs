@@ -14,6 +14,7 @@ pub mod packed;
 pub mod patchify;
 pub mod peak;
 pub mod pool;
+pub mod reuse;
 
 use std::any::TypeId;
 

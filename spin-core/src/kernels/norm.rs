@@ -223,17 +223,30 @@ fn to<A: SpinDtype, E: SpinDtype>(v: E) -> A {
 
 /// LayerNorm over each row: returns y and per-row (mean, 1/σ).
 pub fn layer_norm_fwd<E: SpinDtype>(x: &[E], g: &[E], b: &[E], eps: f64) -> (Vec<E>, Vec<f64>) {
+    let mut y = zeros(x.len());
+    let stats = layer_norm_fwd_into(&mut y, x, g, b, eps);
+    (y, stats)
+}
+
+/// [`layer_norm_fwd`] into `y` (overwritten); returns per-row (mean, 1/σ).
+pub fn layer_norm_fwd_into<E: SpinDtype>(y: &mut [E], x: &[E], g: &[E], b: &[E], eps: f64) -> Vec<f64> {
     if in_f32::<E>() {
-        layer_norm_fwd_in::<f32, E>(x, g, b, eps)
+        layer_norm_fwd_in::<f32, E>(y, x, g, b, eps)
     } else {
-        layer_norm_fwd_in::<f64, E>(x, g, b, eps)
+        layer_norm_fwd_in::<f64, E>(y, x, g, b, eps)
     }
 }
 
-/// [`layer_norm_fwd`] with arithmetic in `A`.
-fn layer_norm_fwd_in<A: SpinDtype, E: SpinDtype>(x: &[E], g: &[E], b: &[E], eps: f64) -> (Vec<E>, Vec<f64>) {
+/// [`layer_norm_fwd_into`] with arithmetic in `A`.
+fn layer_norm_fwd_in<A: SpinDtype, E: SpinDtype>(
+    y: &mut [E],
+    x: &[E],
+    g: &[E],
+    b: &[E],
+    eps: f64,
+) -> Vec<f64> {
     let c = g.len();
-    let mut y = zeros(x.len());
+    assert_eq!(y.len(), x.len(), "layer norm: output size");
     let mut stats = vec![0.0; 2 * (x.len() / c)];
     y.par_chunks_mut(c)
         .zip(x.par_chunks(c))
@@ -243,7 +256,7 @@ fn layer_norm_fwd_in<A: SpinDtype, E: SpinDtype>(x: &[E], g: &[E], b: &[E], eps:
             st[0] = mean.as_f64();
             st[1] = inv.as_f64();
         });
-    (y, stats)
+    stats
 }
 
 /// One row of [`layer_norm_fwd`], in `A`; returns (mean, 1/σ). The statistics were one serial

@@ -371,10 +371,17 @@ unsafe fn rows_avx512(
     });
 }
 
-/// `gx += dy · W`: the input gradient of `y = x · Wᵀ + b` with `W` `(out, in)` (already that
-/// product's `(k, n)` operand), `dy` `(rows, out)`, `gx` `(rows, in)`. W is packed once for all
-/// row tasks, where gemm would pack it in every one. Panics unless [`available`].
-pub fn linear_grad_input(gy: &[f32], w: &[f32], (out, inp): (usize, usize), gx: &mut [f32]) {
+/// `gx += dy · W`, or `gx = dy · W` unless `accumulate`: the input gradient of `y = x · Wᵀ + b`
+/// with `W` `(out, in)` (already that product's `(k, n)` operand), `dy` `(rows, out)`, `gx`
+/// `(rows, in)`. W is packed once for all row tasks, where gemm would pack it in every one.
+/// Panics unless [`available`].
+pub fn linear_grad_input(
+    gy: &[f32],
+    w: &[f32],
+    (out, inp): (usize, usize),
+    gx: &mut [f32],
+    accumulate: bool,
+) {
     let rows = gy.len() / out.max(1);
     assert!(
         gy.len() == rows * out && w.len() == out * inp && gx.len() == rows * inp,
@@ -387,7 +394,10 @@ pub fn linear_grad_input(gy: &[f32], w: &[f32], (out, inp): (usize, usize), gx: 
     let chunk = rows.div_ceil(rayon::current_num_threads()).clamp(8, 128);
     gx.par_chunks_mut(chunk * inp)
         .zip(gy.par_chunks(chunk * out))
-        .for_each(|(o, g)| matmul_packed(o, Lhs::rows(g, g.len() / out.max(1), out), &w_packed, None, true));
+        .for_each(|(o, g)| {
+            let g = Lhs::rows(g, g.len() / out.max(1), out);
+            matmul_packed(o, g, &w_packed, None, accumulate)
+        });
 }
 
 /// `gw += dyᵀ · x`: the weight gradient of `y = x · Wᵀ + b`, `dy` `(rows, out)`, `x` `(rows,

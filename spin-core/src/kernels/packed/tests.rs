@@ -7,8 +7,9 @@ pub(super) fn v(len: usize, seed: usize) -> Vec<f32> {
 }
 
 /// The linear layer's two gradient products and its bias's gradient (summed inside the weight
-/// gradient's product) against their definitions in f64, added onto old values: KC + 29 rows (the weight gradient's inner dimension: a full block and a
-/// partial one), 37 outputs (five W-row tiles, the last short) and a full panel of inputs
+/// gradient's product) against their definitions in f64, added onto old values (and dx also
+/// alone, into a buffer of NaN): KC + 29 rows (the weight gradient's inner dimension: a full
+/// block and a partial one), 37 outputs (five W-row tiles, the last short) and a full panel of inputs
 /// and a partial one: 60 (x packed for the weight gradient) or 64 (x read in place, the
 /// partial panel one vector).
 #[test]
@@ -26,7 +27,10 @@ fn gradient_products_for(inp: usize) {
     let (gy, w, x) = (v(rows * out, 1), v(out * inp, 2), v(rows * inp, 3));
     let (gx0, gw0, gb0) = (v(rows * inp, 4), v(out * inp, 5), v(out, 6));
     let (mut gx, mut gw, mut gb) = (gx0.clone(), gw0.clone(), gb0.clone());
-    linear_grad_input(&gy, &w, (out, inp), &mut gx);
+    linear_grad_input(&gy, &w, (out, inp), &mut gx, true);
+    // Not accumulating, every value is written (NaN where one was not).
+    let mut gx_alone = vec![f32::NAN; rows * inp];
+    linear_grad_input(&gy, &w, (out, inp), &mut gx_alone, false);
     linear_grad_weight(&gy, &x, (out, inp), &mut gw, Some(&mut gb));
     for o in 0..out {
         let want = gb0[o] as f64 + (0..rows).map(|r| gy[r * out + o] as f64).sum::<f64>();
@@ -39,7 +43,8 @@ fn gradient_products_for(inp: usize) {
                     .map(|o| gy[r * out + o] as f64 * w[o * inp + i] as f64)
                     .sum::<f64>();
             assert!(
-                (gx[r * inp + i] as f64 - want).abs() < 1e-5,
+                (gx[r * inp + i] as f64 - want).abs() < 1e-5
+                    && (gx_alone[r * inp + i] as f64 - (want - gx0[r * inp + i] as f64)).abs() < 1e-5,
                 "dx ({r}, {i}), {inp} inputs"
             );
         }
