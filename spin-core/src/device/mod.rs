@@ -17,6 +17,7 @@ mod patchify;
 mod pool;
 pub mod profile;
 mod residual;
+mod vit_blocks;
 
 pub use attention::{attention_core_composed, AttentionKernel};
 pub use cache::{buffer_keys, BlockCache};
@@ -28,6 +29,7 @@ pub use norm::{affine_composed, batch_norm_train_composed, layer_norm_composed, 
 pub use patchify::{patchify_fallback, PatchifyKernel};
 pub use pool::{mean_tokens_fallback, PoolKernel};
 pub use residual::ResidualKernel;
+pub use vit_blocks::{vit_blocks_composed, VitBlockParams, VitBlocksKernel};
 
 use crate::base::SpinDtype;
 use crate::kernels::blocks::HostLinear;
@@ -54,6 +56,7 @@ pub trait SpinDevice<E: SpinDtype>:
     + InferKernels<E>
     + ResidualKernel<E>
     + PoolKernel<E>
+    + VitBlocksKernel<E>
 {
 }
 
@@ -68,6 +71,7 @@ impl<E: SpinDtype, D> SpinDevice<E> for D where
         + InferKernels<E>
         + ResidualKernel<E>
         + PoolKernel<E>
+        + VitBlocksKernel<E>
 {
 }
 

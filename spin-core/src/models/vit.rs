@@ -5,12 +5,12 @@
 pub use super::vit_config::{info, FipsDecl, VitConfig};
 use super::ModelInfo;
 use crate::base::{Mat, Nchw, SpinDtype};
-use crate::device::{buffer_keys, fill_linear, to_host, BlockCache, SpinDevice};
+use crate::device::{buffer_keys, fill_linear, to_host, BlockCache, SpinDevice, VitBlockParams};
 use crate::kernels::blocks::{HostLinear, VitBlockHost};
-use crate::nn::functional::{attention_heads, linear, linear_gelu, linear_residual, residual};
+use crate::nn::functional::{attention_heads, linear, linear_gelu, linear_residual, residual, vit_blocks};
 use crate::nn::init::reset_trunc_normal;
 use crate::nn::layers::{Attention, LayerNorm, Mlp, PatchConv, VitLinear};
-use crate::nn::param::{param2, push_slots, PackedSlot, ParamSlot, Slot, TimmKeys};
+use crate::nn::param::{param1, param2, push_slots, PackedSlot, ParamSlot, Slot, TimmKeys};
 use crate::nn::storage::{names, vec_fields};
 use dfdx::prelude::*;
 use dfdx::tensor::Tape;
@@ -50,6 +50,11 @@ pub trait VitMlps<C: VitConfig, E: SpinDtype, D: SpinDevice<E>>:
         skip: Tensor<Mat, E, D, T>,
     ) -> Tensor<Mat, E, D, T> {
         residual(self.forward(layer, x), skip)
+    }
+    /// Block `layer`'s MLP as timm's dense one, where this storage holds it so: training then
+    /// runs the blocks as one op ([`crate::device::VitBlocksKernel`]).
+    fn dense(&self, _layer: usize) -> Option<&Mlp<C::Dim, C::Hidden, E, D>> {
+        None
     }
     /// Block `layer`'s fc1 and fc2 as dense weights on the host, for the fused inference path.
     fn host_weights(&self, layer: usize, fc1: &mut HostLinear<E>, fc2: &mut HostLinear<E>);
@@ -117,6 +122,9 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>> VitMlps<C, E, D> for DenseMlp
         skip: Tensor<Mat, E, D, T>,
     ) -> Tensor<Mat, E, D, T> {
         self.0[slot(C::SHARE.mlp(), C::SCHEDULE, layer)].forward_residual(x, skip)
+    }
+    fn dense(&self, layer: usize) -> Option<&Mlp<C::Dim, C::Hidden, E, D>> {
+        Some(&self.0[slot(C::SHARE.mlp(), C::SCHEDULE, layer)])
     }
     fn host_weights(&self, layer: usize, fc1: &mut HostLinear<E>, fc2: &mut HostLinear<E>) {
         let m = &self.0[slot(C::SHARE.mlp(), C::SCHEDULE, layer)];
@@ -340,6 +348,15 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> Vit<C, E
         } else if T::OWNS_TAPE {
             self.infer.clear();
         }
+        let dense: Option<Vec<_>> = (0..C::DEPTH).map(|i| self.mlp.dense(i)).collect();
+        if let (true, None, None, Some(mlps)) = (T::OWNS_TAPE, &observe, fused, dense) {
+            // Training plain blocks: one op (see `VitBlocksKernel`).
+            let params = mlps.into_iter().enumerate().map(|(i, mlp)| {
+                let (jn, ja) = (slot(s.norms(), sched, i), slot(s.attn(), sched, i));
+                self.block_params(jn, ja, mlp)
+            });
+            return vit_blocks(x, params.collect(), b, C::HEADS);
+        }
         for i in 0..C::DEPTH {
             let (jn, ja) = (slot(s.norms(), sched, i), slot(s.attn(), sched, i));
             let skip = x.with_empty_tape();
@@ -377,6 +394,24 @@ impl<C: VitConfig, E: SpinDtype, D: SpinDevice<E>, M: VitMlps<C, E, D>> Vit<C, E
             f(i, &z_seen, &y_seen, &x.retaped::<NoneTape>());
         }
         x
+    }
+
+    /// A block's parameters on tape `T`: norm group `jn`, attention group `ja`, MLP `mlp`.
+    fn block_params<T: Tape<E, D>>(
+        &self,
+        jn: usize,
+        ja: usize,
+        mlp: &Mlp<C::Dim, C::Hidden, E, D>,
+    ) -> VitBlockParams<E, D, T> {
+        let (n1, n2, at) = (&self.norm1[jn], &self.norm2[jn], &self.attn[ja]);
+        VitBlockParams {
+            norm1: (param1(&n1.weight), param1(&n1.bias)),
+            qkv: (at.qkv.w(), at.qkv.b()),
+            proj: (at.proj.w(), at.proj.b()),
+            norm2: (param1(&n2.weight), param1(&n2.bias)),
+            fc1: (mlp.fc1.w(), mlp.fc1.b()),
+            fc2: (mlp.fc2.w(), mlp.fc2.b()),
+        }
     }
 
     /// Block `i`'s weights on the host, as the fused inference kernel takes them.

@@ -3,7 +3,7 @@
 //! model.
 use crate::base::{Act, Mat, SpinDtype, BN_EPS};
 use crate::device::profile::{timed, Pass::Forward};
-use crate::device::{linear_composed, SpinDevice, Then};
+use crate::device::{linear_composed, SpinDevice, Then, VitBlockParams};
 use crate::kernels::gemm::has_kernels;
 use dfdx::prelude::*;
 use dfdx::tensor::Tape;
@@ -108,6 +108,18 @@ fn linear_then<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
         Then::Gelu => gelu(y),
         Then::Add(skip) => residual(y, skip),
     }
+}
+
+/// A ViT's pre-norm blocks in order, each `x1 = x + proj(attn(LN1(x)))`, `x1 +
+/// fc2(GELU(fc1(LN2(x1))))`, on `batch` sequences laid out `(batch·N, D)`: one op where the
+/// device has it (its parts timed under the ops' own names).
+pub fn vit_blocks<E: SpinDtype, D: SpinDevice<E>, T: Tape<E, D> + Merge<T>>(
+    x: Tensor<Mat, E, D, T>,
+    blocks: Vec<VitBlockParams<E, D, T>>,
+    batch: usize,
+    heads: usize,
+) -> Tensor<Mat, E, D, T> {
+    D::vit_blocks(x, blocks, batch, heads)
 }
 
 /// LayerNorm over the features of each row, eps 1e-6, with scale and shift.
