@@ -11,7 +11,7 @@ use super::attention::{attention_core, attention_rows, packed_keys};
 use super::depthwise::{forward_into, DwGeometry};
 use super::elementwise::{add_bias_rows, gelu_inplace, zeros};
 use super::epilogue::{epilogue_rows, Epilogue};
-use super::gemm::{matmul, row_chunk, MatRef};
+use super::gemm::{balanced_row_chunk, matmul, row_chunk, MatRef};
 use super::norm::layer_norm_rows;
 use super::packed::{self, PackedRhs};
 use super::{as_f32, as_f32_mut};
@@ -211,7 +211,12 @@ pub fn vit_blocks<E: SpinDtype>(x: &mut [E], blocks: &[VitBlockHost<E>], batch: 
 /// `out = x · Wᵀ + b`, or `out += …` when `accumulate`, over all rows of `x`, split across threads.
 pub fn linear_rows<E: SpinDtype>(x: &[E], l: &HostLinear<E>, out: &mut [E], accumulate: bool) {
     let (k, n) = (l.inputs(), l.b.len());
-    let chunk = row_chunk(x.len() / k.max(1));
+    let rows = x.len() / k.max(1);
+    let chunk = if l.packed.on_amx() {
+        row_chunk(rows)
+    } else {
+        balanced_row_chunk(rows)
+    };
     out.par_chunks_mut(chunk * n)
         .zip(x.par_chunks(chunk * k))
         .for_each(|(o, xs)| linear_into(o, xs, xs.len() / k, l, accumulate));

@@ -98,6 +98,15 @@ impl PackedRhs {
         !self.data.is_empty()
     }
 
+    /// Whether the weight was split for the AMX kernel.
+    pub fn on_amx(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self.amx.is_some() {
+            return true;
+        }
+        false
+    }
+
     /// Inner dimension.
     pub fn k(&self) -> usize {
         self.k
@@ -391,7 +400,7 @@ pub fn linear_grad_input(
         return;
     }
     let w_packed = PackedRhs::pack(w, out, inp);
-    let chunk = rows.div_ceil(rayon::current_num_threads()).clamp(8, 128);
+    let chunk = super::gemm::balanced_row_chunk(rows);
     gx.par_chunks_mut(chunk * inp)
         .zip(gy.par_chunks(chunk * out))
         .for_each(|(o, g)| {
