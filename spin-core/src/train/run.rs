@@ -272,6 +272,7 @@ pub fn run(
     opts: &RunOptions,
     observe: &mut dyn FnMut(Event<'_>) -> Result<(), Error>,
 ) -> Result<TrainResult, Error> {
+    let _buffers = crate::kernels::reuse::ReleaseOnDrop;
     let info = model.info();
     let dir = &opts.dir;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -422,6 +423,7 @@ pub fn fine_tune(
     cfg: &TrainConfig,
     observe: &mut dyn FnMut(Event<'_>) -> Result<(), Error>,
 ) -> Result<Vec<PassStats>, Error> {
+    let _buffers = crate::kernels::reuse::ReleaseOnDrop;
     let mut opt = AdamW::new(cfg.weight_decay);
     let mut out = Vec::with_capacity(cfg.epochs);
     for epoch in 0..cfg.epochs {
