@@ -89,6 +89,7 @@ pub mod fips_mlps;
 mod plan;
 pub mod vit;
 mod vit_config;
+mod vit_mlps;
 
 pub use describe::{Describe, Family, ModelInfo};
 pub use plan::{Arch, DataConfig, EvalOverride, FipsPlanInfo, Plan, PLAN_KEY};
