@@ -36,25 +36,31 @@ pub fn overwritable<E: SpinDtype>(len: usize) -> Vec<E> {
             .buffers
             .iter()
             .position(|b| b.downcast_ref::<Vec<E>>().is_some_and(|v| v.len() == len));
-        at.map(|i| {
-            k.bytes -= len * std::mem::size_of::<E>();
-            k.buffers.swap_remove(i)
-        })
+        at.and_then(|i| k.buffers.swap_remove(i).downcast::<Vec<E>>().ok())
+            .map(|v| {
+                k.bytes -= bytes(&v);
+                *v
+            })
     };
-    #[allow(unused_mut)]
-    let mut v = match found.map(|b| b.downcast::<Vec<E>>()) {
-        Some(Ok(v)) => *v,
-        _ => zeros(len),
-    };
+    let v = found.unwrap_or_else(|| zeros(len));
     #[cfg(test)]
-    v.fill(E::nan());
+    let v = {
+        let mut v = v;
+        v.fill(E::nan());
+        v
+    };
     v
+}
+
+/// The memory a buffer holds.
+fn bytes<E>(v: &Vec<E>) -> usize {
+    v.capacity() * std::mem::size_of::<E>()
 }
 
 /// Keeps `v` for a later [`overwritable`] of its length, unless that would keep more than
 /// [`MAX_KEPT_BYTES`].
 pub fn give_back<E: SpinDtype>(v: Vec<E>) {
-    let bytes = v.len() * std::mem::size_of::<E>();
+    let bytes = bytes(&v);
     let mut k = kept();
     if v.is_empty() || k.bytes + bytes > MAX_KEPT_BYTES {
         return;
