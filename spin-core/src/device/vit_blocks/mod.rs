@@ -67,6 +67,10 @@ impl<E: SpinDtype> VitBlocksKernel<E> for Cpu {
         }
         let (x, mut tape) = x.contiguous().split_tape();
         let (rows, d) = *x.shape();
+        assert!(
+            batch > 0 && rows % batch == 0 && heads > 0 && d % heads == 0,
+            "vit blocks: {rows} × {d} tokens do not split into {batch} images and {heads} heads"
+        );
         let mut params = Vec::with_capacity(blocks.len());
         for p in blocks {
             let (p, t) = p.untaped(tape);
