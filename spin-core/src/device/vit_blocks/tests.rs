@@ -11,7 +11,8 @@ struct Sizes {
     hidden: usize,
 }
 
-/// One block's twelve parameters as plain tensors, in [`VitBlockParams`]'s order.
+/// One block's twelve parameters as plain tensors: the four Linear weights, and the eight vectors
+/// (the norms' scales and shifts and the biases) in [`VitBlockParams`]'s order.
 struct Leaves<E: Dtype> {
     vectors: Vec<Tensor<(usize,), E, Cpu>>,
     mats: Vec<Tensor<Mat, E, Cpu>>,
