@@ -145,16 +145,10 @@ impl<E: SpinDtype> LinearKernel<E> for Cpu {
                     if f32_avx512::<E>() {
                         // Both products, and the bias's sums inside the weight's, accumulate
                         // straight into dfdx's gradient buffers (b's moved out meanwhile).
-                        let (gy, dims) = (as_f32(gy), (out, inp));
                         let gx = as_f32_mut(grads.get_or_alloc_mut(&x)?);
                         let ws = ws.as_deref().unwrap_or_default();
-                        packed::linear_grad_input(gy, as_f32(ws), dims, gx, true);
-                        let mut gb = std::mem::take(&mut **grads.get_or_alloc_mut(&b)?);
-                        let gw = as_f32_mut(grads.get_or_alloc_mut(&w)?);
-                        let xs = values(&x);
-                        packed::linear_grad_weight(gy, as_f32(&xs), dims, gw, Some(as_f32_mut(&mut gb)));
-                        **grads.get_or_alloc_mut(&b)? = gb;
-                        return Ok(());
+                        packed::linear_grad_input(as_f32(gy), as_f32(ws), (out, inp), gx, true);
+                        return add_weight_grads(grads, (&w, &b), &values(&x), gy);
                     }
                     let gb = col_sums(rows, out, |r, acc| add_row(acc, &gy[r * out..][..out]));
                     let gb: Vec<E> = gb.into_iter().map(E::cast).collect();
@@ -172,6 +166,22 @@ impl<E: SpinDtype> LinearKernel<E> for Cpu {
         }
         y.put_tape(tape)
     }
+}
+
+/// dW += dyᵀ · x and db += Σ_rows dy of a Linear with `(out, in)` weight `w`, input `x` and
+/// output gradient `gy`, onto their buffers in `grads`, on the packed AVX-512 kernel (f32; the
+/// bias's sums taken while dyᵀ is packed, b's buffer moved out meanwhile).
+pub(super) fn add_weight_grads<E: SpinDtype>(
+    grads: &mut Gradients<E, Cpu>,
+    (w, b): (&Tensor<(usize, usize), E, Cpu>, &Tensor<(usize,), E, Cpu>),
+    x: &[E],
+    gy: &[E],
+) -> Result<(), dfdx::tensor::CpuError> {
+    let mut gb = std::mem::take(&mut **grads.get_or_alloc_mut(b)?);
+    let gw = as_f32_mut(grads.get_or_alloc_mut(w)?);
+    packed::linear_grad_weight(as_f32(gy), as_f32(x), *w.shape(), gw, Some(as_f32_mut(&mut gb)));
+    **grads.get_or_alloc_mut(b)? = gb;
+    Ok(())
 }
 
 #[cfg(feature = "cuda")]

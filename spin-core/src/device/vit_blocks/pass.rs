@@ -3,6 +3,7 @@
 //! overwrites whole come from [`overwritable`] and go back after the backward.
 use super::{Vector, VitBlockParams};
 use crate::base::{Mat, SpinDtype, LN_EPS};
+use crate::device::linear::add_weight_grads;
 use crate::device::profile::{timed, Pass};
 use crate::device::{transpose, values, Values};
 use crate::kernels::attention::{attention_core_backward, attention_core_keep};
@@ -211,25 +212,8 @@ impl<E: SpinDtype> Block<E> {
     }
 }
 
-/// A parameter's gradient buffer moved out of `grads` (put back by [`put`]).
-fn take<S: Shape, E: SpinDtype>(
-    grads: &mut Gradients<E, Cpu>,
-    t: &Tensor<S, E, Cpu>,
-) -> Result<Vec<E>, CpuError> {
-    Ok(std::mem::take(&mut **grads.get_or_alloc_mut(t)?))
-}
-
-fn put<S: Shape, E: SpinDtype>(
-    grads: &mut Gradients<E, Cpu>,
-    t: &Tensor<S, E, Cpu>,
-    g: Vec<E>,
-) -> Result<(), CpuError> {
-    **grads.get_or_alloc_mut(t)? = g;
-    Ok(())
-}
-
-/// dW and db of a Linear (`(out, in)` weight `w`) with input `x` and output gradient `gy`, added
-/// onto their buffers in `grads`; returns dx = gy · W.
+/// The input gradient dx = gy · W of a Linear (`(out, in)` weight `w`, input `x`, output
+/// gradient `gy`) in a buffer of its own; dW and db added onto their buffers in `grads`.
 fn linear_backward<E: SpinDtype>(
     grads: &mut Gradients<E, Cpu>,
     (w, b): &(Tensor<Mat, E, Cpu>, Vector<E, Cpu, NoneTape>),
@@ -237,13 +221,9 @@ fn linear_backward<E: SpinDtype>(
     x: &[E],
     gy: &[E],
 ) -> Result<Vec<E>, CpuError> {
-    let dims = *w.shape();
     let mut gx = overwritable(x.len());
-    packed::linear_grad_input(as_f32(gy), as_f32(ws), dims, as_f32_mut(&mut gx), false);
-    let mut gb = take(grads, b)?;
-    let gw = as_f32_mut(grads.get_or_alloc_mut(w)?);
-    packed::linear_grad_weight(as_f32(gy), as_f32(x), dims, gw, Some(as_f32_mut(&mut gb)));
-    put(grads, b, gb)?;
+    packed::linear_grad_input(as_f32(gy), as_f32(ws), *w.shape(), as_f32_mut(&mut gx), false);
+    add_weight_grads(grads, (w, b), x, gy)?;
     Ok(gx)
 }
 
