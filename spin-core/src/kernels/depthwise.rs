@@ -161,6 +161,16 @@ unsafe fn dw_tiled_avx512(
     assert!(x.len() == g.b * h * w * c && out.len() == x.len() && wt.len() == k * k * c);
     assert!(bias.len() == c && epi.is_none_or(|e| e.scale.len() == c && e.shift.len() == c));
     let cblocks = c.div_ceil(F32_LANES);
+    // Each block of channels' K·K weight vectors, laid out once per call (zero past `c`): read
+    // per task from `wt`, one cache line per tap and cold after the pointwise products, they
+    // were 6 % of this kernel's samples.
+    let taps = k * k;
+    let mut blocked_wt = vec![Lanes::default(); cblocks * taps];
+    for (t, row) in wt.chunks_exact(c).enumerate() {
+        for (cb, chunk) in row.chunks(F32_LANES).enumerate() {
+            blocked_wt[cb * taps + t].0[..chunk.len()].copy_from_slice(chunk);
+        }
+    }
     let dst = SharedOut(out.as_mut_ptr());
     (0..g.b * cblocks).into_par_iter().for_each(|task| {
         // SAFETY: AVX-512F is present (the caller's contract). Reads: `x` and the per-channel
@@ -197,10 +207,7 @@ unsafe fn dw_tiled_avx512(
                 }
                 let base = slab.as_ptr() as *const f32;
                 let at = |r: usize, col: usize| base.add((r * wp + col) * F32_LANES);
-                let mut wv = vec![Lanes::default(); k * k];
-                for (t, v) in wv.iter_mut().enumerate() {
-                    _mm512_store_ps(v.0.as_mut_ptr(), lanes(&wt[t * c..]));
-                }
+                let wv = &blocked_wt[c0 / F32_LANES * taps..][..taps];
                 let init = lanes(bias);
                 let (scale, shift) = match epi {
                     Some(e) => (lanes(e.scale), lanes(e.shift)),
