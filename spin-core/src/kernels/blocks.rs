@@ -12,7 +12,6 @@ use super::depthwise::{forward_into, DwGeometry};
 use super::elementwise::{add_bias_rows, gelu_inplace, zeros};
 use super::epilogue::{epilogue_rows, Epilogue};
 use super::gemm::{balanced_row_chunk, matmul, row_chunk, MatRef};
-use super::huge_pages::{HugeBuffer, HUGE_PAGE};
 use super::norm::layer_norm_rows;
 use super::packed::{self, PackedRhs};
 use super::{as_f32, as_f32_mut};
@@ -350,27 +349,7 @@ fn blocks_pass<E: SpinDtype>(
 ) {
     let c = x.len() / (b * g * g).max(1);
     let geo = DwGeometry::new((b, g, g, c), k);
-    // Both activations on huge pages where they span some (ConvMixer-768/32's 3 MB at batch 1):
-    // the depthwise pass reads one and writes the other a pixel's cache line at a time, 3 KB
-    // apart, and on 4 KiB pages the TLB misses were part of its time. `ys` starts as a copy of
-    // x because the depthwise pass overwrites it whole.
-    if std::mem::size_of_val(x) >= HUGE_PAGE {
-        let (mut xs, mut ys) = (HugeBuffer::copied(x), HugeBuffer::copied(x));
-        blocks_on(&mut xs, &mut ys, geo, w, pw_residual);
-        x.copy_from_slice(&xs);
-    } else {
-        blocks_on(x, &mut zeros(x.len()), geo, w, pw_residual);
-    }
-}
-
-/// [`blocks_pass`]'s blocks on `x`, with `ys` for the depthwise passes' outputs.
-fn blocks_on<E: SpinDtype>(
-    x: &mut [E],
-    ys: &mut [E],
-    geo: DwGeometry,
-    w: &MixerTrunkHost<E>,
-    pw_residual: bool,
-) {
+    let mut ys = zeros(x.len());
     for &[jd, jn, jp] in &w.slots {
         let ((dw_wt, dw_bias), [bn1, bn2], pw) = (&w.dw[jd], &w.norms[jn], &w.pw[jp]);
         let epi = Epilogue {
@@ -379,14 +358,14 @@ fn blocks_on<E: SpinDtype>(
             shift: &bn1.1,
             act: w.act,
         };
-        forward_into(&geo, x, dw_wt, dw_bias, Some(&epi), ys);
+        forward_into(&geo, x, dw_wt, dw_bias, Some(&epi), &mut ys);
         let epi = Epilogue {
             bias: &pw.b,
             scale: &bn2.0,
             shift: &bn2.1,
             act: w.act,
         };
-        pointwise_into(ys, pw, &epi, pw_residual, x);
+        pointwise_into(&ys, pw, &epi, pw_residual, x);
     }
 }
 
@@ -453,30 +432,5 @@ mod tests {
                 );
             }
         }
-    }
-
-    /// One 32 × 32 image of 512 channels is 2 MiB, so `mixer_trunk` runs its blocks on copies
-    /// on huge pages; the result is bit for bit that of the same blocks on the input's own
-    /// buffer and a plain one (two blocks sharing their weights, with the residual).
-    #[test]
-    fn a_trunk_on_huge_pages_matches_the_blocks_on_plain_buffers() {
-        let (g, c, k) = (32, 512, 3);
-        let f = |len, seed| crate::kernels::test_values::<f32>(len, seed);
-        let trunk = MixerTrunkHost {
-            dw: vec![(f(k * k * c, 1), f(c, 2))],
-            norms: vec![[(f(c, 3), f(c, 4)), (f(c, 5), f(c, 6))]],
-            pw: vec![linear::<f32>(c, c, 7)],
-            slots: vec![[0, 0, 0]; 2],
-            act: Act::Gelu,
-        };
-        let x = f(g * g * c, 9);
-        assert!(std::mem::size_of_val(&x[..]) >= HUGE_PAGE);
-        let mut on_huge_pages = x.clone();
-        mixer_trunk(&mut on_huge_pages, (1, g, k), &trunk, true);
-        let mut on_plain = x.clone();
-        let geo = DwGeometry::new((1, g, g, c), k);
-        blocks_on(&mut on_plain, &mut zeros(x.len()), geo, &trunk, true);
-        assert!(on_huge_pages == on_plain, "the trunk on huge pages differs");
-        assert!(on_huge_pages != x, "the trunk left its input as it was");
     }
 }

@@ -9,7 +9,6 @@ pub mod depthwise;
 pub mod elementwise;
 pub mod epilogue;
 pub mod gemm;
-pub mod huge_pages;
 pub mod norm;
 pub mod packed;
 pub mod patchify;
