@@ -166,7 +166,7 @@ unsafe fn dw_tiled_avx512(
     // were 6 % of this kernel's samples.
     let taps = k * k;
     let mut blocked_wt = vec![Lanes::default(); cblocks * taps];
-    for (t, row) in wt.chunks_exact(c).enumerate() {
+    for (t, row) in wt.chunks_exact(c.max(1)).enumerate() {
         for (cb, chunk) in row.chunks(F32_LANES).enumerate() {
             blocked_wt[cb * taps + t].0[..chunk.len()].copy_from_slice(chunk);
         }
@@ -446,5 +446,12 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn no_channels_give_an_empty_output() {
+        // The weights' per-block layout splits rows of C values: C = 0 must not split by zero.
+        let g = DwGeometry::new((2, 3, 3, 0), 3);
+        assert!(forward::<f32>(&g, &[], &[], &[], None).is_empty());
     }
 }
