@@ -11,7 +11,7 @@ On a shared virtual machine every side drifts by 10-40 % within minutes, so each
 every case in PyTorch, ONNX Runtime and spin back to back (the order rotates per round), each
 round's ratio compares neighbouring measurements, and the table gives the median over rounds with
 the per-round ratios. The machine's FP32 peak comes from `spin bench --peak` (a probe of
-independent FMA chains); every case's GFLOP/s counts 2 FLOPs per multiply-add of the forward pass
+independent FMA chains, run before and after the cases; the larger counts); every case's GFLOP/s counts 2 FLOPs per multiply-add of the forward pass
 (a training step as 3 forward passes).
 """
 import argparse
@@ -169,6 +169,13 @@ def main():
         label = f"{letter} {name} b{batch} {image}² {mode}"
         rows.append((label, t_ms, o_ms, s_ms, ratios, gflop, rss))
         print(f"  {label}: spin / best peer per round " + ", ".join(f"{x:.2f}" for x in ratios), flush=True)
+    # A probe during a busy spell of a shared machine reads low; the table divides by the better
+    # of the probes before and after the cases.
+    again = spin(["bench", "--peak", "--threads", str(a.threads), "--json"], a.spin)["peak_gflops"]
+    if abs(again - peak) > 0.1 * max(again, peak):
+        print(f"  FMA peak probes differ: {peak:.0f} GFLOP/s before the cases, {again:.0f} after; "
+              f"'of peak' uses {max(peak, again):.0f}")
+    peak = max(peak, again)
     med = statistics.median
     print("| case | spin ms | PyTorch ms | ONNX Runtime ms | spin / best | spin GFLOP/s | of peak | spin peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")

@@ -276,7 +276,7 @@ pub fn bench(a: &BenchArgs, out: &mut dyn Write) -> Result<(), Error> {
     let model = match (&a.model, a.peak) {
         (_, true) => {
             let threads = rayon::current_num_threads();
-            let gflops = spin_core::kernels::peak::fma_gflops(threads, 1.0);
+            let gflops = spin_core::kernels::peak::fma_gflops(1.0);
             let line = if a.json {
                 format!("{{\"threads\":{threads},\"peak_gflops\":{gflops:.1}}}")
             } else {

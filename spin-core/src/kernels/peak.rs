@@ -3,7 +3,6 @@
 //! than FMA latency × FMA ports, so the units never wait on a result — through `mul_add`, which
 //! the AVX-512/AVX2 builds compile to vector FMAs.
 use multiversion::multiversion;
-use rayon::prelude::*;
 use std::time::Instant;
 
 /// Independent accumulators per thread, 16 lanes each (one AVX-512 register, two AVX2 ones).
@@ -49,9 +48,12 @@ fn fma_best(iters: usize, x: f32, y: f32) -> f32 {
     fma_loop(iters, x, y)
 }
 
-/// GFLOP/s (one FMA = 2 FLOPs) of `threads` threads of the current rayon pool running FMAs for
-/// about `seconds`; the best of three timed passes.
-pub fn fma_gflops(threads: usize, seconds: f64) -> f64 {
+/// GFLOP/s (one FMA = 2 FLOPs) of every thread of the current rayon pool running FMAs for about
+/// `seconds`; the best of three timed passes. Each thread runs its own loop (`broadcast`): as
+/// `threads` parallel items, one thread could take both where the other woke late, and a VM's
+/// probe once read half its peak that way.
+pub fn fma_gflops(seconds: f64) -> f64 {
+    let threads = rayon::current_num_threads();
     // Calibrate the loop length on one thread.
     let mut iters = 1 << 16;
     loop {
@@ -66,9 +68,8 @@ pub fn fma_gflops(threads: usize, seconds: f64) -> f64 {
     (0..3)
         .map(|_| {
             let t = Instant::now();
-            let sums: f32 = (0..threads)
-                .into_par_iter()
-                .map(|_| fma_best(iters, std::hint::black_box(0.999_999), 1e-7))
+            let sums: f32 = rayon::broadcast(|_| fma_best(iters, std::hint::black_box(0.999_999), 1e-7))
+                .into_iter()
                 .sum();
             std::hint::black_box(sums);
             flops / t.elapsed().as_secs_f64() / 1e9
