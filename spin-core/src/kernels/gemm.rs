@@ -257,13 +257,26 @@ pub(crate) fn row_chunk(rows: usize) -> usize {
 }
 
 /// Rows per task where each task reads a weight too large for L2 (from L3, once per task):
-/// `per_thread` equal tasks for each thread instead of 128-row ones. ConvMixer-768's 2.4 MB
-/// pointwise weight, read by 8 tasks of 128 rows at batch 1, ran its forward 8–10 % slower on
-/// an AMD Zen 4 (1 MiB L2) than with one task per thread.
+/// `per_thread` equal tasks for each thread, where those have at most [`STREAMING_ROWS`] rows;
+/// otherwise [`row_chunk`]'s. ConvMixer-768's 2.4 MB pointwise weight, read by 8 tasks of 128
+/// rows at batch 1, ran its forward 4–10 % slower on an AMD Zen 4 (1 MiB L2) than with one task
+/// per thread.
 pub(crate) fn weight_streaming_chunk(rows: usize, per_thread: usize) -> usize {
-    rows.div_ceil(rayon::current_num_threads().max(1) * per_thread.max(1))
-        .max(8)
+    let chunk = rows
+        .div_ceil(rayon::current_num_threads().max(1) * per_thread.max(1))
+        .max(8);
+    if chunk <= STREAMING_ROWS {
+        chunk
+    } else {
+        row_chunk(rows)
+    }
 }
+
+/// The most rows of a [`weight_streaming_chunk`] task. Larger tasks lose more than the weight's
+/// reads save: a task's outputs, rewritten once per block of the inner dimension, and its block
+/// of x leave L2. ConvMixer-768/32 at batch 8 took 1.73 and 1.67 s with 128-row tasks, 2.12 and
+/// 2.24 s with 4096-row ones (one per thread), 1.75 and 2.00 s with 512-row ones.
+const STREAMING_ROWS: usize = 512;
 
 /// Rows per task of equal tasks, at most 128 rows each, their count a multiple of the threads:
 /// DeiT's 1576 rows (batch 8) as 14 tasks of 113 rather than 12 of 128 and one of 40, which left
@@ -319,6 +332,20 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn weight_streaming_tasks_are_few_but_bounded() {
+        // On a pool of two: ConvMixer-768's 1024 rows at batch 1 as one task per thread, DeiT's
+        // 1576 at batch 8 as two each, and ConvMixer's 8192 rows at batch 8 in 128-row tasks
+        // again (one task per thread there was a fifth slower).
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        pool.install(|| {
+            assert_eq!(weight_streaming_chunk(1024, 1), 512);
+            assert_eq!(weight_streaming_chunk(1576, 2), 394);
+            assert_eq!(weight_streaming_chunk(8 * 1024, 1), 128);
+            assert_eq!(weight_streaming_chunk(3, 1), 8);
+        });
     }
 
     #[test]
