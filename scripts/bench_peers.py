@@ -11,8 +11,8 @@ On a shared virtual machine every side drifts by 10-40 % within minutes, so each
 every case in PyTorch, ONNX Runtime and spin back to back (the order rotates per round), each
 round's ratio compares neighbouring measurements, and the table gives the median over rounds with
 the per-round ratios. The machine's FP32 peak comes from `spin bench --peak` (a probe of
-independent FMA chains, run before and after the cases; the larger counts); every case's GFLOP/s counts 2 FLOPs per multiply-add of the forward pass
-(a training step as 3 forward passes).
+independent FMA chains, run before and after the cases; the larger counts); every case's GFLOP/s
+counts 2 FLOPs per multiply-add of the forward pass (a training step as 3 forward passes).
 """
 import argparse
 import csv

@@ -138,7 +138,7 @@ pub fn vit_blocks<E: SpinDtype>(x: &mut [E], blocks: &[VitBlockHost<E>], batch: 
     let rows = x.len() / d;
     // Each chunk reads all of a block's weights (4.7 MB at DeiT-Small) from L3, so at large
     // batches two chunks per thread rather than 128-row ones (DeiT-Small b8 on an AMD Zen 4:
-    // fastest of 1, 2 or 4 chunks per thread in three alternations, level in a fourth).
+    // faster than one chunk per thread or 128-row ones in three alternations, level in a fourth).
     let chunk = row_chunk(rows).max(weight_streaming_chunk(rows, 2));
     let mut s = VitScratch::default();
     s.qkv.resize(rows * 3 * d, E::zero());
@@ -279,7 +279,7 @@ pub fn pointwise_into<E: SpinDtype>(
     let rows = x.len() / c;
     // While W fits in L2, small tasks keep their rows there too; a larger W (ConvMixer-768's is
     // 2.4 MB) is read from L3 by every task, and on gemm's path packed by every task, so the
-    // rows go as one task per thread.
+    // rows go as one task per thread (up to `weight_streaming_chunk`'s bound).
     let chunk = if c * c * std::mem::size_of::<E>() <= PACK_IN_L2_BYTES {
         row_chunk(rows)
     } else {

@@ -51,8 +51,8 @@ fn fma_best(iters: usize, x: f32, y: f32) -> f32 {
 /// GFLOP/s (one FMA = 2 FLOPs) of every thread of the current rayon pool running FMAs: the best
 /// of timed passes of about `seconds` / 10 each, for about `seconds` in all (at least three).
 /// Each thread runs its own loop (`broadcast`), so one thread never takes another's. On a shared
-/// virtual machine a probe of three passes once read half the peak (one core elsewhere
-/// throughout); more passes give it more chances to see both.
+/// virtual machine a probe of three passes once read half the peak (as if one core were busy
+/// elsewhere throughout); more passes give it more chances to see both.
 pub fn fma_gflops(seconds: f64) -> f64 {
     let threads = rayon::current_num_threads();
     // Calibrate the loop length on one thread.
