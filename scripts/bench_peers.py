@@ -129,7 +129,9 @@ def main():
     torch.set_num_threads(a.threads)
     zoo = {row["name"]: row for row in csv.DictReader(io.StringIO(subprocess.run(
         [a.spin, "zoo", "--format", "csv"], check=True, capture_output=True, text=True).stdout))}
-    peak = spin(["bench", "--peak", "--threads", str(a.threads), "--json"], a.spin)["peak_gflops"]
+    def probe():
+        return spin(["bench", "--peak", "--threads", str(a.threads), "--json"], a.spin)["peak_gflops"]
+    peak = probe()
     print(f"torch {torch.__version__}, timm {timm.__version__}, onnxruntime "
           f"{ort.__version__ if ort else 'not installed'}; {a.threads} thread{'s' * (a.threads != 1)}, float32; "
           f"FMA peak {peak:.0f} GFLOP/s; median of {a.rounds} alternating rounds; {os.uname().machine}")
@@ -171,7 +173,7 @@ def main():
         print(f"  {label}: spin / best peer per round " + ", ".join(f"{x:.2f}" for x in ratios), flush=True)
     # A probe during a busy spell of a shared machine reads low; the table divides by the better
     # of the probes before and after the cases.
-    again = spin(["bench", "--peak", "--threads", str(a.threads), "--json"], a.spin)["peak_gflops"]
+    again = probe()
     if abs(again - peak) > 0.1 * max(again, peak):
         print(f"  FMA peak probes differ: {peak:.0f} GFLOP/s before the cases, {again:.0f} after; "
               f"'of peak' uses {max(peak, again):.0f}")
