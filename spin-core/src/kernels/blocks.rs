@@ -9,11 +9,12 @@
 //! ([`crate::device::InferKernels`] returns `None` elsewhere) and fills the weights.
 use super::attention::{attention_core, attention_rows, packed_keys};
 use super::depthwise::{forward_into, DwGeometry};
-use super::elementwise::{add_bias_rows, gelu_inplace, zeros};
+use super::elementwise::{add_bias_rows, gelu_inplace};
 use super::epilogue::{epilogue_rows, Epilogue};
 use super::gemm::{balanced_row_chunk, matmul, row_chunk, weight_streaming_chunk, MatRef};
 use super::norm::layer_norm_rows;
 use super::packed::{self, PackedRhs};
+use super::reuse::{give_back, overwritable};
 use super::{as_f32, as_f32_mut};
 use crate::base::{Act, SpinDtype};
 use rayon::prelude::*;
@@ -359,7 +360,9 @@ fn blocks_pass<E: SpinDtype>(
 ) {
     let c = x.len() / (b * g * g).max(1);
     let geo = DwGeometry::new((b, g, g, c), k);
-    let mut ys = zeros(x.len());
+    // Overwritten whole by every depthwise pass: a fresh zero-filled buffer per call was
+    // ConvMixer-256 b8's `memset` and page faults, 1 % of its samples.
+    let mut ys = overwritable(x.len());
     for &[jd, jn, jp] in &w.slots {
         let ((dw_wt, dw_bias), [bn1, bn2], pw) = (&w.dw[jd], &w.norms[jn], &w.pw[jp]);
         let epi = Epilogue {
@@ -377,6 +380,7 @@ fn blocks_pass<E: SpinDtype>(
         };
         pointwise_into(&ys, pw, &epi, pw_residual, x);
     }
+    give_back(ys);
 }
 
 #[cfg(test)]
