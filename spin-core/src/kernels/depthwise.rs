@@ -111,6 +111,53 @@ pub fn forward_into<E: SpinDtype>(
 
 /// Output pixels per tile of the tiled kernel.
 const PIX: usize = 8;
+
+/// `for kx in 0..k { body(kx, q) for q in the tile's pixels whose input column is inside the
+/// image }` for a tile whose pixels q take input columns q + kx − e (e = p − p0) and which has
+/// `f` = w + p − p0 columns to the image's right edge: at 16 × 16 with K = 9 the border's
+/// columns were another seventh of the multiply-adds. The clipped kx (at most p on each side)
+/// each get a loop with constant bounds (a match over the few spans there are), so that it
+/// unrolls and the accumulators stay in registers; the rest one loop over all pixels. Where a
+/// kx would be clipped on both sides (an image narrower than a tile), all pixels: the skipped
+/// ones only multiply the slab's zero border.
+macro_rules! for_taps {
+    ($k:expr, $edges:expr, |$kx:ident, $q:ident| $body:block) => {
+        let (k, (e, f)): (usize, (usize, usize)) = ($k, $edges);
+        // kx < kl: pixels q ≥ e − kx; kx ≥ kr: pixels q < f − kx.
+        let (kl, kr) = (e.min(k), (f + 1).saturating_sub(PIX).min(k));
+        let (kl, kr) = if kl <= kr { (kl, kr) } else { (0, k) };
+        for $kx in 0..kl {
+            match e - $kx {
+                1 => for $q in 1..PIX $body,
+                2 => for $q in 2..PIX $body,
+                3 => for $q in 3..PIX $body,
+                4 => for $q in 4..PIX $body,
+                5 => for $q in 5..PIX $body,
+                6 => for $q in 6..PIX $body,
+                7 => for $q in 7..PIX $body,
+                _ => {}
+            }
+        }
+        for $kx in kl..kr {
+            for $q in 0..PIX $body
+        }
+        for $kx in kr..k {
+            match f.saturating_sub($kx) {
+                7 => for $q in 0..7 $body,
+                6 => for $q in 0..6 $body,
+                5 => for $q in 0..5 $body,
+                4 => for $q in 0..4 $body,
+                3 => for $q in 0..3 $body,
+                2 => for $q in 0..2 $body,
+                1 => for $q in 0..1 $body,
+                0 => {}
+                _ => for $q in 0..PIX $body,
+            }
+        }
+    };
+}
+const _: () = assert!(PIX == 8, "for_taps! spells out the spans of 8 pixels");
+
 /// The output of the tiled kernel, written by tasks that own disjoint sets of channels.
 struct SharedOut(*mut f32);
 // SAFETY: the pointer is only written through, by tasks that each own a disjoint block of
@@ -228,16 +275,15 @@ unsafe fn dw_tiled_avx512(
                     }
                 };
                 let wrow = |ky: usize| wv.as_ptr().add(ky * k) as *const f32;
-                // acc[q] += Σ_kx x[q + kx]·w[kx] along one slab row.
+                // acc[q] += Σ_kx x[q + kx]·w[kx] along one slab row, over the tile's pixels
+                // whose input at kx is not the zero border (`for_taps!`).
                 macro_rules! taps {
-                    ($xrow:expr, $w:expr, $acc:expr) => {
-                        for kx in 0..k {
+                    ($xrow:expr, $w:expr, $acc:expr, $edges:expr) => {
+                        for_taps!(k, $edges, |kx, q| {
                             let wk = _mm512_load_ps($w.add(kx * F32_LANES));
-                            for q in 0..PIX {
-                                let xv = _mm512_load_ps($xrow.add((q + kx) * F32_LANES));
-                                $acc[q] = _mm512_fmadd_ps(xv, wk, $acc[q]);
-                            }
-                        }
+                            let xv = _mm512_load_ps($xrow.add((q + kx) * F32_LANES));
+                            $acc[q] = _mm512_fmadd_ps(xv, wk, $acc[q]);
+                        });
                     };
                 }
                 // Two output rows at a time: slab row h0 + sr feeds row h0 through kernel row sr
@@ -248,32 +294,31 @@ unsafe fn dw_tiled_avx512(
                 for h0 in (0..h).step_by(2) {
                     let (lo, hi) = (p.saturating_sub(h0), (h + p - h0).min(k + 1));
                     for p0 in (0..w).step_by(PIX) {
+                        let edges = (p.saturating_sub(p0), w + p - p0);
                         let mut acc0 = [init; PIX];
                         if h0 + 1 == h {
                             for ky in lo..hi.min(k) {
-                                taps!(at(h0 + ky, p0), wrow(ky), acc0);
+                                taps!(at(h0 + ky, p0), wrow(ky), acc0, edges);
                             }
                             emit(h0, p0, &acc0);
                             continue;
                         }
                         let mut acc1 = [init; PIX];
                         if lo == 0 {
-                            taps!(at(h0, p0), wrow(0), acc0);
+                            taps!(at(h0, p0), wrow(0), acc0, edges);
                         }
                         for sr in lo.max(1)..hi.min(k) {
                             let (xrow, w0, w1) = (at(h0 + sr, p0), wrow(sr), wrow(sr - 1));
-                            for kx in 0..k {
+                            for_taps!(k, edges, |kx, q| {
                                 let wk0 = _mm512_load_ps(w0.add(kx * F32_LANES));
                                 let wk1 = _mm512_load_ps(w1.add(kx * F32_LANES));
-                                for q in 0..PIX {
-                                    let xv = _mm512_load_ps(xrow.add((q + kx) * F32_LANES));
-                                    acc0[q] = _mm512_fmadd_ps(xv, wk0, acc0[q]);
-                                    acc1[q] = _mm512_fmadd_ps(xv, wk1, acc1[q]);
-                                }
-                            }
+                                let xv = _mm512_load_ps(xrow.add((q + kx) * F32_LANES));
+                                acc0[q] = _mm512_fmadd_ps(xv, wk0, acc0[q]);
+                                acc1[q] = _mm512_fmadd_ps(xv, wk1, acc1[q]);
+                            });
                         }
                         if hi > k {
-                            taps!(at(h0 + k, p0), wrow(k - 1), acc1);
+                            taps!(at(h0 + k, p0), wrow(k - 1), acc1, edges);
                         }
                         emit(h0, p0, &acc0);
                         emit(h0 + 1, p0, &acc1);
@@ -421,11 +466,13 @@ mod tests {
     fn f32_forward_with_epilogue_matches_the_f64_row_kernel() {
         // The f32 path (tiled on AVX-512 CPUs) against the per-pixel kernel in f64, with each
         // activation and without an epilogue; 40 channels leave a partial block of 8, 13 columns
-        // a partial tile, and 2 images check the image offsets.
-        let (b, h, w, c) = (2, 11, 13, 40);
+        // a partial tile (5, narrower than a tile, one clipped on both sides: taps of the
+        // border are skipped per side), 11 rows an odd last row, and 2 images check the image
+        // offsets.
+        let (b, h, c) = (2, 11, 40);
         let v = crate::kernels::test_values::<f64>;
         let f32s = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
-        for k in [3, 7] {
+        for (w, k) in [(13, 3), (13, 7), (5, 9)] {
             let g = DwGeometry::new((b, h, w, c), k);
             let (x, wt, bias) = (v(b * h * w * c, 1), v(k * k * c, 2), v(c, 3));
             let (scale, shift) = (v(c, 4), v(c, 5));
