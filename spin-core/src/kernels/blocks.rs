@@ -146,6 +146,8 @@ pub fn vit_blocks<E: SpinDtype>(x: &mut [E], blocks: &[VitBlockHost<E>], batch: 
     } else {
         row_chunk(rows).max(weight_streaming_chunk(rows, 2))
     };
+    // The epilogue's scale and shift for fc1's GELU alone.
+    let identity = (vec![1.0f32; hidden], vec![0.0f32; hidden]);
     let mut s = VitScratch::default();
     s.qkv.resize(rows * 3 * d, E::zero());
     s.attn.resize(rows * d, E::zero());
@@ -201,8 +203,7 @@ pub fn vit_blocks<E: SpinDtype>(x: &mut [E], blocks: &[VitBlockHost<E>], batch: 
                 }
                 linear_into(xs, a, r, &w.proj, true);
                 layer_norm_rows(z, xs, &w.norm2.0, &w.norm2.1);
-                linear_into(h, z, r, &w.fc1, false);
-                gelu_inplace(h);
+                linear_gelu_into(h, z, r, &w.fc1, &identity);
                 linear_into(xs, h, r, &w.fc2, true);
                 if let Some(n) = next.filter(|_| fuse_next) {
                     layer_norm_rows(z, xs, &n.norm1.0, &n.norm1.1);
@@ -229,6 +230,31 @@ pub fn linear_rows<E: SpinDtype>(x: &[E], l: &HostLinear<E>, out: &mut [E], accu
     out.par_chunks_mut(chunk * n)
         .zip(x.par_chunks(chunk * k))
         .for_each(|(o, xs)| linear_into(o, xs, xs.len() / k, l, accumulate));
+}
+
+/// `out = GELU(x · Wᵀ + b)` for `r` rows; `identity` is a scale of ones and a shift of zeros,
+/// one per output. On a packed weight the GELU runs on the microkernel's registers: a pass of
+/// its own over the hidden rows was 1.3 % of DeiT-Small b8's samples.
+fn linear_gelu_into<E: SpinDtype>(
+    out: &mut [E],
+    x: &[E],
+    r: usize,
+    l: &HostLinear<E>,
+    identity: &(Vec<f32>, Vec<f32>),
+) {
+    if l.packed.is_packed() {
+        let epi = Epilogue {
+            bias: as_f32(&l.b),
+            scale: &identity.0,
+            shift: &identity.1,
+            act: Act::Gelu,
+        };
+        let lhs = packed::Lhs::rows(as_f32(x), r, l.packed.k());
+        packed::matmul_packed_epilogue(as_f32_mut(out), lhs, &l.packed, &epi, None);
+        return;
+    }
+    linear_into(out, x, r, l, false);
+    gelu_inplace(out);
 }
 
 /// `out (= or +=) x · Wᵀ + b` for `r` rows.
