@@ -298,8 +298,8 @@ thread_local! {
     static PACKED_ROWS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Per block of the inner dimension ([`inner_block`]), every panel's slice over every MR-row tile of the
-/// task; blocks after the first add onto the outputs. A transposed `x` (a weight gradient's
+/// Per block of the inner dimension ([`inner_block`]), every panel's slice over every MR-row
+/// tile of the task; blocks after the first add onto the outputs. A transposed `x` (a weight gradient's
 /// `dyᵀ`, whose inner steps are whole rows apart) is first packed per block as tiles of `(kc,
 /// MR)`, so that the microkernel reads it from one stream; a row-major `x` is read in place.
 /// `row_sums`, for a transposed `x`, gets each of its rows' sum over the inner dimension added on
