@@ -104,7 +104,6 @@ impl<E: SpinDtype> VitBlockHost<E> {
 
 /// Buffers reused from block to block: a block's zero-filled temporaries would otherwise be
 /// requested and cleared again in every block (about 1 % of DeiT-Tiny's forward pass).
-#[derive(Default)]
 struct VitScratch<E> {
     /// This block's q, k and v, `(rows, 3·d)`.
     qkv: Vec<E>,
