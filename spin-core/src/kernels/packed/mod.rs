@@ -250,9 +250,9 @@ const KC: usize = 192;
 /// goes in equal blocks no longer than this. One block writes each output once, through the
 /// epilogue, where blocks of [`KC`] read and write every output again per block; the panel's
 /// slice then streams from L2, three vectors per 24 multiply-adds, which the prefetchers keep
-/// up with. On an AMD Zen 4 (32 KiB L1), two threads, blocks of 192 against one block,
-/// alternated in one process: ConvMixer-768's pointwise conv at b1 182 → 190 and 194 → 201
-/// GFLOP/s, DeiT-Small's qkv at b8 159 → 172 and 172 → 188, DeiT-Tiny's fc2 at b1 179 → 194.
+/// up with. On an AMD Zen 4 (32 KiB L1), two threads, `examples/pass_timing.rs` before and
+/// after, alternated: ConvMixer-768's pointwise conv at b1 200–211 → 217–221 GFLOP/s,
+/// DeiT-Small's qkv at b8 185–199 → 204–210, DeiT-Tiny's fc2 at b1 214–215 → 221–224.
 const KC_IN_PLACE: usize = 1536;
 
 /// The inner-dimension block for `k` ([`KC`] or [`KC_IN_PLACE`]'s rule); at least 1.
